@@ -1,0 +1,53 @@
+//! # vlapic — an emulated x86 local APIC whose only truth is architectural state
+//!
+//! One [`LocalApic`] per vCPU, emulating the xAPIC MMIO page and the x2APIC MSRs of
+//! the Intel SDM (Vol. 3A, chapter "Advanced Programmable Interrupt Controller").
+//! The design follows illumos bug 12936: the processor priority and the vector an
+//! EOI retires are derived from ISR0–7 on every use; no private stack or cache is
+//! ever load-bearing, so state restored from registers alone is complete. The old
+//! nesting stack survives only as an optional [`verifier`] (feature `verify`).
+//!
+//! The library never reads a clock — callers pass VM time in nanoseconds — and
+//! never calls into other objects: IPIs, IOAPIC EOIs and timer changes come back
+//! as [`Effects`]; NMI/SMI/INIT/SIPI/ExtINT wait in [`Events`].
+//!
+//! ```
+//! use vlapic::{LocalApic, LapicConfig, Delivery};
+//!
+//! let mut apic = LocalApic::new(LapicConfig::default());
+//! let now = 0;
+//! let _ = apic.write_register(0xF0, 0x1FF, now);        // SVR: software enable
+//! apic.deliver(Delivery::fixed(0x30), now);              // a device interrupt
+//! // The VMM injects when the guest can take it, then acknowledges:
+//! let v = apic.pending_vector().unwrap();
+//! assert_eq!(apic.acknowledge(), Some(v));
+//! assert_eq!(apic.ppr(), 0x30);
+//! let fx = apic.write_register(0xB0, 0, now);           // guest EOI
+//! assert_eq!(fx.eoi, None);                              // edge: nothing for the IOAPIC
+//! assert_eq!(apic.ppr(), 0x00);
+//! ```
+#![cfg_attr(not(feature = "std"), no_std)]
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(clippy::arithmetic_side_effects)]
+
+pub mod delivery;
+pub mod icr;
+pub mod lapic;
+pub mod lvt;
+mod mmio;
+pub mod priority;
+pub mod regs;
+pub mod timer;
+#[cfg(feature = "verify")]
+pub mod verifier;
+pub mod vector_set;
+pub mod x2apic;
+
+pub use delivery::{Delivery, DeliveryMode, DestMode};
+pub use icr::{IpiMessage, Shorthand};
+pub use lapic::{ApicMode, Effects, Events, GpFault, LapicConfig, LocalApic, Stats};
+pub use lvt::{Lvt, TimerMode};
+pub use timer::TimerClock;
+pub use vector_set::VectorSet;
+pub use x2apic::is_apic_msr;
