@@ -31,13 +31,20 @@
 #![deny(missing_docs)]
 #![warn(clippy::arithmetic_side_effects)]
 
+extern crate alloc;
+
 pub mod delivery;
+pub mod fabric;
+pub mod ioapic;
 pub mod icr;
 pub mod lapic;
 pub mod lvt;
 mod mmio;
+pub mod msi;
 pub mod priority;
 pub mod regs;
+pub mod routing;
+pub mod state;
 pub mod timer;
 #[cfg(feature = "verify")]
 pub mod verifier;

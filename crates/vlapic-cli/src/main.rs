@@ -1,0 +1,41 @@
+//! `vlapic`: run a guest on the userspace local APIC, and inspect, convert or
+//! replay saved APIC state. Each subcommand lives in its own module.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod run_cmd;
+mod state_cmds;
+
+/// vlapic: an emulated x86 local APIC, its KVM test VMM and state tools.
+#[derive(Parser, Debug)]
+#[command(name = "vlapic", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest under KVM with the LAPIC and IOAPIC emulated by vlapic in userspace.
+    Run(run_cmd::RunArgs),
+    /// Run the guest's benchmarks with our APIC and KVM's, side by side.
+    Bench(run_cmd::BenchArgs),
+    /// Show saved APIC state in readable form (or JSON), listing every rule it breaks.
+    Inspect(state_cmds::InspectArgs),
+    /// Validate saved APIC state and convert it between formats.
+    Convert(state_cmds::ConvertArgs),
+    /// Drive one fresh APIC through a text trace of register accesses and interrupts.
+    Replay(state_cmds::ReplayArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => run_cmd::run(a),
+        Command::Bench(a) => run_cmd::bench(a),
+        Command::Inspect(a) => state_cmds::inspect(a),
+        Command::Convert(a) => state_cmds::convert(a),
+        Command::Replay(a) => state_cmds::replay(a),
+    }
+}

@@ -1,0 +1,2 @@
+//! MSI address/data decoding into interrupt messages.
+//! (Issue 3: being built.)
