@@ -6,7 +6,9 @@
 
 use crate::delivery::{Delivery, DeliveryMode};
 use crate::icr::{self, IcrCommand, IpiMessage};
-use crate::lvt::{self, Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_LEVEL, LVT_MASKED, LVT_REMOTE_IRR};
+use crate::lvt::{
+    self, Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_LEVEL, LVT_MASKED, LVT_REMOTE_IRR,
+};
 use crate::priority;
 use crate::regs::*;
 use crate::timer::{Timer, TimerClock};
@@ -119,7 +121,7 @@ impl LapicConfig {
     /// Bits of IA32_APIC_BASE a write may not set.
     pub fn apic_base_reserved(&self) -> u64 {
         let width = u32::from(self.max_phys_addr.clamp(12, 63));
-        let addr = ((1u64 << width) - 1) & !0xFFF;
+        let addr = (1u64 << width).wrapping_sub(1) & !0xFFF;
         let ext = if self.x2apic { APIC_BASE_EXTD } else { 0 };
         !(addr | APIC_BASE_BSP | APIC_BASE_EN | ext)
     }
@@ -454,7 +456,9 @@ impl LocalApic {
         if now > self.now {
             self.now = now;
         }
-        let exp = self.timer.expire(self.now, self.timer_mode(), &self.cfg.clock);
+        let exp = self
+            .timer
+            .expire(self.now, self.timer_mode(), &self.cfg.clock);
         if exp.fired {
             self.stats.timer_expired = self.stats.timer_expired.saturating_add(1);
             self.stats.timer_missed = self.stats.timer_missed.saturating_add(exp.missed);
@@ -861,8 +865,7 @@ impl LocalApic {
                 fx.ipi = self.send_icr(x2);
             }
             Reg::IcrHigh => {
-                self.icr = (self.icr & 0xFFFF_FFFF)
-                    | (u64::from(v32 & icr::ICR_HIGH_MASK) << 32);
+                self.icr = (self.icr & 0xFFFF_FFFF) | (u64::from(v32 & icr::ICR_HIGH_MASK) << 32);
             }
             Reg::LvtCmci
             | Reg::LvtTimer

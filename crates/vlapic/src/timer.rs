@@ -35,20 +35,26 @@ impl Default for TimerClock {
 impl TimerClock {
     /// Guest TSC value at VM time `ns` (saturating).
     pub fn ns_to_tsc(&self, ns: u64) -> u64 {
-        let t = u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000;
+        let t = u128::from(ns).saturating_mul(u128::from(self.tsc_hz)) / NS_PER_SEC;
         u64::try_from(t).unwrap_or(u64::MAX)
     }
 
     /// The first VM time at which the guest TSC reaches `tsc`; `None` when it never
     /// does in 64-bit nanoseconds (or the TSC frequency is 0).
     pub fn tsc_to_ns(&self, tsc: u64) -> Option<u64> {
-        let num = u128::from(tsc) * 1_000_000_000;
+        let num = u128::from(tsc).saturating_mul(NS_PER_SEC);
         let hz = u128::from(self.tsc_hz);
         let q = num.checked_div(hz)?;
-        let ns = if num % hz == 0 { q } else { q + 1 };
+        let ns = if num.checked_rem(hz) == Some(0) {
+            q
+        } else {
+            q.saturating_add(1)
+        };
         u64::try_from(ns).ok()
     }
 }
+
+const NS_PER_SEC: u128 = 1_000_000_000;
 
 /// Divisor selected by the divide configuration register (SDM Figure 11-10):
 /// bits 1:0 and bit 3 form a 3-bit value d; the divisor is 2^((d + 1) mod 8).
@@ -61,7 +67,7 @@ impl TimerClock {
 /// ```
 pub const fn divisor(dcr: u32) -> u64 {
     let d = (dcr & 3) | ((dcr >> 1) & 4);
-    1u64 << ((d + 1) & 7)
+    1u64 << (d.wrapping_add(1) & 7)
 }
 
 /// What an expiry check found.
@@ -128,7 +134,7 @@ impl Timer {
         };
         let remaining = deadline.saturating_sub(now);
         let tick = self.tick_ns(clock).max(1);
-        let ticks = remaining / tick + u64::from(remaining % tick != 0);
+        let ticks = remaining.div_ceil(tick);
         u32::try_from(ticks).unwrap_or(u32::MAX).min(self.initial)
     }
 
@@ -139,9 +145,7 @@ impl Timer {
             return;
         }
         self.initial = value;
-        self.deadline = self
-            .period_ns(clock)
-            .and_then(|p| now.checked_add(p));
+        self.deadline = self.period_ns(clock).and_then(|p| now.checked_add(p));
     }
 
     /// A write to the divide configuration register. A running count keeps its
@@ -211,8 +215,8 @@ impl Timer {
             TimerMode::OneShot => {}
             TimerMode::Periodic => {
                 if let Some(period) = self.period_ns(clock).filter(|&p| p > 0) {
-                    let late = now - deadline;
-                    out.missed = late / period;
+                    let late = now.saturating_sub(deadline);
+                    out.missed = late.checked_div(period).unwrap_or(0);
                     self.deadline = out
                         .missed
                         .checked_add(1)
@@ -231,6 +235,7 @@ impl Timer {
 
     /// Installs imported state: the expiry time is clamped so that the current count
     /// never exceeds the initial count (returns whether it had to be clamped).
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &mut self,
         initial: u32,
@@ -243,7 +248,11 @@ impl Timer {
     ) -> bool {
         self.initial = initial;
         self.dcr = dcr & crate::regs::DCR_MASK;
-        self.tsc_deadline = if mode == TimerMode::TscDeadline { tsc_deadline } else { 0 };
+        self.tsc_deadline = if mode == TimerMode::TscDeadline {
+            tsc_deadline
+        } else {
+            0
+        };
         let mut clamped = false;
         self.deadline = match mode {
             TimerMode::TscDeadline => {
@@ -297,7 +306,10 @@ mod tests {
         assert!(t.expire(1100, TimerMode::OneShot, &CLK).fired);
         assert_eq!(t.deadline(), None);
         assert_eq!(t.current_count(2000, TimerMode::OneShot, &CLK), 0);
-        assert!(!t.expire(5000, TimerMode::OneShot, &CLK).fired, "fires once");
+        assert!(
+            !t.expire(5000, TimerMode::OneShot, &CLK).fired,
+            "fires once"
+        );
     }
 
     #[test]
@@ -306,7 +318,13 @@ mod tests {
         t.write_divide(0xB, 0, TimerMode::Periodic, &CLK);
         t.write_initial(100, 0, TimerMode::Periodic, &CLK);
         let e = t.expire(350, TimerMode::Periodic, &CLK);
-        assert_eq!(e, Expiry { fired: true, missed: 2 });
+        assert_eq!(
+            e,
+            Expiry {
+                fired: true,
+                missed: 2
+            }
+        );
         assert_eq!(t.deadline(), Some(400));
     }
 
@@ -317,7 +335,10 @@ mod tests {
         t.write_initial(0, 10, TimerMode::Periodic, &CLK);
         assert_eq!(t.deadline(), None);
         assert_eq!(t.current_count(10, TimerMode::Periodic, &CLK), 0);
-        let zero_bus = TimerClock { bus_cycle_ns: 0, tsc_hz: 0 };
+        let zero_bus = TimerClock {
+            bus_cycle_ns: 0,
+            tsc_hz: 0,
+        };
         t.write_initial(5, 10, TimerMode::Periodic, &zero_bus);
         // bus_cycle_ns 0 is taken as 1; divide by 2: 9 ns left is 5 ticks (rounded up).
         assert_eq!(t.current_count(11, TimerMode::Periodic, &zero_bus), 5);
@@ -329,7 +350,11 @@ mod tests {
     fn periodic_never_rearms_with_zero_period() {
         let mut t = Timer::default();
         t.restore(0, 0, Some(50), 0, 0, TimerMode::Periodic, &CLK);
-        assert_eq!(t.deadline(), None, "import of an expiry with initial count 0 stays disarmed");
+        assert_eq!(
+            t.deadline(),
+            None,
+            "import of an expiry with initial count 0 stays disarmed"
+        );
     }
 
     #[test]
@@ -351,13 +376,31 @@ mod tests {
         assert_eq!(t.deadline(), Some(2001), "ceil(4001 / 2 GHz)");
         assert_eq!(t.read_tsc_deadline(TimerMode::TscDeadline), 4001);
         t.write_initial(50, 0, TimerMode::TscDeadline, &CLK);
-        assert_eq!(t.initial_count(), 0, "initial count ignored in TSC-deadline mode");
+        assert_eq!(
+            t.initial_count(),
+            0,
+            "initial count ignored in TSC-deadline mode"
+        );
         assert!(t.expire(2001, TimerMode::TscDeadline, &CLK).fired);
-        assert_eq!(t.read_tsc_deadline(TimerMode::TscDeadline), 0, "cleared on expiry");
-        let one_hz = TimerClock { bus_cycle_ns: 1, tsc_hz: 1 };
+        assert_eq!(
+            t.read_tsc_deadline(TimerMode::TscDeadline),
+            0,
+            "cleared on expiry"
+        );
+        let one_hz = TimerClock {
+            bus_cycle_ns: 1,
+            tsc_hz: 1,
+        };
         t.write_tsc_deadline(u64::MAX, TimerMode::TscDeadline, &one_hz);
-        assert_eq!(t.deadline(), Some(u64::MAX), "beyond 64-bit ns: never arrives");
-        assert!(!t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz).fired);
+        assert_eq!(
+            t.deadline(),
+            Some(u64::MAX),
+            "beyond 64-bit ns: never arrives"
+        );
+        assert!(
+            !t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz)
+                .fired
+        );
     }
 
     #[test]
@@ -365,7 +408,10 @@ mod tests {
         let mut t = Timer::default();
         t.write_initial(10, 0, TimerMode::OneShot, &CLK);
         t.change_mode(TimerMode::OneShot, TimerMode::Periodic);
-        assert!(t.deadline().is_some(), "one-shot -> periodic keeps counting");
+        assert!(
+            t.deadline().is_some(),
+            "one-shot -> periodic keeps counting"
+        );
         t.change_mode(TimerMode::Periodic, TimerMode::TscDeadline);
         assert_eq!(t.deadline(), None);
     }
@@ -382,10 +428,17 @@ mod tests {
     #[test]
     fn huge_values_saturate() {
         let mut t = Timer::default();
-        let slow = TimerClock { bus_cycle_ns: u32::MAX, tsc_hz: 1 };
+        let slow = TimerClock {
+            bus_cycle_ns: u32::MAX,
+            tsc_hz: 1,
+        };
         t.write_divide(0xA, 0, TimerMode::OneShot, &slow);
         t.write_initial(u32::MAX, u64::MAX - 5, TimerMode::OneShot, &slow);
-        assert_eq!(t.deadline(), None, "an expiry past the end of time never arms");
+        assert_eq!(
+            t.deadline(),
+            None,
+            "an expiry past the end of time never arms"
+        );
         assert_eq!(slow.ns_to_tsc(u64::MAX), u64::MAX / 1_000_000_000);
     }
 }
