@@ -40,7 +40,28 @@
 //! PPR under its lock, one by one). Lock order: IOAPIC → one APIC → view table →
 //! published map; nothing is ever taken against that order, so there is no
 //! deadlock. A vCPU thread holds its own APIC lock only while it handles an exit,
-//! so senders wait at most that long.
+//! so senders wait at most that long. The closure given to
+//! [`SharedFabric::with_apic`] runs under that vCPU's lock and must not call back
+//! into the fabric (that would hold two APIC locks, or deadlock on its own).
+//!
+//! ```
+//! use vlapic::fabric::{FabricConfig, SharedFabric};
+//! use vlapic::Effects;
+//!
+//! let fabric = SharedFabric::new(FabricConfig::with_vcpus(2));
+//! for vcpu in 0..2 {
+//!     fabric.lapic_mmio_write(vcpu, 0xF0, &0x1FFu32.to_le_bytes(), 0); // SVR: enable
+//! }
+//! // vCPU 0's thread: the guest writes ICR high (destination 1), then ICR low.
+//! fabric.lapic_mmio_write(0, 0x310, &(1u32 << 24).to_le_bytes(), 0);
+//! let wake = fabric.lapic_mmio_write(0, 0x300, &0x4041u32.to_le_bytes(), 0);
+//! assert_eq!(wake.iter().collect::<Vec<_>>(), [1]); // kick vCPU 1 only
+//! // vCPU 1's thread, before entering the guest: inject what is pending.
+//! let (v, _) = fabric
+//!     .with_apic(1, 0, |apic| (apic.acknowledge(), Effects::default()))
+//!     .unwrap();
+//! assert_eq!(v, Some(0x41));
+//! ```
 
 use crate::delivery::{Delivery, DeliveryMode};
 use crate::ioapic::{IoApic, PinSet};
@@ -556,6 +577,12 @@ mod shared {
         rotor: AtomicUsize,
     }
 
+    // The contract: one fabric shared by every vCPU thread.
+    const _: () = {
+        const fn shared<T: Send + Sync>() {}
+        shared::<SharedFabric>()
+    };
+
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -658,7 +685,8 @@ mod shared {
         /// [`Effects`] `f` returned: the IPI, the EOI broadcast to the IOAPIC. The
         /// routing map follows any ID/LDR/DFR/enable/mode change `f` made. `None` if
         /// the vCPU does not exist. The caller's own vCPU appears in the [`Wake`]
-        /// only if routing delivered to it (e.g. an all-including-self IPI).
+        /// only if routing delivered to it (e.g. an all-including-self IPI); the
+        /// caller re-checks its own APIC anyway. `f` must not call into the fabric.
         pub fn with_apic<R>(
             &self,
             vcpu: usize,

@@ -392,3 +392,42 @@ fn thousand_vcpus_x2apic() {
     assert_eq!(w.len(), 1023);
     assert!(!w.contains(3));
 }
+
+// SMP boot (SDM §9.4.4.1 MP initialization): INIT then SIPI to all-excluding-self; every
+// AP gets both events, the BSP none.
+#[test]
+fn smp_boot_init_sipi_all_but_self() {
+    let f = xapic_vm(4);
+    let w = xapic_ipi(&f, 0, 0, 0xC_4500);
+    assert_eq!(woken(&w), [1, 2, 3]);
+    let w = xapic_ipi(&f, 0, 0, 0xC_469A);
+    assert_eq!(woken(&w), [1, 2, 3]);
+    for ap in 1..4 {
+        let ev = f.take_events(ap).unwrap();
+        assert!(ev.init && ev.sipi == Some(0x9A), "AP {ap}: {ev:?}");
+    }
+    assert!(!f.take_events(0).unwrap().any());
+}
+
+// SDM §11.12.5.1: switching to x2APIC mode makes the ID the 32-bit initial APIC ID; the
+// map follows the mode change (xAPIC ID 0x05 → x2APIC ID 0x105).
+#[test]
+fn map_follows_x2apic_switch() {
+    let f = SharedFabric::new(FabricConfig {
+        apics: vec![LapicConfig::with_id(0), LapicConfig::with_id(0x105)],
+        ioapic_pins: 24,
+        ioapic_id: 0,
+    });
+    for i in 0..2 {
+        w32(&f, i, SVR, 0x1FF);
+    }
+    xapic_ipi(&f, 0, 0x05, 0x4041);
+    assert_eq!(who_has(&f, 0x41), [1]);
+    for i in 0..2 {
+        f.lapic_msr_write(i, 0x1B, 0xFEE0_0C00, 0).unwrap(); // EN | EXTD
+    }
+    x2apic_ipi(&f, 0, 0x5_0000_0042);
+    assert!(who_has(&f, 0x42).is_empty());
+    x2apic_ipi(&f, 0, 0x105_0000_0043);
+    assert_eq!(who_has(&f, 0x43), [1]);
+}
