@@ -94,3 +94,105 @@ fn ipis_between_threads_exactly_once() {
         }
     }
 }
+
+// Both lock-order directions at once: a device thread drives a level-triggered IOAPIC pin
+// (IOAPIC lock → APIC locks) routed lowest-priority to every vCPU, while the vCPUs EOI it
+// (APIC lock released → IOAPIC lock) and send lowest-priority IPIs to one another.
+// 82093AA remote IRR / SDM §11.6.2.4 lowest priority; bounded: 4 + 1 threads.
+#[test]
+fn ioapic_level_and_lowest_priority_under_contention() {
+    const VCPUS: usize = 4;
+    const LEVEL_ROUNDS: u64 = 1000;
+    const LP_PER_VCPU: u64 = 500;
+    const LEVEL_VECTOR: u8 = 0xE0;
+    let f = Arc::new(SharedFabric::new(FabricConfig::with_vcpus(VCPUS)));
+    for i in 0..VCPUS {
+        f.lapic_mmio_write(i, 0xF0, &0x1FFu32.to_le_bytes(), 0);
+        f.lapic_mmio_write(i, 0xD0, &(1u32 << (24 + i)).to_le_bytes(), 0);
+    }
+    // Pin 3: level, lowest priority, logical destination 0x0F (all four).
+    let rte: u64 = u64::from(LEVEL_VECTOR) | 1 << 8 | 1 << 11 | 1 << 15 | 0x0F << 56;
+    f.ioapic_mmio_write(0, &[0x17], 0);
+    f.ioapic_mmio_write(0x10, &((rte >> 32) as u32).to_le_bytes(), 0);
+    f.ioapic_mmio_write(0, &[0x16], 0);
+    f.ioapic_mmio_write(0x10, &(rte as u32).to_le_bytes(), 0);
+
+    let handled = Arc::new(AtomicU64::new(0));
+    let lp_sent: Arc<Vec<AtomicU64>> = Arc::new((0..VCPUS).map(|_| AtomicU64::new(0)).collect());
+    let lp_received: Arc<Vec<AtomicU64>> =
+        Arc::new((0..VCPUS).map(|_| AtomicU64::new(0)).collect());
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    let device = {
+        let (f, handled) = (f.clone(), handled.clone());
+        std::thread::spawn(move || {
+            for k in 0..LEVEL_ROUNDS {
+                while handled.load(Ordering::SeqCst) < k {
+                    assert!(Instant::now() < deadline, "level interrupt {k} lost");
+                    std::thread::yield_now();
+                }
+                f.set_irq_line(3, true, 0);
+            }
+        })
+    };
+    let vcpus: Vec<_> = (0..VCPUS)
+        .map(|me| {
+            let (f, handled, lp_sent, lp_received) = (
+                f.clone(),
+                handled.clone(),
+                lp_sent.clone(),
+                lp_received.clone(),
+            );
+            std::thread::spawn(move || {
+                let lp_vector = 0x50 + 0x10 * me as u8;
+                loop {
+                    let mut busy = false;
+                    let s = lp_sent[me].load(Ordering::SeqCst);
+                    if s < LP_PER_VCPU && lp_received[me].load(Ordering::SeqCst) == s {
+                        busy = true;
+                        lp_sent[me].store(s + 1, Ordering::SeqCst);
+                        f.lapic_mmio_write(me, 0x310, &(0x0Fu32 << 24).to_le_bytes(), 0);
+                        f.lapic_mmio_write(
+                            me,
+                            0x300,
+                            &(0x4900 | u32::from(lp_vector)).to_le_bytes(),
+                            0,
+                        );
+                    }
+                    loop {
+                        let (v, _) = f
+                            .with_apic(me, 0, |a| (a.acknowledge(), Effects::default()))
+                            .unwrap();
+                        let Some(v) = v else { break };
+                        busy = true;
+                        if v == LEVEL_VECTOR {
+                            // The handler quiets the device, then EOIs (broadcast to the IOAPIC).
+                            f.set_irq_line(3, false, 0);
+                            handled.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            lp_received[usize::from((v - 0x50) / 0x10)]
+                                .fetch_add(1, Ordering::SeqCst);
+                        }
+                        f.lapic_mmio_write(me, 0xB0, &0u32.to_le_bytes(), 0);
+                    }
+                    let done = handled.load(Ordering::SeqCst) == LEVEL_ROUNDS
+                        && (0..VCPUS).all(|i| lp_received[i].load(Ordering::SeqCst) == LP_PER_VCPU);
+                    if done {
+                        return;
+                    }
+                    assert!(Instant::now() < deadline, "stalled");
+                    if !busy {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    device.join().expect("device thread");
+    for h in vcpus {
+        h.join().expect("vCPU thread");
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), LEVEL_ROUNDS);
+    let remote_irr = f.with_ioapic(|io| io.entry(3).unwrap() & (1 << 14));
+    assert_eq!(remote_irr, 0);
+}
