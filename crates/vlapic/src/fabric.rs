@@ -63,10 +63,13 @@
 //! assert_eq!(v, Some(0x41));
 //! ```
 
+pub use crate::ioapic::IoApic;
+pub use crate::msi::MsiError;
+
 use crate::delivery::{Delivery, DeliveryMode};
-use crate::ioapic::{IoApic, PinSet};
+use crate::ioapic::PinSet;
 use crate::lapic::{ApicMode, Effects, Events, GpFault, LapicConfig, LocalApic};
-use crate::msi::{Msi, MsiError};
+use crate::msi::Msi;
 use crate::routing::{ApicView, Message, RouteMap};
 use alloc::vec::Vec;
 

@@ -321,3 +321,23 @@ fn export_import_round_trip() {
     assert!(g.ioapic_service(0).contains(0));
     assert_eq!(ack(&g, 0), Some(0x55));
 }
+
+// ioapic.c `test_ioapic_level_sequential`; 82093AA delivery modes NMI and ExtINT become
+// per-vCPU events (SDM §11.11 message delivery modes).
+#[test]
+fn sequential_level_and_event_modes() {
+    let f = vm(2);
+    set_rte(&f, 13, 0x98 | LEVEL | dest(1));
+    for _ in 0..3 {
+        assert!(f.set_irq_line(13, true, 0).contains(1));
+        assert_eq!(ack(&f, 1), Some(0x98));
+        f.set_irq_line(13, false, 0);
+        assert!(eoi(&f, 1).is_empty());
+    }
+    set_rte(&f, 14, 4 << 8 | dest(1)); // NMI
+    assert!(f.set_irq_line(14, true, 0).contains(1));
+    assert!(f.take_events(1).unwrap().nmi);
+    set_rte(&f, 0, 7 << 8 | dest(0)); // ExtINT (8259 through pin 0)
+    assert!(f.set_irq_line(0, true, 0).contains(0));
+    assert!(f.take_events(0).unwrap().extint);
+}
