@@ -167,7 +167,7 @@ fn rule_cases() -> Vec<(&'static str, Box<dyn Fn(&mut LapicState)>, &'static str
             s.apic_base = (s.apic_base & !APIC_BASE_EN) | APIC_BASE_EXTD;
         }), "APIC_BASE_MODE", Field::ApicBase),
         ("BSP flag", Box::new(|s| s.apic_base &= !APIC_BASE_BSP), "APIC_BASE_BSP", Field::ApicBase),
-        ("ID", Box::new(|s| s.id = 3), "VVE_BAD_ID", Field::Id),
+        ("xAPIC ID above 8 bits", Box::new(|s| s.id = 0x100), "VVE_BAD_ID", Field::Id),
         ("version", Box::new(|s| s.version = 0x50014), "VVE_BAD_VERSION", Field::Version),
         ("TPR > 0xFF", Box::new(|s| s.tpr = 0x1_0000), "VVE_BAD_TPR", Field::Tpr),
         ("APR > 0xFF", Box::new(|s| s.apr = 0x100), "APR_RANGE", Field::Apr),

@@ -139,8 +139,9 @@ pub enum ImportError {
         /// Whether the destination is the BSP.
         bsp: bool,
     },
-    /// The APIC ID is not the destination's (x2APIC: the full initial ID; xAPIC
-    /// and disabled: its low 8 bits) — illumos VVE_BAD_ID.
+    /// The APIC ID is not the destination's — illumos VVE_BAD_ID. x2APIC mode: the
+    /// full initial ID; disabled: its low 8 bits; xAPIC mode, where the guest may
+    /// rewrite the ID register, any 8-bit ID (`expected` is then the initial one).
     Id {
         /// ID in the state.
         found: u32,
@@ -361,7 +362,11 @@ impl fmt::Display for ImportError {
                 if bsp { "" } else { "not " }
             ),
             ImportError::Id { found, expected } => {
-                write!(f, "{found:#x} is not this APIC's ID {expected:#x}")
+                if found > 0xFF && expected <= 0xFF {
+                    write!(f, "{found:#x} is not an 8-bit xAPIC ID")
+                } else {
+                    write!(f, "{found:#x} is not this APIC's ID {expected:#x}")
+                }
             }
             ImportError::Version { found, expected } => {
                 write!(f, "{found:#x} differs from this APIC's version {expected:#x}")

@@ -175,9 +175,13 @@ impl LocalApic {
         state.check(&self.cfg)?;
         let mode = state.mode().unwrap_or(ApicMode::Disabled);
         self.apic_base = state.apic_base;
-        // The ID rule guarantees the state's ID is the configured one (its low 8
-        // bits outside x2APIC mode); keep the full initial ID as a reset would.
-        self.id = self.cfg.apic_id;
+        // x2APIC and disabled: the ID rule guarantees the configured ID. xAPIC: the
+        // guest may have rewritten the 8-bit ID; keep the full initial ID otherwise.
+        self.id = if mode == ApicMode::XApic && state.id != self.cfg.apic_id & 0xFF {
+            state.id
+        } else {
+            self.cfg.apic_id
+        };
         self.tpr = state.tpr as u8;
         self.apr = state.apr as u8;
         self.ldr = if mode == ApicMode::X2Apic { 0 } else { state.ldr };

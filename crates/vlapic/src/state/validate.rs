@@ -8,7 +8,7 @@
 //! | VVE_BAD_MSR_BASE | apic_base | reserved bits (MAXPHYADDR, 7:0, 9, EXTD without x2APIC) |
 //! | APIC_BASE_MODE | apic_base | EN = 0 with EXTD = 1 |
 //! | APIC_BASE_BSP | apic_base | BSP flag differing from the configuration |
-//! | VVE_BAD_ID | id | not the initial ID (low 8 bits outside x2APIC mode) |
+//! | VVE_BAD_ID | id | x2APIC: not the initial ID; disabled: not its low 8 bits; xAPIC: above 0xFF |
 //! | VVE_BAD_VERSION | version | not the destination's version |
 //! | VVE_BAD_TPR / APR_RANGE | tpr, apr | above 0xFF |
 //! | LDR_RESERVED / LDR_X2APIC_DERIVED | ldr | xAPIC bits 23:0; x2APIC not derived from the ID |
@@ -92,12 +92,17 @@ impl LapicState {
         let x2 = mode == ApicMode::X2Apic;
         let enabled = mode != ApicMode::Disabled && self.svr & SVR_ENABLE != 0;
 
-        // Identity.
-        let expected_id = if x2 { cfg.apic_id } else { cfg.apic_id & 0xFF };
-        if self.id != expected_id {
+        // Identity. x2APIC: the initial ID (SDM §11.12.5.1). Disabled: the reset
+        // value. xAPIC: the ID register is guest-writable here, so any 8-bit ID.
+        let id_ok = match mode {
+            ApicMode::X2Apic => self.id == cfg.apic_id,
+            ApicMode::Disabled => self.id == cfg.apic_id & 0xFF,
+            ApicMode::XApic => self.id <= 0xFF,
+        };
+        if !id_ok {
             report!(ImportError::Id {
                 found: self.id,
-                expected: expected_id
+                expected: if x2 { cfg.apic_id } else { cfg.apic_id & 0xFF }
             });
         }
         if self.version != cfg.version() {
