@@ -14,13 +14,19 @@ fuzz_target!(|data: &[u8]| {
             .map(u64::from_le_bytes)
             .unwrap_or(0)
     };
-    let extra = KvmExtra { apic_base: word(0), tsc_deadline: word(1) };
+    let extra = KvmExtra {
+        apic_base: word(0),
+        tsc_deadline: word(1),
+    };
     let now = word(2);
     let raw = data.get(24..).unwrap_or(&[]);
     let _ = kvm::decode(raw, extra, now, &TimerClock::default()); // any length
     let mut page = raw.to_vec();
     page.resize(kvm::PAGE_SIZE, 0);
-    let clock = TimerClock { bus_cycle_ns: (now & 0xFF) as u32, tsc_hz: word(1) | 1 };
+    let clock = TimerClock {
+        bus_cycle_ns: (now & 0xFF) as u32,
+        tsc_hz: word(1) | 1,
+    };
     if let Ok(s) = kvm::decode(&page, extra, now, &clock) {
         let _ = kvm::encode(&s, now, &clock);
         let _ = s.validate(&s.implied_config());

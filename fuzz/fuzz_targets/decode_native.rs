@@ -27,7 +27,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -35,7 +39,9 @@ fn crc32(data: &[u8]) -> u32 {
 
 fuzz_target!(|data: &[u8]| {
     check(data);
-    let Some((&kind, body)) = data.split_first() else { return };
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
     let mut file = native::MAGIC.to_vec();
     file.extend_from_slice(&native::FORMAT_VERSION.to_le_bytes());
     file.extend_from_slice(&u16::from(kind % 3 + 1).to_le_bytes());

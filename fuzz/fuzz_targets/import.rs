@@ -10,8 +10,13 @@ use vlapic::state::{bhyve, native};
 use vlapic::{Delivery, LapicConfig, LocalApic};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&sel, rest)) = data.split_first() else { return };
-    let cfg = LapicConfig { verify: true, ..LapicConfig::default() };
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let cfg = LapicConfig {
+        verify: true,
+        ..LapicConfig::default()
+    };
     let sized = |n: usize| {
         let mut v = rest.to_vec();
         v.resize(n, 0);
@@ -19,14 +24,31 @@ fuzz_target!(|data: &[u8]| {
     };
     let state = match sel % 4 {
         0 => native::decode_lapic(rest).ok(),
-        1 => kvm::decode(&sized(kvm::PAGE_SIZE), KvmExtra::default(), 1000, &cfg.clock).ok(),
+        1 => kvm::decode(
+            &sized(kvm::PAGE_SIZE),
+            KvmExtra::default(),
+            1000,
+            &cfg.clock,
+        )
+        .ok(),
         // Raw field values: every rule is reachable.
         2 => bhyve::decode(&sized(bhyve::SIZE), 0).ok(),
         // A valid state with a few fields overwritten from the input.
         _ => {
             let mut s = LocalApic::new(cfg).export();
-            let w = |i: usize| rest.get(i * 4..i * 4 + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes);
-            let words = [&mut s.tpr, &mut s.svr, &mut s.isr[2], &mut s.irr[3], &mut s.lvt[1], &mut s.timer_initial];
+            let w = |i: usize| {
+                rest.get(i * 4..i * 4 + 4)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_le_bytes)
+            };
+            let words = [
+                &mut s.tpr,
+                &mut s.svr,
+                &mut s.isr[2],
+                &mut s.irr[3],
+                &mut s.lvt[1],
+                &mut s.timer_initial,
+            ];
             for (i, f) in words.into_iter().enumerate() {
                 if let Some(v) = w(i) {
                     *f = v;

@@ -137,7 +137,9 @@ impl StateOpts {
 
 /// Arguments of `vlapic inspect`.
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  vlapic inspect --format kvm --apic-base 0xFEE00900 cpu0.lapic\n  vlapic inspect --json cpu0.vlapic\n\nExit codes: 0 valid, 1 invalid or undecodable (every broken rule is listed), 3 I/O error.")]
+#[command(
+    after_help = "Example:\n  vlapic inspect --format kvm --apic-base 0xFEE00900 cpu0.lapic\n  vlapic inspect --json cpu0.vlapic\n\nExit codes: 0 valid, 1 invalid or undecodable (every broken rule is listed), 3 I/O error."
+)]
 pub struct InspectArgs {
     /// Input format (default: detected from the magic or the size).
     #[arg(long, value_enum)]
@@ -153,7 +155,9 @@ pub struct InspectArgs {
 
 /// Arguments of `vlapic convert`.
 #[derive(Args, Debug)]
-#[command(after_help = "Example:\n  vlapic convert --from bhyve --to kvm --now 5000000 cpu0.bhyve cpu0.kvm\n\nThe input is validated as import does; invalid state is refused (exit 1, the rule named).\nExit codes: 0 converted, 1 invalid or undecodable input, 3 I/O error.")]
+#[command(
+    after_help = "Example:\n  vlapic convert --from bhyve --to kvm --now 5000000 cpu0.bhyve cpu0.kvm\n\nThe input is validated as import does; invalid state is refused (exit 1, the rule named).\nExit codes: 0 converted, 1 invalid or undecodable input, 3 I/O error."
+)]
 pub struct ConvertArgs {
     /// Input format.
     #[arg(long, value_enum)]
@@ -171,7 +175,9 @@ pub struct ConvertArgs {
 
 /// Arguments of `vlapic replay`.
 #[derive(Args, Debug)]
-#[command(after_help = "Trace lines (numbers decimal or 0x-hex, `#` starts a comment):\n  time NS | mmio-read OFF | mmio-write OFF VALUE | msr-read MSR | msr-write MSR VALUE\n  irq VECTOR edge|level | ack | eoi | export kvm|bhyve|native FILE | import kvm|bhyve|native FILE\n\nExample trace:\n  mmio-write 0xF0 0x1FF   # software enable\n  irq 0x41 level\n  ack                     # prints 0x41\n  mmio-read 0xA0          # prints 0xa0 = 0x40 (PPR)\n  eoi                     # prints ioapic-eoi 0x41\n\nOne fresh APIC: ID 0, BSP, xAPIC mode at 0xFEE00000, verifier on. Reads print\n`OFF = VALUE` or `MSR = #GP`; faulting writes print `MSR <- #GP`; ack prints the vector\nor `none`. The last lines give the verifier's violations and deepest nesting.\nExit codes: 0 done, 1 bad trace line or refused import, 3 I/O error.")]
+#[command(
+    after_help = "Trace lines (numbers decimal or 0x-hex, `#` starts a comment):\n  time NS | mmio-read OFF | mmio-write OFF VALUE | msr-read MSR | msr-write MSR VALUE\n  irq VECTOR edge|level | ack | eoi | export kvm|bhyve|native FILE | import kvm|bhyve|native FILE\n\nExample trace:\n  mmio-write 0xF0 0x1FF   # software enable\n  irq 0x41 level\n  ack                     # prints 0x41\n  mmio-read 0xA0          # prints 0xa0 = 0x40 (PPR)\n  eoi                     # prints ioapic-eoi 0x41\n\nOne fresh APIC: ID 0, BSP, xAPIC mode at 0xFEE00000, verifier on. Reads print\n`OFF = VALUE` or `MSR = #GP`; faulting writes print `MSR <- #GP`; ack prints the vector\nor `none`. The last lines give the verifier's violations and deepest nesting.\nExit codes: 0 done, 1 bad trace line or refused import, 3 I/O error."
+)]
 pub struct ReplayArgs {
     /// The trace file.
     trace: PathBuf,
@@ -238,9 +244,8 @@ fn decode(bytes: &[u8], fmt: Format, opts: &StateOpts) -> Result<LapicState, Str
         ),
         Format::Bhyve => bhyve::decode(bytes, opts.tsc_deadline),
         Format::Json => {
-            return serde_json::from_slice::<LapicState>(bytes).map_err(|e| {
-                format!("json (line {}, column {}): {e}", e.line(), e.column())
-            })
+            return serde_json::from_slice::<LapicState>(bytes)
+                .map_err(|e| format!("json (line {}, column {}): {e}", e.line(), e.column()))
         }
     };
     r.map_err(|e| e.to_string())
@@ -268,8 +273,17 @@ fn rule_line(path: &Path, fmt: Format, state: &LapicState, e: &ImportError) -> S
         .and_then(|m| m.strip_prefix(": "))
         .unwrap_or(&msg);
     match fmt.offset(state, field) {
-        Some(off) => format!("{}: {field} (byte {off:#x}): {reason} [{}]", path.display(), e.rule()),
-        None => format!("{}: {field} ({} has no such field): {reason} [{}]", path.display(), fmt.name(), e.rule()),
+        Some(off) => format!(
+            "{}: {field} (byte {off:#x}): {reason} [{}]",
+            path.display(),
+            e.rule()
+        ),
+        None => format!(
+            "{}: {field} ({} has no such field): {reason} [{}]",
+            path.display(),
+            fmt.name(),
+            e.rule()
+        ),
     }
 }
 
@@ -278,7 +292,11 @@ fn read(path: &Path) -> Result<Vec<u8>, Failure> {
 }
 
 /// Reads and decodes a state file.
-fn load(path: &Path, fmt: Option<Format>, opts: &StateOpts) -> Result<(LapicState, Format), Failure> {
+fn load(
+    path: &Path,
+    fmt: Option<Format>,
+    opts: &StateOpts,
+) -> Result<(LapicState, Format), Failure> {
     let bytes = read(path)?;
     let fmt = match fmt.or_else(|| detect(&bytes)) {
         Some(f) => f,
@@ -349,7 +367,13 @@ fn lvt_json(e: Lvt, v: u32) -> Value {
     o
 }
 
-fn view(state: &LapicState, fmt: Format, path: &Path, opts: &StateOpts, errors: &[ImportError]) -> Value {
+fn view(
+    state: &LapicState,
+    fmt: Format,
+    path: &Path,
+    opts: &StateOpts,
+    errors: &[ImportError],
+) -> Value {
     let clock = opts.clock();
     let vecs = |ws: &[u32; 8]| -> Vec<u8> { vlapic::VectorSet::from_words(*ws).iter().collect() };
     let mut lvts = serde_json::Map::new();
@@ -409,7 +433,12 @@ fn view(state: &LapicState, fmt: Format, path: &Path, opts: &StateOpts, errors: 
 fn hexlist(v: &Value) -> String {
     let items: Vec<String> = v
         .as_array()
-        .map(|a| a.iter().filter_map(Value::as_u64).map(|n| format!("{n:#04x}")).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|n| format!("{n:#04x}"))
+                .collect()
+        })
         .unwrap_or_default();
     format!("[{}]", items.join(", "))
 }
@@ -435,20 +464,34 @@ fn text(v: &Value, state: &LapicState, path: &Path, fmt: Format, errors: &[Impor
         if b["x2apic"] == true { ", EXTD" } else { "" },
         if b["bsp"] == true { ", BSP" } else { "" },
     );
-    let _ = writeln!(o, "tpr {:#04x}   ppr {:#04x}   apr {:#04x}", state.tpr, state.ppr(), state.apr);
+    let _ = writeln!(
+        o,
+        "tpr {:#04x}   ppr {:#04x}   apr {:#04x}",
+        state.tpr,
+        state.ppr(),
+        state.apr
+    );
     let _ = writeln!(
         o,
         "ldr {:#010x}   dfr {:#010x}   svr {:#x} ({}, spurious vector {:#04x})",
         state.ldr,
         state.dfr,
         state.svr,
-        if state.svr & vlapic::regs::SVR_ENABLE != 0 { "software-enabled" } else { "software-disabled" },
+        if state.svr & vlapic::regs::SVR_ENABLE != 0 {
+            "software-enabled"
+        } else {
+            "software-disabled"
+        },
         state.svr & 0xFF
     );
     let _ = writeln!(o, "isr {}", hexlist(&v["isr"]));
     let _ = writeln!(o, "irr {}", hexlist(&v["irr"]));
     let _ = writeln!(o, "tmr {}", hexlist(&v["tmr"]));
-    let _ = writeln!(o, "esr {:#x}   esr_pending {:#x}   icr {:#x}", state.esr, state.esr_pending, state.icr);
+    let _ = writeln!(
+        o,
+        "esr {:#x}   esr_pending {:#x}   icr {:#x}",
+        state.esr, state.esr_pending, state.icr
+    );
     for e in Lvt::ALL {
         let l = &v["lvt"][lvt_name(e)];
         let mut extra = String::new();
@@ -458,9 +501,21 @@ fn text(v: &Value, state: &LapicState, path: &Path, fmt: Format, errors: &[Impor
         if matches!(e, Lvt::Lint0 | Lvt::Lint1) {
             extra = format!(
                 " {}{}{}",
-                if l["level_triggered"] == true { "level" } else { "edge" },
-                if l["active_low"] == true { " active-low" } else { "" },
-                if l["remote_irr"] == true { " remote-irr" } else { "" },
+                if l["level_triggered"] == true {
+                    "level"
+                } else {
+                    "edge"
+                },
+                if l["active_low"] == true {
+                    " active-low"
+                } else {
+                    ""
+                },
+                if l["remote_irr"] == true {
+                    " remote-irr"
+                } else {
+                    ""
+                },
             );
         }
         let _ = writeln!(
@@ -468,7 +523,11 @@ fn text(v: &Value, state: &LapicState, path: &Path, fmt: Format, errors: &[Impor
             "lvt {:<8}{:#010x} {} vector {:#04x} {}{}",
             lvt_name(e),
             state.lvt(e),
-            if l["masked"] == true { "masked  " } else { "unmasked" },
+            if l["masked"] == true {
+                "masked  "
+            } else {
+                "unmasked"
+            },
             state.lvt(e) & 0xFF,
             l["delivery_mode"].as_str().unwrap_or(""),
             extra
@@ -569,7 +628,8 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
         if line.is_empty() {
             continue;
         }
-        let bad = |msg: String| Failure::invalid(format!("{}:{lineno}: {msg}: `{line}`", path.display()));
+        let bad =
+            |msg: String| Failure::invalid(format!("{}:{lineno}: {msg}: `{line}`", path.display()));
         let words: Vec<&str> = line.split_whitespace().collect();
         let num = |k: usize| -> Result<u64, Failure> {
             let w = words.get(k).ok_or_else(|| bad("missing operand".into()))?;
@@ -582,7 +642,8 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
                 Err(bad(format!("expected {n} operand(s)")))
             }
         };
-        let u32_of = |v: u64| u32::try_from(v).map_err(|_| bad("value does not fit 32 bits".into()));
+        let u32_of =
+            |v: u64| u32::try_from(v).map_err(|_| bad("value does not fit 32 bits".into()));
         let op = words.first().copied().unwrap_or("");
         let mut effects = vlapic::Effects::default();
         match op {
@@ -683,7 +744,8 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
                         tsc_deadline: state.tsc_deadline,
                         ..opts
                     };
-                    std::fs::write(&file, encode(&state, fmt, &opts)).map_err(|e| Failure::io(&file, e))?;
+                    std::fs::write(&file, encode(&state, fmt, &opts))
+                        .map_err(|e| Failure::io(&file, e))?;
                 } else {
                     let cur = apic.export();
                     let opts = StateOpts {
@@ -691,10 +753,16 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
                         tsc_deadline: cur.tsc_deadline,
                         ..opts
                     };
-                    let (state, fmt) = load(&file, Some(fmt), &opts)
-                        .map_err(|f| Failure { code: f.code, msg: format!("{}:{lineno}: {}", path.display(), f.msg) })?;
+                    let (state, fmt) = load(&file, Some(fmt), &opts).map_err(|f| Failure {
+                        code: f.code,
+                        msg: format!("{}:{lineno}: {}", path.display(), f.msg),
+                    })?;
                     apic.import(&state, now).map_err(|e| {
-                        Failure::invalid(format!("{}:{lineno}: {}", path.display(), rule_line(&file, fmt, &state, &e)))
+                        Failure::invalid(format!(
+                            "{}:{lineno}: {}",
+                            path.display(),
+                            rule_line(&file, fmt, &state, &e)
+                        ))
                     })?;
                 }
             }
@@ -714,7 +782,11 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
     let ver = apic.verifier();
     let _ = writeln!(out, "verifier violations {}", ver.violations());
     if let Some(v) = ver.first_violation() {
-        let _ = writeln!(out, "verifier first {:?} at {:?} vector {:?}", v.kind, v.at, v.vector);
+        let _ = writeln!(
+            out,
+            "verifier first {:?} at {:?} vector {:?}",
+            v.kind, v.at, v.vector
+        );
     }
     let _ = writeln!(out, "deepest nesting {}", ver.max_depth());
     Ok(())
@@ -722,8 +794,13 @@ fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure
 
 fn replay_inner(a: &ReplayArgs) -> Result<ExitCode, Failure> {
     let bytes = read(&a.trace)?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| Failure::invalid(format!("{}: byte {:#x}: not UTF-8", a.trace.display(), e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Failure::invalid(format!(
+            "{}: byte {:#x}: not UTF-8",
+            a.trace.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     let mut out = String::new();
     let r = replay_trace(&a.trace, &text, &mut out);
     print!("{out}");

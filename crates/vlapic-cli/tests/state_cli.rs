@@ -74,20 +74,58 @@ fn inspect_json_has_the_documented_keys() {
 fn convert_round_trips_and_matches_golden_files() {
     // bhyve -> native is lossless: it must reproduce the golden native file.
     let out = tmp("from_bhyve.native");
-    let o = vlapic(&["convert", "--from", "bhyve", "--to", "native", &golden("nested.bhyve"), out.to_str().unwrap()]);
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "bhyve",
+        "--to",
+        "native",
+        &golden("nested.bhyve"),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(golden("nested.native")).unwrap());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(golden("nested.native")).unwrap()
+    );
     // native -> kvm at the golden time reproduces the golden KVM page.
     let kvm = tmp("from_native.kvm");
-    let o = vlapic(&["convert", "--from", "native", "--to", "kvm", "--now", "2000", &golden("nested.native"), kvm.to_str().unwrap()]);
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "kvm",
+        "--now",
+        "2000",
+        &golden("nested.native"),
+        kvm.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&kvm).unwrap(), std::fs::read(golden("nested.kvm")).unwrap());
-    assert!(stderr(&o).contains("apic_base 0xfee00900"), "KVM output names what the page lacks");
+    assert_eq!(
+        std::fs::read(&kvm).unwrap(),
+        std::fs::read(golden("nested.kvm")).unwrap()
+    );
+    assert!(
+        stderr(&o).contains("apic_base 0xfee00900"),
+        "KVM output names what the page lacks"
+    );
     // json -> native.
     let n = tmp("from_json.native");
-    let o = vlapic(&["convert", "--from", "json", "--to", "native", &golden("nested.json"), n.to_str().unwrap()]);
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "json",
+        "--to",
+        "native",
+        &golden("nested.json"),
+        n.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&n).unwrap(), std::fs::read(golden("nested.native")).unwrap());
+    assert_eq!(
+        std::fs::read(&n).unwrap(),
+        std::fs::read(golden("nested.native")).unwrap()
+    );
 }
 
 fn broken_bhyve() -> PathBuf {
@@ -106,17 +144,31 @@ fn convert_refuses_invalid_state_and_inspect_lists_every_rule() {
     let bad = broken_bhyve();
     let out = tmp("never.native");
     let _ = std::fs::remove_file(&out);
-    let o = vlapic(&["convert", "--from", "bhyve", "--to", "native", bad.to_str().unwrap(), out.to_str().unwrap()]);
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "bhyve",
+        "--to",
+        "native",
+        bad.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(e.contains("broken.bhyve: tpr (byte 0x8): 0x100 is above 0xff [VVE_BAD_TPR]"), "{e}");
+    assert!(
+        e.contains("broken.bhyve: tpr (byte 0x8): 0x100 is above 0xff [VVE_BAD_TPR]"),
+        "{e}"
+    );
     assert!(!out.exists(), "nothing written");
     let o = vlapic(&["inspect", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let s = stdout(&o);
     assert!(s.contains("INVALID: 2 rule(s) broken"), "{s}");
-    assert!(s.contains("isr (byte 0x1c): vectors 0x41 and 0x42 both in service in priority class 4"), "{s}");
+    assert!(
+        s.contains("isr (byte 0x1c): vectors 0x41 and 0x42 both in service in priority class 4"),
+        "{s}"
+    );
     let o = vlapic(&["inspect", "--json", bad.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["valid"], false);
@@ -130,7 +182,8 @@ fn decode_errors_and_exit_codes() {
     std::fs::write(&short, [0u8; 100]).unwrap();
     let o = vlapic(&["inspect", "--format", "kvm", short.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("short.kvm: page (byte 0x64): kvm_lapic_state must be exactly 1024 bytes"));
+    assert!(stderr(&o)
+        .contains("short.kvm: page (byte 0x64): kvm_lapic_state must be exactly 1024 bytes"));
     let o = vlapic(&["inspect", "/nonexistent/x.kvm"]);
     assert_eq!(o.status.code(), Some(3));
     let o = vlapic(&["convert", "--from", "nope", "--to", "kvm", "a", "b"]);
@@ -142,7 +195,11 @@ fn decode_errors_and_exit_codes() {
     std::fs::write(&p, n).unwrap();
     let o = vlapic(&["inspect", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("crc32 (byte 0x63): checksum mismatch"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("crc32 (byte 0x63): checksum mismatch"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 const TRACE: &str = "\
@@ -220,19 +277,32 @@ fn replay_errors_name_file_and_line() {
     std::fs::write(&p, "ack\nirq 300 edge\n").unwrap();
     let o = vlapic(&["replay", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("bad.trace:2: vector above 255: `irq 300 edge`"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bad.trace:2: vector above 255: `irq 300 edge`"),
+        "{}",
+        stderr(&o)
+    );
     let bad = broken_bhyve();
     std::fs::write(&p, format!("import bhyve {}\n", bad.display())).unwrap();
     let o = vlapic(&["replay", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("bad.trace:1: ") && stderr(&o).contains("tpr (byte 0x8)"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bad.trace:1: ") && stderr(&o).contains("tpr (byte 0x8)"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn help_explains_subcommands_with_examples() {
     let o = vlapic(&["--help"]);
     let s = stdout(&o);
-    for want in ["vlapic inspect", "vlapic convert", "vlapic replay", "Exit codes"] {
+    for want in [
+        "vlapic inspect",
+        "vlapic convert",
+        "vlapic replay",
+        "Exit codes",
+    ] {
         assert!(s.contains(want), "{s}");
     }
     let o = vlapic(&["replay", "--help"]);

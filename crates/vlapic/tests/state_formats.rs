@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use vlapic::state::kvm::{self, KvmExtra};
-use vlapic::state::{bhyve, native, DecodeError, Field, FabricState, IoApicState, LapicState};
+use vlapic::state::{bhyve, native, DecodeError, FabricState, Field, IoApicState, LapicState};
 use vlapic::{Delivery, LapicConfig, LocalApic, TimerClock};
 
 const CLK: TimerClock = TimerClock {
@@ -54,13 +54,19 @@ fn golden(name: &str, bytes: &[u8]) {
         std::fs::write(&path, bytes).unwrap();
     }
     let want = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(want == bytes, "{name} differs from the golden file (VLAPIC_BLESS=1 to update)");
+    assert!(
+        want == bytes,
+        "{name} differs from the golden file (VLAPIC_BLESS=1 to update)"
+    );
 }
 
 #[test]
 fn golden_state_is_what_we_think() {
     let s = golden_state();
-    assert_eq!(s.isr_set().iter().collect::<Vec<_>>(), vec![0x41, 0x61, 0x81]);
+    assert_eq!(
+        s.isr_set().iter().collect::<Vec<_>>(),
+        vec![0x41, 0x61, 0x81]
+    );
     assert_eq!(s.tmr_set().iter().collect::<Vec<_>>(), vec![0x41]);
     assert_eq!(s.irr_set().iter().collect::<Vec<_>>(), vec![0x35]);
     assert_eq!(s.esr_pending, 0x20);
@@ -75,7 +81,10 @@ fn golden_files() {
     golden("nested.native", &native::encode_lapic(&s));
     golden("nested.kvm", &kvm::encode(&s, 2000, &CLK).0);
     golden("nested.bhyve", &bhyve::encode(&s));
-    assert_eq!(native::decode_lapic(&std::fs::read(golden_dir().join("nested.native")).unwrap()), Ok(s));
+    assert_eq!(
+        native::decode_lapic(&std::fs::read(golden_dir().join("nested.native")).unwrap()),
+        Ok(s)
+    );
 }
 
 // state-formats.md §1: the KVM page layout, slot by slot.
@@ -98,15 +107,28 @@ fn kvm_layout() {
     assert_eq!(word(0x300), 0x4_0005, "ICR low");
     assert_eq!(word(0x320), 0x2_00EC);
     assert_eq!(word(0x380), 5000);
-    assert_eq!(word(0x390), 4000, "current count at 2000 of an expiry at 6000");
+    assert_eq!(
+        word(0x390),
+        4000,
+        "current count at 2000 of an expiry at 6000"
+    );
     assert_eq!(word(0x3E0), 0xB);
-    assert!(page[0x24..0x30].iter().all(|&b| b == 0), "reserved slot bytes zero");
+    assert!(
+        page[0x24..0x30].iter().all(|&b| b == 0),
+        "reserved slot bytes zero"
+    );
     assert_eq!(extra.apic_base, 0xFEE0_0900);
     // KVM SET_LAPIC re-arms TMCCT ticks after now.
     let back = kvm::decode(&page, extra, 2000, &CLK).unwrap();
     assert_eq!(back.timer_deadline, 6000);
     assert_eq!(back.esr_pending, 0, "KVM has no place for pending ESR bits");
-    assert_eq!(LapicState { esr_pending: 0x20, ..back }, s);
+    assert_eq!(
+        LapicState {
+            esr_pending: 0x20,
+            ..back
+        },
+        s
+    );
 }
 
 // KVM_X2APIC_API_USE_32BIT_IDS: the full 32-bit ID at 0x20 in x2APIC mode.
@@ -173,7 +195,13 @@ fn conversions_between_formats() {
     let b = bhyve::decode(&bhyve::encode(&n), 0).unwrap();
     let (page, extra) = kvm::encode(&b, 3000, &CLK);
     let k = kvm::decode(&page, extra, 3000, &CLK).unwrap();
-    assert_eq!(LapicState { esr_pending: s.esr_pending, ..k }, s);
+    assert_eq!(
+        LapicState {
+            esr_pending: s.esr_pending,
+            ..k
+        },
+        s
+    );
     // KVM -> bhyve keeps the expiry KVM implied.
     let b2 = bhyve::decode(&bhyve::encode(&k), 0).unwrap();
     assert_eq!(b2.timer_deadline, 6000);
@@ -186,7 +214,12 @@ fn conversions_between_formats() {
 
 #[test]
 fn decode_errors_carry_offsets() {
-    assert_eq!(kvm::decode(&[0u8; 10], KvmExtra::default(), 0, &CLK).unwrap_err().offset, 10);
+    assert_eq!(
+        kvm::decode(&[0u8; 10], KvmExtra::default(), 0, &CLK)
+            .unwrap_err()
+            .offset,
+        10
+    );
     let mut page = [0u8; 1024];
     page[0x20] = 1;
     assert_eq!(
@@ -208,7 +241,10 @@ fn decode_errors_carry_offsets() {
     assert_eq!(native::decode_lapic(&n).unwrap_err().offset, last - 3);
     n[last] ^= 1;
     n[9] = 9;
-    assert_eq!(native::decode_lapic(&n).unwrap_err().field, "format_version");
+    assert_eq!(
+        native::decode_lapic(&n).unwrap_err().field,
+        "format_version"
+    );
 }
 
 #[test]
@@ -217,10 +253,19 @@ fn field_offsets_per_format() {
     assert_eq!(kvm::field_offset(Field::Isr), Some(0x100));
     assert_eq!(kvm::field_offset(Field::EsrPending), None);
     assert_eq!(bhyve::field_offset(Field::TimerDeadline), Some(184));
-    assert_eq!(bhyve::field_offset(Field::Lvt(vlapic::Lvt::Cmci)), Some(128));
-    assert_eq!(native::field_offset(&s, Field::ApicBase), native::HEADER_LEN);
+    assert_eq!(
+        bhyve::field_offset(Field::Lvt(vlapic::Lvt::Cmci)),
+        Some(128)
+    );
+    assert_eq!(
+        native::field_offset(&s, Field::ApicBase),
+        native::HEADER_LEN
+    );
     // apic_base 0xFEE00900 is a 5-byte varint; id 0 one byte.
-    assert_eq!(native::field_offset(&s, Field::Version), native::HEADER_LEN + 6);
+    assert_eq!(
+        native::field_offset(&s, Field::Version),
+        native::HEADER_LEN + 6
+    );
 }
 
 // The native body is the postcard 1.x encoding of the serde derive.
@@ -281,6 +326,10 @@ fn ioapic_and_fabric_rules() {
         ioapic: good,
     };
     assert!(f.validate(&[LapicConfig::with_id(0)]).is_empty());
-    assert_eq!(f.validate(&[LapicConfig::with_id(1)]).len(), 2, "ID and BSP flag");
+    assert_eq!(
+        f.validate(&[LapicConfig::with_id(1)]).len(),
+        2,
+        "ID and BSP flag"
+    );
     assert_eq!(f.validate(&[]).len(), 1);
 }

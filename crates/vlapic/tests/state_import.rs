@@ -62,7 +62,11 @@ fn nested_handlers_survive_export_import_in_order() {
     assert_eq!(dst.acknowledge(), Some(0x35));
     assert_eq!(eoi(&mut dst, 2000), None);
     assert_eq!(dst.verifier().violations(), 0);
-    assert_eq!(dst.verifier().max_depth(), 3, "the rebuilt shadow held all three");
+    assert_eq!(
+        dst.verifier().max_depth(),
+        3,
+        "the rebuilt shadow held all three"
+    );
 }
 
 // Lead's design note: a failed import leaves the APIC exactly as it was.
@@ -73,7 +77,10 @@ fn failed_import_changes_nothing() {
     let mut bad = LocalApic::new(cfg()).export();
     bad.tpr = 0x100;
     bad.isr = [0, 0, 0x0202, 0, 0, 0, 0, 0]; // 0x41 and 0x49: one class
-    assert_eq!(dst.import(&bad, 5000), Err(ImportError::Tpr { value: 0x100 }));
+    assert_eq!(
+        dst.import(&bad, 5000),
+        Err(ImportError::Tpr { value: 0x100 })
+    );
     assert_eq!(dst.export(), before);
     assert_eq!(dst.now(), 1000, "not even the clock moved");
     assert_eq!(dst.verifier().violations(), 0);
@@ -89,7 +96,10 @@ fn software_enable_state_follows_imported_svr() {
     assert!(dst.is_enabled());
     let _ = dst.write_register(0xF0, 0xFF, 1000);
     assert_ne!(dst.lvt(Lvt::Timer) & vlapic::lvt::LVT_MASKED, 0);
-    assert!(!dst.deliver(Delivery::fixed(0x90), 1000), "refused while disabled");
+    assert!(
+        !dst.deliver(Delivery::fixed(0x90), 1000),
+        "refused while disabled"
+    );
 }
 
 // illumos 15251 / KVM SET_LAPIC: an expiry further out than the initial count
@@ -105,7 +115,11 @@ fn timer_rearmed_and_clamped() {
     state.timer_deadline = 1_000_000;
     let mut dst = LocalApic::new(cfg());
     dst.import(&state, 5000).unwrap();
-    assert_eq!(dst.read_register(0x390, 5000), 5000, "clamped to the initial count");
+    assert_eq!(
+        dst.read_register(0x390, 5000),
+        5000,
+        "clamped to the initial count"
+    );
     assert_eq!(dst.next_timer_deadline(), Some(10_000));
     // The periodic timer keeps running from the imported registers.
     assert!(dst.advance(10_000));
@@ -132,7 +146,9 @@ fn x2apic_state_round_trips_and_id_is_checked() {
         ..cfg()
     };
     let mut src = enabled(c);
-    let _ = src.write_apic_base(0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD, 0).unwrap();
+    let _ = src
+        .write_apic_base(0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD, 0)
+        .unwrap();
     let _ = src.write_msr(0x808, 0x30, 0).unwrap();
     let st = src.export();
     assert_eq!(st.id, 0x125);
@@ -142,7 +158,10 @@ fn x2apic_state_round_trips_and_id_is_checked() {
     assert_eq!(dst.mode(), ApicMode::X2Apic);
     assert_eq!(dst.read_msr(0x802, 0), Ok(0x125));
     assert_eq!(dst.read_msr(0x80D, 0), Ok(0x0012_0020));
-    let mut other = LocalApic::new(LapicConfig { apic_id: 0x126, ..c });
+    let mut other = LocalApic::new(LapicConfig {
+        apic_id: 0x126,
+        ..c
+    });
     assert_eq!(
         other.import(&st, 0),
         Err(ImportError::Id {
@@ -157,6 +176,7 @@ fn base_state() -> LapicState {
 }
 
 /// (mutation, expected rule, expected field): each must be the only rule broken.
+#[rustfmt::skip]
 #[allow(clippy::type_complexity)]
 fn rule_cases() -> Vec<(&'static str, Box<dyn Fn(&mut LapicState)>, &'static str, Field)> {
     vec![
@@ -228,7 +248,10 @@ fn x2apic_ldr_must_be_derived_and_cmci_absent() {
     };
     let mut src = enabled(c);
     let _ = src
-        .write_apic_base(0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD | APIC_BASE_BSP, 0)
+        .write_apic_base(
+            0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD | APIC_BASE_BSP,
+            0,
+        )
         .unwrap();
     let mut st = src.export();
     assert!(st.validate(&c).is_empty());
@@ -248,7 +271,10 @@ fn validate_lists_everything() {
     s.isr[2] |= 1 << 9;
     let all = s.validate(&cfg());
     let rules: Vec<_> = all.iter().map(|e| e.rule()).collect();
-    assert_eq!(rules, vec!["VVE_BAD_TPR", "VVE_ISR_PRIORITY", "VVE_BAD_ESR"]);
+    assert_eq!(
+        rules,
+        vec!["VVE_BAD_TPR", "VVE_ISR_PRIORITY", "VVE_BAD_ESR"]
+    );
     assert_eq!(s.check(&cfg()), Err(all[0]));
     assert_eq!(
         all[1].to_string(),

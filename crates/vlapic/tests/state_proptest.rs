@@ -44,7 +44,9 @@ const OFFSETS: [u16; 22] = [
     0x20, 0x80, 0xB0, 0xD0, 0xE0, 0xF0, 0xF0, 0x280, 0x2F0, 0x300, 0x310, 0x320, 0x320, 0x330,
     0x340, 0x350, 0x360, 0x370, 0x380, 0x3E0, 0x3E0, 0x400,
 ];
-const MSRS: [u32; 10] = [0x808, 0x80B, 0x80F, 0x828, 0x830, 0x832, 0x838, 0x83E, 0x83F, 0x6E0];
+const MSRS: [u32; 10] = [
+    0x808, 0x80B, 0x80F, 0x828, 0x830, 0x832, 0x838, 0x83E, 0x83F, 0x6E0,
+];
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -73,7 +75,11 @@ fn run(ops: &[Op]) -> (LocalApic, u64) {
                 let _ = apic.write_msr(msr, v, now);
             }
             Op::Irq(v, level) => {
-                let d = if level { Delivery::fixed_level(v) } else { Delivery::fixed(v) };
+                let d = if level {
+                    Delivery::fixed_level(v)
+                } else {
+                    Delivery::fixed(v)
+                };
                 apic.deliver(d, now);
             }
             Op::Ack => {
@@ -200,7 +206,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -58,9 +58,18 @@ pub fn encode(state: &LapicState) -> [u8; SIZE] {
     w(24, state.svr);
     for i in 0..8usize {
         let off = i.saturating_mul(4);
-        w(off.saturating_add(28), state.isr.get(i).copied().unwrap_or(0));
-        w(off.saturating_add(60), state.tmr.get(i).copied().unwrap_or(0));
-        w(off.saturating_add(92), state.irr.get(i).copied().unwrap_or(0));
+        w(
+            off.saturating_add(28),
+            state.isr.get(i).copied().unwrap_or(0),
+        );
+        w(
+            off.saturating_add(60),
+            state.tmr.get(i).copied().unwrap_or(0),
+        );
+        w(
+            off.saturating_add(92),
+            state.irr.get(i).copied().unwrap_or(0),
+        );
     }
     w(124, state.esr);
     for (v, off) in state.lvt.iter().zip(LVT_OFFSETS) {
@@ -97,7 +106,11 @@ pub fn decode(bytes: &[u8], tsc_deadline: u64) -> Result<LapicState, DecodeError
         raw_id
     } else {
         if raw_id & 0x00FF_FFFF != 0 {
-            return Err(DecodeError::new(0, "vlp_id", "xAPIC ID register bits 23:0 are not zero"));
+            return Err(DecodeError::new(
+                0,
+                "vlp_id",
+                "xAPIC ID register bits 23:0 are not zero",
+            ));
         }
         raw_id >> 24
     };
@@ -128,7 +141,11 @@ pub fn decode(bytes: &[u8], tsc_deadline: u64) -> Result<LapicState, DecodeError
     s.timer_divide = r(172, "vlp_dcr_timer")?;
     let target = le_u64(bytes, 184, "vl_timer_target")?;
     if target > i64::MAX as u64 {
-        return Err(DecodeError::new(184, "vl_timer_target", "negative timer target"));
+        return Err(DecodeError::new(
+            184,
+            "vl_timer_target",
+            "negative timer target",
+        ));
     }
     s.timer_deadline = target;
     s.esr_pending = r(192, "vl_esr_pending")?;

@@ -369,7 +369,10 @@ impl fmt::Display for ImportError {
                 }
             }
             ImportError::Version { found, expected } => {
-                write!(f, "{found:#x} differs from this APIC's version {expected:#x}")
+                write!(
+                    f,
+                    "{found:#x} differs from this APIC's version {expected:#x}"
+                )
             }
             ImportError::Tpr { value } => write!(f, "{value:#x} is above 0xff"),
             ImportError::Apr { value } => write!(f, "{value:#x} is above 0xff"),
@@ -414,13 +417,20 @@ impl fmt::Display for ImportError {
                 write!(f, "{value:#x} is unmasked while the APIC is disabled")
             }
             ImportError::TimerDivide { value } => {
-                write!(f, "reserved bits {:#x} set in {value:#x}", value & !crate::regs::DCR_MASK)
+                write!(
+                    f,
+                    "reserved bits {:#x} set in {value:#x}",
+                    value & !crate::regs::DCR_MASK
+                )
             }
             ImportError::TimerMismatch { deadline } => {
                 write!(f, "timer armed (expiry {deadline}) with initial count 0")
             }
             ImportError::TimerDeadlineRange { deadline } => {
-                write!(f, "expiry {deadline} ns is beyond i64::MAX and cannot be represented")
+                write!(
+                    f,
+                    "expiry {deadline} ns is beyond i64::MAX and cannot be represented"
+                )
             }
             ImportError::TscDeadlineMode { value } => {
                 write!(f, "{value:#x} set outside TSC-deadline mode")
@@ -462,7 +472,11 @@ impl DecodeError {
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (byte {:#x}): {}", self.field, self.offset, self.reason)
+        write!(
+            f,
+            "{} (byte {:#x}): {}",
+            self.field, self.offset, self.reason
+        )
     }
 }
 

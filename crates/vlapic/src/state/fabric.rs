@@ -90,7 +90,10 @@ impl fmt::Display for IoApicError {
                 write!(f, "entry {pin} = {value:#x} sets reserved bits 55:17")
             }
             IoApicError::RteRemoteIrr { pin, value } => {
-                write!(f, "entry {pin} = {value:#x} has remote IRR set but is edge-triggered")
+                write!(
+                    f,
+                    "entry {pin} = {value:#x} has remote IRR set but is edge-triggered"
+                )
             }
         }
     }

@@ -87,7 +87,9 @@ pub fn current_count(state: &LapicState, now: u64, clock: &TimerClock) -> u32 {
     let remaining = state.timer_deadline.saturating_sub(now);
     let tick = tick_ns(state.timer_divide, clock).max(1);
     let ticks = remaining.div_ceil(tick);
-    let count = u32::try_from(ticks).unwrap_or(u32::MAX).min(state.timer_initial);
+    let count = u32::try_from(ticks)
+        .unwrap_or(u32::MAX)
+        .min(state.timer_initial);
     if count == 0 && state.timer_initial != 0 {
         1 // armed and due: keep the expiry
     } else {
@@ -111,9 +113,18 @@ pub fn encode(state: &LapicState, now: u64, clock: &TimerClock) -> ([u8; PAGE_SI
     w(0xF0, state.svr);
     for i in 0..8usize {
         let off = i.saturating_mul(0x10);
-        w(off.saturating_add(0x100), state.isr.get(i).copied().unwrap_or(0));
-        w(off.saturating_add(0x180), state.tmr.get(i).copied().unwrap_or(0));
-        w(off.saturating_add(0x200), state.irr.get(i).copied().unwrap_or(0));
+        w(
+            off.saturating_add(0x100),
+            state.isr.get(i).copied().unwrap_or(0),
+        );
+        w(
+            off.saturating_add(0x180),
+            state.tmr.get(i).copied().unwrap_or(0),
+        );
+        w(
+            off.saturating_add(0x200),
+            state.irr.get(i).copied().unwrap_or(0),
+        );
     }
     w(0x280, state.esr);
     w(0x300, state.icr as u32);
@@ -159,7 +170,11 @@ pub fn decode(
         raw_id
     } else {
         if raw_id & 0x00FF_FFFF != 0 {
-            return Err(DecodeError::new(0x20, "id", "xAPIC ID register bits 23:0 are not zero"));
+            return Err(DecodeError::new(
+                0x20,
+                "id",
+                "xAPIC ID register bits 23:0 are not zero",
+            ));
         }
         raw_id >> 24
     };

@@ -71,7 +71,10 @@ impl LapicState {
 
     /// One LVT entry.
     pub fn lvt(&self, entry: Lvt) -> u32 {
-        self.lvt.get(entry.index()).copied().unwrap_or(crate::lvt::LVT_MASKED)
+        self.lvt
+            .get(entry.index())
+            .copied()
+            .unwrap_or(crate::lvt::LVT_MASKED)
     }
 
     /// The timer mode LVT timer selects (`None` for the reserved mode 11).
@@ -184,7 +187,11 @@ impl LocalApic {
         };
         self.tpr = state.tpr as u8;
         self.apr = state.apr as u8;
-        self.ldr = if mode == ApicMode::X2Apic { 0 } else { state.ldr };
+        self.ldr = if mode == ApicMode::X2Apic {
+            0
+        } else {
+            state.ldr
+        };
         self.dfr = state.dfr;
         self.svr = state.svr;
         self.isr = state.isr_set();

@@ -120,7 +120,11 @@ fn read_lapic(r: &mut Reader<'_>) -> Result<LapicState, DecodeError> {
         svr: r.u32("svr")?,
         ..LapicState::default()
     };
-    for (words, name) in [(&mut s.isr, "isr"), (&mut s.tmr, "tmr"), (&mut s.irr, "irr")] {
+    for (words, name) in [
+        (&mut s.isr, "isr"),
+        (&mut s.tmr, "tmr"),
+        (&mut s.irr, "irr"),
+    ] {
         for w in words.iter_mut() {
             *w = r.u32(name)?;
         }
@@ -223,15 +227,25 @@ fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
 
 /// Checks the header and checksum; returns the kind and the body.
 pub fn unframe(bytes: &[u8]) -> Result<(Kind, &[u8]), DecodeError> {
-    let magic = bytes
-        .get(..8)
-        .ok_or(DecodeError::new(bytes.len(), "magic", "file shorter than the header"))?;
+    let magic = bytes.get(..8).ok_or(DecodeError::new(
+        bytes.len(),
+        "magic",
+        "file shorter than the header",
+    ))?;
     if magic != MAGIC {
-        return Err(DecodeError::new(0, "magic", "not a vlapic native state file"));
+        return Err(DecodeError::new(
+            0,
+            "magic",
+            "not a vlapic native state file",
+        ));
     }
     let version = le_u32(bytes, 8, "format_version")? & 0xFFFF;
     if version != u32::from(FORMAT_VERSION) {
-        return Err(DecodeError::new(8, "format_version", "unsupported format version"));
+        return Err(DecodeError::new(
+            8,
+            "format_version",
+            "unsupported format version",
+        ));
     }
     let kind_raw = (le_u32(bytes, 8, "kind")? >> 16) as u16;
     let kind = Kind::from_u16(kind_raw).ok_or(DecodeError::new(10, "kind", "unknown kind"))?;
@@ -242,19 +256,30 @@ pub fn unframe(bytes: &[u8]) -> Result<(Kind, &[u8]), DecodeError> {
     let end = HEADER_LEN.saturating_add(len);
     let total = end.saturating_add(TRAILER_LEN);
     if bytes.len() < total {
-        return Err(DecodeError::new(bytes.len(), "body", "file shorter than its body length"));
+        return Err(DecodeError::new(
+            bytes.len(),
+            "body",
+            "file shorter than its body length",
+        ));
     }
     if bytes.len() > total {
-        return Err(DecodeError::new(total, "crc32", "trailing bytes after the checksum"));
+        return Err(DecodeError::new(
+            total,
+            "crc32",
+            "trailing bytes after the checksum",
+        ));
     }
     let stored = le_u32(bytes, end, "crc32")?;
-    let covered = bytes.get(..end).ok_or(DecodeError::new(end, "crc32", "truncated"))?;
+    let covered = bytes
+        .get(..end)
+        .ok_or(DecodeError::new(end, "crc32", "truncated"))?;
     if crc32(covered) != stored {
         return Err(DecodeError::new(end, "crc32", "checksum mismatch"));
     }
-    let body = bytes
-        .get(HEADER_LEN..end)
-        .ok_or(DecodeError::new(HEADER_LEN, "body", "truncated"))?;
+    let body =
+        bytes
+            .get(HEADER_LEN..end)
+            .ok_or(DecodeError::new(HEADER_LEN, "body", "truncated"))?;
     Ok((kind, body))
 }
 
@@ -265,12 +290,20 @@ fn decode_body<T>(
 ) -> Result<T, DecodeError> {
     let (kind, body) = unframe(bytes)?;
     if kind != want {
-        return Err(DecodeError::new(10, "kind", "file holds a different kind of state"));
+        return Err(DecodeError::new(
+            10,
+            "kind",
+            "file holds a different kind of state",
+        ));
     }
     let mut r = Reader::new(body, HEADER_LEN);
     let v = read(&mut r)?;
     if r.remaining() != 0 {
-        return Err(DecodeError::new(r.offset(), "body", "trailing bytes in the body"));
+        return Err(DecodeError::new(
+            r.offset(),
+            "body",
+            "trailing bytes in the body",
+        ));
     }
     Ok(v)
 }

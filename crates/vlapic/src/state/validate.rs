@@ -174,7 +174,10 @@ impl LapicState {
         }
 
         // Errors.
-        for (field, value) in [(Field::Esr, self.esr), (Field::EsrPending, self.esr_pending)] {
+        for (field, value) in [
+            (Field::Esr, self.esr),
+            (Field::EsrPending, self.esr_pending),
+        ] {
             if value & !ESR_VALID_MASK != 0 {
                 report!(ImportError::Esr { field, value });
             }

@@ -88,9 +88,7 @@ impl<'a> Reader<'a> {
             let group = u64::from(byte & 0x7F);
             let shift = i.saturating_mul(7);
             let shifted = group.checked_shl(shift).unwrap_or(0);
-            if shifted.checked_shr(shift) != Some(group)
-                || (bits < 64 && shifted >> bits != 0)
-            {
+            if shifted.checked_shr(shift) != Some(group) || (bits < 64 && shifted >> bits != 0) {
                 return Err(DecodeError::new(start, field, "varint value out of range"));
             }
             value |= shifted;
