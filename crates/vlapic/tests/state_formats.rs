@@ -326,10 +326,22 @@ fn ioapic_and_fabric_rules() {
         ioapic: good,
     };
     assert!(f.validate(&[LapicConfig::with_id(0)]).is_empty());
-    assert_eq!(
-        f.validate(&[LapicConfig::with_id(1)]).len(),
-        2,
-        "ID and BSP flag"
+    assert_eq!(f.validate(&[LapicConfig::with_id(1)]).len(), 1, "BSP flag");
+    assert_eq!(f.validate(&[]).len(), 1, "APIC count");
+    // Two xAPICs whose guest rewrote one ID onto the other's.
+    let mut two = f.clone();
+    let mut second = LapicState::power_on(&LapicConfig::with_id(1));
+    assert!(
+        two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)])
+            .len()
+            == 1
     );
-    assert_eq!(f.validate(&[]).len(), 1);
+    second.id = 0;
+    two.apics.push(second);
+    let errs = two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(
+        errs[0].to_string(),
+        "apics[1].id: 0x0 is also the ID of apics[0]"
+    );
 }

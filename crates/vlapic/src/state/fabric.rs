@@ -158,6 +158,16 @@ pub enum FabricError {
         /// The rule.
         error: ImportError,
     },
+    /// Two APICs in the same mode share an APIC ID (possible in xAPIC mode, where
+    /// the guest may rewrite the ID register): routing would be ambiguous.
+    DuplicateId {
+        /// The first vCPU index.
+        first: usize,
+        /// The second vCPU index.
+        second: usize,
+        /// The shared ID.
+        id: u32,
+    },
     /// The IOAPIC breaks a rule.
     IoApic(IoApicError),
 }
@@ -169,6 +179,10 @@ impl fmt::Display for FabricError {
                 write!(f, "apics: {found} states for {expected} APICs")
             }
             FabricError::Apic { index, error } => write!(f, "apics[{index}].{error}"),
+            FabricError::DuplicateId { first, second, id } => write!(
+                f,
+                "apics[{second}].id: {id:#x} is also the ID of apics[{first}]"
+            ),
             FabricError::IoApic(e) => e.fmt(f),
         }
     }
@@ -179,8 +193,7 @@ impl std::error::Error for FabricError {}
 
 impl FabricState {
     /// Every rule the fabric state breaks against APICs configured as `cfgs`
-    /// (one per vCPU, in order). APIC IDs are distinct when each matches its
-    /// configuration, so uniqueness follows from the per-APIC ID rule.
+    /// (one per vCPU, in order), including distinct IDs among APICs in one mode.
     pub fn validate(&self, cfgs: &[LapicConfig]) -> Vec<FabricError> {
         let mut out = Vec::new();
         if self.apics.len() != cfgs.len() {
@@ -195,6 +208,20 @@ impl FabricState {
                     .into_iter()
                     .map(|error| FabricError::Apic { index, error }),
             );
+        }
+        for (second, b) in self.apics.iter().enumerate() {
+            let dup = self.apics.iter().take(second).position(|a| {
+                a.id == b.id
+                    && a.mode() == b.mode()
+                    && a.mode().is_some_and(|m| m != crate::ApicMode::Disabled)
+            });
+            if let Some(first) = dup {
+                out.push(FabricError::DuplicateId {
+                    first,
+                    second,
+                    id: b.id,
+                });
+            }
         }
         out.extend(self.ioapic.validate().into_iter().map(FabricError::IoApic));
         out
