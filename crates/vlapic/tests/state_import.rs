@@ -217,6 +217,12 @@ fn rule_cases() -> Vec<(&'static str, Box<dyn Fn(&mut LapicState)>, &'static str
             s.tsc_deadline = 7;
         }), "TSC_DEADLINE_MISMATCH", Field::TscDeadline),
         ("unmasked LVT while software-disabled", Box::new(|s| s.svr &= !SVR_ENABLE), "LVT_UNMASKED_DISABLED", Field::Lvt(Lvt::Timer)),
+        ("LINT1 remote IRR", Box::new(|s| s.lvt[5] |= 1 << 14), "LVT_RESERVED", Field::Lvt(Lvt::Lint1)),
+        ("disabled APIC with a register set", Box::new(|s| {
+            *s = LocalApic::new(cfg()).export();
+            s.apic_base &= !APIC_BASE_EN;
+            s.irr[3] = 1;
+        }), "DISABLED_NOT_RESET", Field::Irr),
     ]
 }
 
@@ -310,6 +316,7 @@ fn power_on_state_is_valid_for_its_config() {
         },
         LapicConfig {
             mode: ApicMode::Disabled,
+            apic_id: 3,
             cmci: false,
             eoi_broadcast_suppression: false,
             ..LapicConfig::default()
@@ -317,6 +324,13 @@ fn power_on_state_is_valid_for_its_config() {
     ] {
         let s = LapicState::power_on(&c);
         assert_eq!(s.validate(&c), vec![], "{c:?}");
+        // The same APIC after its guest disabled it (SDM §11.4.3: reset state).
+        let mut apic = LocalApic::new(c);
+        let _ = apic.write_register(0xF0, 0x1FF, 0);
+        let _ = apic.write_register(0x80, 0x30, 0);
+        let _ = apic.write_apic_base(c.reset_apic_base() & !APIC_BASE_EN & !APIC_BASE_EXTD, 0);
+        assert_eq!(apic.mode(), ApicMode::Disabled);
+        assert_eq!(apic.export().validate(&c), vec![], "{c:?} disabled");
         assert_eq!(s.implied_config().version(), s.version);
     }
 }

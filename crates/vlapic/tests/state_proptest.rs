@@ -38,6 +38,8 @@ enum Op {
     Eoi,
     Time(u32),
     X2apic,
+    Base(u64),
+    Lint(u8, bool),
 }
 
 const OFFSETS: [u16; 22] = [
@@ -60,6 +62,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Eoi),
         2 => (0u32..20_000).prop_map(Op::Time),
         1 => Just(Op::X2apic),
+        1 => prop_oneof![Just(0xFEE0_0100u64), Just(0xFEE0_0900), Just(0xFEB0_0900), any::<u64>()].prop_map(Op::Base),
+        2 => (0u8..3, any::<bool>()).prop_map(|(p, l)| Op::Lint(p, l)),
     ]
 }
 
@@ -95,6 +99,12 @@ fn run(ops: &[Op]) -> (LocalApic, u64) {
             }
             Op::X2apic => {
                 let _ = apic.write_apic_base(0xFEE0_0D00, now);
+            }
+            Op::Base(v) => {
+                let _ = apic.write_apic_base(v, now);
+            }
+            Op::Lint(pin, level) => {
+                apic.set_lint(pin, level, now);
             }
         }
     }

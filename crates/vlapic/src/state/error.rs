@@ -251,6 +251,13 @@ pub enum ImportError {
         /// The value.
         value: u32,
     },
+    /// A hardware-disabled APIC (EN = 0) whose register differs from its
+    /// power-up value: disabling resets the APIC and nothing can change it until
+    /// it is enabled again (SDM §11.4.3).
+    DisabledNotReset {
+        /// The register.
+        field: Field,
+    },
     /// Divide configuration sets bits other than 0, 1 and 3 (SDM Figure 11-10).
     TimerDivide {
         /// The value.
@@ -297,7 +304,9 @@ impl ImportError {
             ImportError::LdrReserved { .. } | ImportError::LdrDerived { .. } => Field::Ldr,
             ImportError::Dfr { .. } => Field::Dfr,
             ImportError::Svr { .. } => Field::Svr,
-            ImportError::LowVector { field, .. } | ImportError::Esr { field, .. } => field,
+            ImportError::LowVector { field, .. }
+            | ImportError::Esr { field, .. }
+            | ImportError::DisabledNotReset { field } => field,
             ImportError::IsrPriority { .. } => Field::Isr,
             ImportError::Icr { .. } => Field::Icr,
             ImportError::LvtReserved { entry, .. }
@@ -336,6 +345,7 @@ impl ImportError {
             ImportError::LvtTimerMode { .. } => "LVT_TIMER_MODE",
             ImportError::LvtAbsent { .. } => "LVT_ABSENT",
             ImportError::LvtUnmasked { .. } => "LVT_UNMASKED_DISABLED",
+            ImportError::DisabledNotReset { .. } => "DISABLED_NOT_RESET",
             ImportError::TimerDivide { .. } => "DCR_RESERVED",
             ImportError::TimerMismatch { .. } => "VVE_TIMER_MISMATCH",
             ImportError::TimerDeadlineRange { .. } => "TIMER_DEADLINE_RANGE",
@@ -415,6 +425,9 @@ impl fmt::Display for ImportError {
             ),
             ImportError::LvtUnmasked { value, .. } => {
                 write!(f, "{value:#x} is unmasked while the APIC is disabled")
+            }
+            ImportError::DisabledNotReset { .. } => {
+                f.write_str("not its power-up value although the APIC is disabled (EN = 0)")
             }
             ImportError::TimerDivide { value } => {
                 write!(

@@ -19,6 +19,7 @@
 //! | VVE_BAD_ESR | esr, esr_pending | bits outside 0xEF |
 //! | ICR_RESERVED | icr | bits no ICR write can store |
 //! | LVT_RESERVED / LVT_TIMER_MODE / LVT_ABSENT / LVT_UNMASKED_DISABLED | lvt.* | reserved bits, timer mode 11, CMCI when absent, unmasked while disabled |
+//! | DISABLED_NOT_RESET | any register | EN = 0 with a register not at its power-up value |
 //! | DCR_RESERVED | timer_divide | bits other than 0, 1, 3 |
 //! | VVE_TIMER_MISMATCH | timer_deadline | armed one-shot/periodic timer with initial count 0 |
 //! | TIMER_DEADLINE_RANGE | timer_deadline | expiry beyond `i64::MAX` ns |
@@ -28,7 +29,7 @@ use alloc::vec::Vec;
 
 use crate::icr::{ICR_HIGH_MASK, ICR_LOW_MASK};
 use crate::lapic::{ApicMode, LapicConfig};
-use crate::lvt::{Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_MASKED, LVT_RESET};
+use crate::lvt::{Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_MASKED, LVT_REMOTE_IRR, LVT_RESET};
 use crate::priority::class;
 use crate::regs::*;
 use crate::state::error::{Field, ImportError};
@@ -206,7 +207,13 @@ impl LapicState {
                 }
                 continue;
             }
-            let bad = value & (entry.reserved_mask(cfg.tsc_deadline) | LVT_DELIVERY_STATUS);
+            // Delivery status is derived, never stored; LINT1 is always edge-triggered
+            // so its remote IRR can never be set (SDM §11.5.1).
+            let mut reserved = entry.reserved_mask(cfg.tsc_deadline) | LVT_DELIVERY_STATUS;
+            if entry == Lvt::Lint1 {
+                reserved |= LVT_REMOTE_IRR;
+            }
+            let bad = value & reserved;
             if bad != 0 {
                 report!(ImportError::LvtReserved {
                     entry,
@@ -219,6 +226,50 @@ impl LapicState {
             }
             if !enabled && value & LVT_MASKED == 0 {
                 report!(ImportError::LvtUnmasked { entry, value });
+            }
+        }
+
+        // A disabled APIC is in its power-up state (SDM §11.4.3).
+        if mode == ApicMode::Disabled {
+            let reset = LapicState::power_on(&LapicConfig {
+                mode: ApicMode::Disabled,
+                ..*cfg
+            });
+            let same = [
+                (Field::Tpr, self.tpr == reset.tpr),
+                (Field::Apr, self.apr == reset.apr),
+                (Field::Ldr, self.ldr == reset.ldr),
+                (Field::Dfr, self.dfr == reset.dfr),
+                (Field::Svr, self.svr == reset.svr),
+                (Field::Isr, self.isr == reset.isr),
+                (Field::Tmr, self.tmr == reset.tmr),
+                (Field::Irr, self.irr == reset.irr),
+                (Field::Esr, self.esr == reset.esr),
+                (Field::EsrPending, self.esr_pending == reset.esr_pending),
+                (Field::Icr, self.icr == reset.icr),
+                (Field::Lvt(Lvt::Timer), self.lvt == reset.lvt),
+                (
+                    Field::TimerInitial,
+                    self.timer_initial == reset.timer_initial,
+                ),
+                (Field::TimerDivide, self.timer_divide == reset.timer_divide),
+                (
+                    Field::TimerDeadline,
+                    self.timer_deadline == reset.timer_deadline,
+                ),
+                (Field::TscDeadline, self.tsc_deadline == reset.tsc_deadline),
+            ];
+            for (field, ok) in same {
+                if !ok {
+                    let field = match field {
+                        Field::Lvt(_) => Lvt::ALL
+                            .iter()
+                            .find(|&&e| self.lvt(e) != reset.lvt(e))
+                            .map_or(field, |&e| Field::Lvt(e)),
+                        f => f,
+                    };
+                    report!(ImportError::DisabledNotReset { field });
+                }
             }
         }
 
