@@ -18,10 +18,15 @@ use vlapic::{ApicMode, Delivery, LapicConfig, LocalApic, TimerClock};
 /// Examples and exit codes for `vlapic --help`.
 pub const HELP_EXAMPLES: &str = "\
 Examples:
-  vlapic inspect cpu0.kvm                      readable view; lists every broken import rule
-  vlapic inspect --json --format bhyve cpu0.bin   one JSON object (mode, id, tpr, ppr, isr, irr, tmr, timer, apic_base)
-  vlapic convert --from kvm --to native --apic-base 0xFEE00900 cpu0.kvm cpu0.vlapic
-  vlapic replay guest.trace                    drive a fresh APIC through a register/interrupt trace
+  vlapic inspect cpu0.kvm
+      Readable view of saved state (mode, ID, TPR/PPR, ISR/IRR/TMR, LVTs, timer, APIC base),
+      then every import rule it breaks, each with its byte offset.
+  vlapic inspect --json --format bhyve cpu0.bin
+      The same as one JSON object (keys mode, id, tpr, ppr, isr, irr, tmr, timer, apic_base, ...).
+  vlapic convert --from kvm --to native --apic-base 0xFEE00900 --now 5000 cpu0.kvm cpu0.vlapic
+      Validate as import does (invalid state is refused, the rule named) and convert.
+  vlapic replay guest.trace
+      Drive a fresh APIC through a trace of register accesses and interrupts (see replay --help).
 
 State formats: native (vlapic's versioned file), kvm (bare 1024-byte kvm_lapic_state page),
 bhyve (200-byte vdi_lapic_v1), json. See docs/state-formats.md.
@@ -591,6 +596,20 @@ fn convert_inner(a: &ConvertArgs) -> Result<ExitCode, Failure> {
             "vlapic: {}: not in the KVM page: apic_base {:#x}, tsc_deadline {:#x}",
             a.output.display(),
             state.apic_base,
+            state.tsc_deadline
+        );
+        if state.esr_pending != 0 {
+            eprintln!(
+                "vlapic: {}: esr_pending {:#x} dropped (KVM has no such latch)",
+                a.output.display(),
+                state.esr_pending
+            );
+        }
+    }
+    if a.to == Format::Bhyve && state.tsc_deadline != 0 {
+        eprintln!(
+            "vlapic: {}: not in vdi_lapic_v1: tsc_deadline {:#x}",
+            a.output.display(),
             state.tsc_deadline
         );
     }
