@@ -301,6 +301,10 @@ fn json_round_trip() {
     let s = golden_state();
     let j = serde_json::to_string_pretty(&s).unwrap();
     assert!(j.contains("\"timer_deadline\": 6000"));
+    assert!(
+        j.contains("\"isr\": [\n    65,\n    97,\n    129\n  ]"),
+        "{j}"
+    );
     assert_eq!(serde_json::from_str::<LapicState>(&j).unwrap(), s);
     golden("nested.json", j.as_bytes());
 }

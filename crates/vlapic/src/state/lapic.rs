@@ -38,11 +38,15 @@ pub struct LapicState {
     pub dfr: u32,
     /// Spurious-interrupt vector register.
     pub svr: u32,
-    /// ISR0–7 (word 0 = vectors 0–31).
+    /// ISR0–7 (word 0 = vectors 0–31). Human-readable serde formats (JSON) show
+    /// ISR, TMR and IRR as ascending vector lists; binary ones as the eight words.
+    #[cfg_attr(feature = "serde", serde(with = "vector_words"))]
     pub isr: [u32; 8],
     /// TMR0–7.
+    #[cfg_attr(feature = "serde", serde(with = "vector_words"))]
     pub tmr: [u32; 8],
     /// IRR0–7.
+    #[cfg_attr(feature = "serde", serde(with = "vector_words"))]
     pub irr: [u32; 8],
     /// Error status register as visible.
     pub esr: u32,
@@ -218,5 +222,39 @@ impl LocalApic {
         #[cfg(feature = "verify")]
         self.verifier.rebuild(&self.isr);
         Ok(())
+    }
+}
+
+/// Serde for ISR/TMR/IRR: a list of vectors in human-readable formats, the eight
+/// register words (a postcard tuple) otherwise.
+#[cfg(feature = "serde")]
+mod vector_words {
+    use crate::VectorSet;
+    use alloc::vec::Vec;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(words: &[u32; 8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            let v: Vec<u8> = VectorSet::from_words(*words).iter().collect();
+            v.serialize(s)
+        } else {
+            words.serialize(s)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u32; 8], D::Error> {
+        if d.is_human_readable() {
+            let list = Vec::<u64>::deserialize(d)?;
+            let mut set = VectorSet::EMPTY;
+            for v in list {
+                let v = u8::try_from(v)
+                    .map_err(|_| D::Error::custom("vector above 255 in a vector list"))?;
+                set.insert(v);
+            }
+            Ok(set.words())
+        } else {
+            <[u32; 8]>::deserialize(d)
+        }
     }
 }
