@@ -292,8 +292,24 @@ fn rule_line(path: &Path, fmt: Format, state: &LapicState, e: &ImportError) -> S
     }
 }
 
+/// Largest input read (state files are at most a few KiB; traces can be long).
+const MAX_INPUT: u64 = 256 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, Failure> {
-    std::fs::read(path).map_err(|e| Failure::io(path, e))
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| Failure::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::io(path, e))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(Failure::invalid(format!(
+            "{}: file (byte {MAX_INPUT:#x}): larger than {} MiB",
+            path.display(),
+            MAX_INPUT >> 20
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Reads and decodes a state file.

@@ -7,6 +7,28 @@
 //! validates everything first ([`LapicState::validate`]) and changes nothing when a
 //! rule is broken. See `docs/state-formats.md` for the byte layouts.
 //!
+//! ```
+//! use vlapic::state::{bhyve, native};
+//! use vlapic::{Delivery, LapicConfig, LocalApic};
+//!
+//! let mut src = LocalApic::new(LapicConfig::default());
+//! let _ = src.write_register(0xF0, 0x1FF, 0); // software enable
+//! src.deliver(Delivery::fixed_level(0x41), 0);
+//! src.acknowledge(); // 0x41 in service, mid-handler
+//! let file = native::encode_lapic(&src.export());
+//!
+//! let mut dst = LocalApic::new(LapicConfig::default());
+//! dst.import(&native::decode_lapic(&file).unwrap(), 1_000).unwrap();
+//! assert_eq!(dst.ppr(), 0x40); // derived from ISR, not saved
+//! assert_eq!(dst.write_register(0xB0, 0, 1_000).eoi, Some(0x41)); // level EOI to the IOAPIC
+//!
+//! let mut bad = src.export();
+//! bad.isr[2] |= 1 << 9; // 0x49 in service next to 0x41
+//! let err = dst.import(&bad, 1_000).unwrap_err();
+//! assert_eq!(err.to_string(), "isr: vectors 0x41 and 0x49 both in service in priority class 4");
+//! assert_eq!(bhyve::field_offset(err.field()), Some(28));
+//! ```
+//!
 //! [`LocalApic::import`]: crate::LocalApic::import
 
 pub mod bhyve;
