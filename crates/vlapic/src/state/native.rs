@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 use crate::state::error::{DecodeError, Field};
 use crate::state::fabric::{FabricState, IoApicState, MAX_PINS};
 use crate::state::lapic::LapicState;
-use crate::state::wire::{crc32, le_u32, put_varint, Reader};
+use crate::state::wire::{crc32, le_u16, le_u32, put_varint, Reader};
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"VLAPICST";
@@ -239,16 +239,18 @@ pub fn unframe(bytes: &[u8]) -> Result<(Kind, &[u8]), DecodeError> {
             "not a vlapic native state file",
         ));
     }
-    let version = le_u32(bytes, 8, "format_version")? & 0xFFFF;
-    if version != u32::from(FORMAT_VERSION) {
+    if le_u16(bytes, 8, "format_version")? != FORMAT_VERSION {
         return Err(DecodeError::new(
             8,
             "format_version",
             "unsupported format version",
         ));
     }
-    let kind_raw = (le_u32(bytes, 8, "kind")? >> 16) as u16;
-    let kind = Kind::from_u16(kind_raw).ok_or(DecodeError::new(10, "kind", "unknown kind"))?;
+    let kind = Kind::from_u16(le_u16(bytes, 10, "kind")?).ok_or(DecodeError::new(
+        10,
+        "kind",
+        "unknown kind",
+    ))?;
     let len = le_u32(bytes, 12, "body_length")? as usize;
     if len > MAX_BODY {
         return Err(DecodeError::new(12, "body_length", "body too large"));

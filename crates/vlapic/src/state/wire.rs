@@ -5,6 +5,15 @@ use alloc::vec::Vec;
 
 use crate::state::error::DecodeError;
 
+/// A little-endian u16 at `off`, or a decode error naming `field`.
+pub(crate) fn le_u16(buf: &[u8], off: usize, field: &'static str) -> Result<u16, DecodeError> {
+    off.checked_add(2)
+        .and_then(|end| buf.get(off..end))
+        .and_then(|b| <[u8; 2]>::try_from(b).ok())
+        .map(u16::from_le_bytes)
+        .ok_or(DecodeError::new(off, field, "truncated"))
+}
+
 /// A little-endian u32 at `off`, or a decode error naming `field`.
 pub(crate) fn le_u32(buf: &[u8], off: usize, field: &'static str) -> Result<u32, DecodeError> {
     off.checked_add(4)
