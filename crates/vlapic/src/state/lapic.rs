@@ -117,7 +117,6 @@ impl LapicState {
     /// announces; everything else from [`LapicConfig::default`]. For tools that
     /// inspect a state without a destination APIC.
     pub fn implied_config(&self) -> LapicConfig {
-        let x2 = self.mode() == Some(ApicMode::X2Apic);
         LapicConfig {
             apic_id: self.id,
             bsp: self.apic_base & crate::regs::APIC_BASE_BSP != 0,
@@ -125,7 +124,7 @@ impl LapicState {
             cmci: (self.version >> 16) & 0xFF == 6,
             eoi_broadcast_suppression: self.version & crate::regs::VERSION_EOI_SUPPRESSION != 0,
             x2apic: true,
-            ..LapicConfig::with_id(if x2 { self.id } else { self.id & 0xFF })
+            ..LapicConfig::default()
         }
     }
 }
