@@ -434,8 +434,8 @@ fn view(
             "now_ns": opts.now,
             "tsc_deadline": state.tsc_deadline,
         },
-        "apic_base": {
-            "value": base,
+        "apic_base": base,
+        "apic_base_decoded": {
             "address": base & !0xFFF,
             "enabled": base & vlapic::regs::APIC_BASE_EN != 0,
             "x2apic": base & vlapic::regs::APIC_BASE_EXTD != 0,
@@ -467,7 +467,7 @@ fn hexlist(v: &Value) -> String {
 fn text(v: &Value, state: &LapicState, path: &Path, fmt: Format, errors: &[ImportError]) -> String {
     let mut o = String::new();
     let t = &v["timer"];
-    let b = &v["apic_base"];
+    let b = &v["apic_base_decoded"];
     let _ = writeln!(o, "{} ({})", path.display(), fmt.name());
     let _ = writeln!(
         o,

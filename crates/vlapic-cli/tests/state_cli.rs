@@ -66,7 +66,8 @@ fn inspect_json_has_the_documented_keys() {
     assert_eq!(v["irr"], serde_json::json!([0x35]));
     assert_eq!(v["tmr"], serde_json::json!([0x41]));
     assert_eq!(v["timer"]["deadline_ns"], 6000);
-    assert_eq!(v["apic_base"]["value"], 0xFEE0_0900u64);
+    assert_eq!(v["apic_base"], 0xFEE0_0900u64);
+    assert_eq!(v["apic_base_decoded"]["bsp"], true);
     assert_eq!(v["esr_pending"], 0x20);
 }
 
