@@ -1,5 +1,5 @@
 //! IOAPIC and fabric state: plain records of the 82093AA-style IOAPIC and the set
-//! of local APICs, with their own rules. Not yet wired to the fabric's types.
+//! of local APICs, with their rules, and export/import for [`IoApic`].
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -12,8 +12,12 @@ use crate::state::lapic::LapicState;
 /// 0x10 + 2n and 0x11 + 2n, which must fit the 8-bit IOREGSEL.
 pub const MAX_PINS: usize = 120;
 
-/// Redirection-entry bits 55:17: reserved (82093AA datasheet §3.2.4).
-pub const RTE_RESERVED: u64 = 0x00FF_FFFF_FFFE_0000;
+/// Redirection-entry bits that are neither writable nor read-only status: bits 48:17
+/// (82093AA datasheet §3.2.4 reserves 55:17; bits 55:49 carry the Linux/KVM extended
+/// destination ID, which the fabric's IOAPIC honours, so they are state too).
+pub const RTE_RESERVED: u64 = !(crate::ioapic::RTE_WRITABLE
+    | crate::ioapic::RTE_REMOTE_IRR
+    | crate::ioapic::RTE_DELIVERY_STATUS);
 /// Redirection-entry bit 14: remote IRR (read-only, level-triggered entries only).
 pub const RTE_REMOTE_IRR: u64 = 1 << 14;
 /// Redirection-entry bit 15: level-triggered.
@@ -61,6 +65,13 @@ pub enum IoApicError {
         /// The entry.
         value: u64,
     },
+    /// The state's pin count differs from the destination IOAPIC's.
+    PinCount {
+        /// Entries in the state.
+        found: usize,
+        /// Pins of the destination.
+        expected: usize,
+    },
 }
 
 impl IoApicError {
@@ -68,7 +79,7 @@ impl IoApicError {
     pub fn field(&self) -> &'static str {
         match self {
             IoApicError::Id(_) => "ioapic.id",
-            IoApicError::Pins(_) => "ioapic.redirection",
+            IoApicError::Pins(_) | IoApicError::PinCount { .. } => "ioapic.redirection",
             IoApicError::Levels { .. } => "ioapic.pin_levels",
             IoApicError::RteReserved { .. } | IoApicError::RteRemoteIrr { .. } => {
                 "ioapic.redirection"
@@ -87,7 +98,10 @@ impl fmt::Display for IoApicError {
                 write!(f, "{levels} pin levels for {pins} redirection entries")
             }
             IoApicError::RteReserved { pin, value } => {
-                write!(f, "entry {pin} = {value:#x} sets reserved bits 55:17")
+                write!(f, "entry {pin} = {value:#x} sets reserved bits 48:17")
+            }
+            IoApicError::PinCount { found, expected } => {
+                write!(f, "{found} entries for an IOAPIC with {expected} pins")
             }
             IoApicError::RteRemoteIrr { pin, value } => {
                 write!(
@@ -158,16 +172,6 @@ pub enum FabricError {
         /// The rule.
         error: ImportError,
     },
-    /// Two APICs in the same mode share an APIC ID (possible in xAPIC mode, where
-    /// the guest may rewrite the ID register): routing would be ambiguous.
-    DuplicateId {
-        /// The first vCPU index.
-        first: usize,
-        /// The second vCPU index.
-        second: usize,
-        /// The shared ID.
-        id: u32,
-    },
     /// The IOAPIC breaks a rule.
     IoApic(IoApicError),
 }
@@ -179,10 +183,6 @@ impl fmt::Display for FabricError {
                 write!(f, "apics: {found} states for {expected} APICs")
             }
             FabricError::Apic { index, error } => write!(f, "apics[{index}].{error}"),
-            FabricError::DuplicateId { first, second, id } => write!(
-                f,
-                "apics[{second}].id: {id:#x} is also the ID of apics[{first}]"
-            ),
             FabricError::IoApic(e) => e.fmt(f),
         }
     }
@@ -193,7 +193,8 @@ impl std::error::Error for FabricError {}
 
 impl FabricState {
     /// Every rule the fabric state breaks against APICs configured as `cfgs`
-    /// (one per vCPU, in order), including distinct IDs among APICs in one mode.
+    /// (one per vCPU, in order). Aliased xAPIC IDs are legal (the guest may write the
+    /// ID register; routing delivers to every alias), so they are not a rule.
     pub fn validate(&self, cfgs: &[LapicConfig]) -> Vec<FabricError> {
         let mut out = Vec::new();
         if self.apics.len() != cfgs.len() {
@@ -209,21 +210,49 @@ impl FabricState {
                     .map(|error| FabricError::Apic { index, error }),
             );
         }
-        for (second, b) in self.apics.iter().enumerate() {
-            let dup = self.apics.iter().take(second).position(|a| {
-                a.id == b.id
-                    && a.mode() == b.mode()
-                    && a.mode().is_some_and(|m| m != crate::ApicMode::Disabled)
-            });
-            if let Some(first) = dup {
-                out.push(FabricError::DuplicateId {
-                    first,
-                    second,
-                    id: b.id,
-                });
-            }
-        }
         out.extend(self.ioapic.validate().into_iter().map(FabricError::IoApic));
         out
+    }
+}
+
+impl crate::ioapic::IoApic {
+    /// The IOAPIC's architectural state.
+    pub fn export(&self) -> IoApicState {
+        IoApicState {
+            id: self.id(),
+            select: self.select(),
+            redirection: self.entries().to_vec(),
+            pin_levels: self.line_levels().to_vec(),
+        }
+    }
+
+    /// Every rule `state` breaks as an import into this IOAPIC (its own rules plus a
+    /// pin count equal to this IOAPIC's).
+    pub fn check_import(&self, state: &IoApicState) -> Vec<IoApicError> {
+        let mut out = state.validate();
+        let expected = usize::from(self.pins());
+        if state.redirection.len() != expected {
+            out.push(IoApicError::PinCount {
+                found: state.redirection.len(),
+                expected,
+            });
+        }
+        out
+    }
+
+    /// Installs `state` after validating it; on error nothing changes. Sends nothing:
+    /// the fabric's `ioapic_service` re-delivers asserted level lines afterwards.
+    pub fn import(&mut self, state: &IoApicState) -> Result<(), IoApicError> {
+        if let Some(e) = self.check_import(state).into_iter().next() {
+            return Err(e);
+        }
+        self.set_id(state.id);
+        self.set_select(state.select);
+        for (pin, (&entry, &level)) in state.redirection.iter().zip(&state.pin_levels).enumerate() {
+            let pin = u8::try_from(pin).unwrap_or(u8::MAX);
+            self.set_entry(pin, entry);
+            self.set_line_level(pin, level);
+        }
+        Ok(())
     }
 }
