@@ -332,20 +332,18 @@ fn ioapic_and_fabric_rules() {
     assert!(f.validate(&[LapicConfig::with_id(0)]).is_empty());
     assert_eq!(f.validate(&[LapicConfig::with_id(1)]).len(), 1, "BSP flag");
     assert_eq!(f.validate(&[]).len(), 1, "APIC count");
-    // Two xAPICs whose guest rewrote one ID onto the other's.
+    // Two xAPICs whose guest rewrote one ID onto the other's: legal (kvm-unit-tests
+    // test_aliased_xapic_physical_ipi), the fabric delivers to both, so it must migrate.
     let mut two = f.clone();
     let mut second = LapicState::power_on(&LapicConfig::with_id(1));
-    assert!(
+    assert_eq!(
         two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)])
-            .len()
-            == 1
+            .len(),
+        1,
+        "one APIC state for two APICs"
     );
     second.id = 0;
     two.apics.push(second);
     let errs = two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    assert_eq!(
-        errs[0].to_string(),
-        "apics[1].id: 0x0 is also the ID of apics[0]"
-    );
+    assert!(errs.is_empty(), "{errs:?}");
 }
