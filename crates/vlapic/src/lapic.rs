@@ -118,6 +118,16 @@ impl LapicConfig {
             }
     }
 
+    /// Bits of SVR software may set: vector, APIC enable, focus disable, and EOI-broadcast
+    /// suppression when offered.
+    pub fn svr_writable(&self) -> u32 {
+        let mut mask = 0xFF | SVR_ENABLE | SVR_FOCUS_DISABLE;
+        if self.eoi_broadcast_suppression {
+            mask |= SVR_SUPPRESS_EOI_BROADCAST;
+        }
+        mask
+    }
+
     /// Bits of IA32_APIC_BASE a write may not set.
     pub fn apic_base_reserved(&self) -> u64 {
         let width = u32::from(self.max_phys_addr.clamp(12, 63));
@@ -902,12 +912,8 @@ impl LocalApic {
     }
 
     fn write_svr(&mut self, value: u32) -> Effects {
-        let mut mask = 0xFF | SVR_ENABLE | SVR_FOCUS_DISABLE;
-        if self.cfg.eoi_broadcast_suppression {
-            mask |= SVR_SUPPRESS_EOI_BROADCAST;
-        }
         let was = self.is_enabled();
-        self.svr = value & mask;
+        self.svr = value & self.cfg.svr_writable();
         let now_on = self.is_enabled();
         if was && !now_on {
             // SDM §11.4.7.2: software disable sets every LVT mask bit.

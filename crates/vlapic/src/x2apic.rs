@@ -79,13 +79,7 @@ impl LocalApic {
             Reg::SelfIpi => v > 0xFF,
             Reg::IcrLow => value & crate::icr::X2APIC_ICR_RESERVED != 0,
             Reg::Tpr => v & !TPR_MASK != 0,
-            Reg::Svr => {
-                let mut ok = 0xFF | SVR_ENABLE | SVR_FOCUS_DISABLE;
-                if self.cfg.eoi_broadcast_suppression {
-                    ok |= SVR_SUPPRESS_EOI_BROADCAST;
-                }
-                v & !ok != 0
-            }
+            Reg::Svr => v & !self.cfg.svr_writable() != 0,
             Reg::TimerDivide => v & !DCR_MASK != 0,
             Reg::LvtTimer => {
                 v & Lvt::Timer.reserved_mask(td) != 0 || TimerMode::from_lvt(v).is_none()

@@ -136,10 +136,7 @@ impl LapicState {
         if self.dfr & DFR_RESERVED_ONES != DFR_RESERVED_ONES {
             report!(ImportError::Dfr { value: self.dfr });
         }
-        let mut svr_ok = 0xFF | SVR_ENABLE | SVR_FOCUS_DISABLE;
-        if cfg.eoi_broadcast_suppression {
-            svr_ok |= SVR_SUPPRESS_EOI_BROADCAST;
-        }
+        let svr_ok = cfg.svr_writable();
         if self.svr & !svr_ok != 0 {
             report!(ImportError::Svr {
                 value: self.svr,
