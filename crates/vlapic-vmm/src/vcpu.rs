@@ -1,0 +1,403 @@
+//! One vCPU thread: KVM_RUN, every exit dispatched to the fabric or the devices,
+//! and at every exit the APIC's verdict applied (inject, NMI, INIT/SIPI, halt, CR8).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_sregs, KVMIO};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vlapic::{is_apic_msr, Effects, Events};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::clock::VmClock;
+use crate::devices::IoBus;
+use crate::irqchip::{Irqchip, Wake};
+use crate::kick::{lock, TimerService, VcpuKick};
+use crate::summary::{ExitCounts, ExitReason, Outcome, VcpuReport, EXIT_REASONS};
+
+/// KVM_INTERRUPT, which kvm-ioctls does not wrap.
+mod raw {
+    #![allow(missing_docs)]
+    use super::*;
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+}
+use raw::KVM_INTERRUPT;
+
+/// Guest-physical page of the IOAPIC.
+pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
+/// Default xAPIC page (used for routing while an APIC has no MMIO page).
+pub const DEFAULT_APIC_PAGE: u64 = 0xFEE0_0000;
+
+/// State shared by every vCPU thread and the main thread.
+pub struct Shared {
+    /// The interrupt fabric.
+    pub chip: Irqchip,
+    /// Port-I/O devices.
+    pub io: IoBus,
+    /// Kick machinery, one per vCPU.
+    pub kicks: Vec<Arc<VcpuKick>>,
+    /// LAPIC timer host thread.
+    pub timers: Arc<TimerService>,
+    /// VM time.
+    pub clock: VmClock,
+    /// Set when the run ends.
+    pub stop: AtomicBool,
+    /// How the run ended (first writer wins).
+    pub outcome: Mutex<Option<Outcome>>,
+    /// Signalled when `outcome` is set.
+    pub done: Condvar,
+    /// vCPUs that can never run again on their own (halted with IF=0, wait-for-SIPI).
+    pub stuck: Vec<AtomicBool>,
+    /// MMIO outside RAM, LAPIC and IOAPIC.
+    pub wild_mmio: AtomicU64,
+    /// MSR accesses answered with #GP.
+    pub msr_gp: AtomicU64,
+}
+
+impl Shared {
+    /// Ends the run with `o` (if not already ended) and kicks every vCPU.
+    pub fn finish(&self, o: Outcome) {
+        {
+            let mut g = lock(&self.outcome);
+            if g.is_none() {
+                *g = Some(o);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        for k in &self.kicks {
+            k.kick();
+        }
+        self.done.notify_all();
+    }
+
+    fn kick(&self, me: usize, w: &Wake) {
+        for v in w.iter() {
+            if v != me {
+                if let Some(k) = self.kicks.get(v) {
+                    k.kick();
+                }
+            }
+        }
+    }
+
+    fn set_stuck(&self, me: usize, stuck: bool) {
+        if let Some(s) = self.stuck.get(me) {
+            s.store(stuck, Ordering::SeqCst);
+        }
+        if stuck && self.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
+            self.finish(Outcome::AllStopped);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    Running,
+    /// Halted; `if_flag` at the HLT.
+    Halted(bool),
+    WaitForSipi,
+}
+
+/// What the APIC says at the top of each loop iteration.
+struct Verdict {
+    events: Events,
+    injected: Option<u8>,
+    pending: bool,
+    cr8: u64,
+    deadline: Option<u64>,
+    mmio_base: Option<u64>,
+}
+
+/// One vCPU and its thread-local state.
+pub struct Vcpu {
+    /// vCPU index (= APIC ID).
+    pub index: usize,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Reset-state special registers (real mode), the template for SIPI.
+    pub reset_sregs: kvm_sregs,
+    /// Whether the vCPU starts running (BSP) or in wait-for-SIPI (APs).
+    pub start_running: bool,
+}
+
+/// Runs a vCPU until the run ends; returns the vCPU (so its `kvm_run` mapping
+/// outlives every kicker) and its report.
+pub fn run_vcpu(mut v: Vcpu, sh: Arc<Shared>) -> (Vcpu, VcpuReport) {
+    let me = v.index;
+    let kick = sh.kicks.get(me).cloned();
+    let mut rep = VcpuReport {
+        index: me,
+        ..VcpuReport::default()
+    };
+    let Some(kick) = kick else {
+        sh.finish(Outcome::VmmError(format!("vcpu{me}: no kick slot")));
+        return (v, rep);
+    };
+    let ie: *mut u8 = &mut v.fd.get_kvm_run().immediate_exit;
+    // SAFETY: `ie` points into this vCPU's kvm_run mapping, which lives as long as
+    // `v.fd`; we unregister below before returning `v` (and `v` is only dropped
+    // after every thread that could kick has been joined).
+    unsafe { kick.register(ie) };
+    let state = vcpu_loop(&mut v, &sh, &kick, &mut rep);
+    kick.unregister();
+    rep.state = match state {
+        RunState::Running => "running".into(),
+        RunState::Halted(true) => "halted".into(),
+        RunState::Halted(false) => "halted (IF=0)".into(),
+        RunState::WaitForSipi => "wait-for-SIPI".into(),
+    };
+    rep.rip = v.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    (v, rep)
+}
+
+fn count(exits: &mut ExitCounts, r: ExitReason) {
+    if let Some(c) = exits.get_mut(r as usize) {
+        *c = c.saturating_add(1);
+    }
+}
+
+fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
+    let mut s = v.reset_sregs;
+    s.cs.selector = u16::from(vector) << 8;
+    s.cs.base = u64::from(vector) << 12;
+    v.fd.set_sregs(&s).map_err(|e| format!("KVM_SET_SREGS (SIPI): {e}"))?;
+    let regs = kvm_regs {
+        rflags: 2,
+        rip: 0,
+        ..kvm_regs::default()
+    };
+    v.fd.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
+}
+
+fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
+    let me = v.index;
+    let mut exits = [0u64; EXIT_REASONS];
+    let mut state = if v.start_running {
+        RunState::Running
+    } else {
+        RunState::WaitForSipi
+    };
+    let mut last_cr8: u64;
+    let mut guest_cr8: Option<u64> = None;
+    let mut armed: Option<u64> = None;
+
+    while !sh.stop.load(Ordering::SeqCst) {
+        kick.clear_token();
+        let now = sh.clock.now_ns();
+        let (ready, if_flag) = {
+            let r = v.fd.get_kvm_run();
+            (r.ready_for_interrupt_injection != 0, r.if_flag != 0)
+        };
+        let can_inject = ready
+            && match state {
+                RunState::Running => if_flag,
+                RunState::Halted(halt_if) => halt_if && if_flag,
+                RunState::WaitForSipi => false,
+            };
+        let cr8_in = guest_cr8.take();
+        let Some((vd, wake)) = sh.chip.with_apic(me, now, |a| {
+            a.advance(now);
+            if let Some(c) = cr8_in {
+                let _ = a.set_cr8(c);
+            }
+            let events = a.take_events();
+            let injected = if can_inject && !events.init { a.acknowledge() } else { None };
+            let vd = Verdict {
+                events,
+                injected,
+                pending: a.pending_vector().is_some(),
+                cr8: a.cr8(),
+                deadline: a.next_timer_deadline(),
+                mmio_base: a.mmio_base(),
+            };
+            (vd, Effects::default())
+        }) else {
+            sh.finish(Outcome::VmmError(format!("vcpu{me}: no APIC")));
+            break;
+        };
+        sh.kick(me, &wake);
+        let mmio_base = vd.mmio_base;
+        if vd.deadline != armed {
+            armed = vd.deadline;
+            sh.timers.arm(me, armed);
+        }
+
+        if vd.events.init {
+            state = RunState::WaitForSipi;
+        }
+        if let Some(page) = vd.events.sipi {
+            if state == RunState::WaitForSipi {
+                if let Err(e) = start_at_sipi(v, page) {
+                    sh.finish(Outcome::VmmError(format!("vcpu{me}: {e}")));
+                    break;
+                }
+                rep.sipis += 1;
+                state = RunState::Running;
+            }
+        }
+        if state == RunState::WaitForSipi {
+            sh.set_stuck(me, true);
+            kick.park(Duration::from_millis(100));
+            sh.set_stuck(me, false);
+            continue;
+        }
+        if vd.events.nmi {
+            if let Err(e) = v.fd.nmi() {
+                sh.finish(Outcome::VmmError(format!("vcpu{me}: KVM_NMI: {e}")));
+                break;
+            }
+            rep.nmis += 1;
+            state = RunState::Running;
+        }
+        if let Some(vec) = vd.injected {
+            let irq = kvm_interrupt { irq: u32::from(vec) };
+            // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer we pass,
+            // which lives for the duration of the call; the fd is a vCPU fd.
+            let rc = unsafe { ioctl_with_ref(&v.fd, KVM_INTERRUPT(), &irq) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                sh.finish(Outcome::VmmError(format!("vcpu{me}: KVM_INTERRUPT({vec:#x}): {e}")));
+                break;
+            }
+            rep.interrupts += 1;
+            state = RunState::Running;
+        }
+        if let RunState::Halted(halt_if) = state {
+            if vd.pending && halt_if {
+                state = RunState::Running;
+            } else {
+                if !halt_if {
+                    sh.set_stuck(me, true);
+                }
+                kick.park(Duration::from_millis(100));
+                if !halt_if {
+                    sh.set_stuck(me, false);
+                }
+                continue;
+            }
+        }
+
+        {
+            let r = v.fd.get_kvm_run();
+            r.request_interrupt_window = u8::from(vd.pending && vd.injected.is_none());
+            r.cr8 = vd.cr8;
+        }
+        last_cr8 = vd.cr8;
+
+        let mut wake = None;
+        let mut end: Option<Outcome> = None;
+        let mut why = ExitReason::Other;
+        let res = v.fd.run();
+        kick.clear_immediate_exit();
+        match res {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    why = ExitReason::IoIn;
+                    sh.io.port_in(port, data);
+                }
+                VcpuExit::IoOut(port, data) => {
+                    why = ExitReason::IoOut;
+                    let o = sh.io.port_out(port, data, &sh.chip, now);
+                    wake = o.wake;
+                    if let Some(n) = o.exit {
+                        end = Some(Outcome::DebugExit(n));
+                    }
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    why = ExitReason::MmioRead;
+                    let page = addr & !0xFFF;
+                    let now = sh.clock.now_ns();
+                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE) {
+                        sh.chip.lapic_mmio_read(me, addr & 0xFFF, data, now);
+                    } else if page == IOAPIC_BASE {
+                        sh.chip.ioapic_mmio_read(addr & 0xFFF, data, now);
+                    } else {
+                        sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                        data.fill(0xFF);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    why = ExitReason::MmioWrite;
+                    let page = addr & !0xFFF;
+                    let now = sh.clock.now_ns();
+                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE) {
+                        wake = Some(sh.chip.lapic_mmio_write(me, addr & 0xFFF, data, now));
+                    } else if page == IOAPIC_BASE {
+                        wake = Some(sh.chip.ioapic_mmio_write(addr & 0xFFF, data, now));
+                    } else {
+                        sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                VcpuExit::X86Rdmsr(m) => {
+                    why = ExitReason::Rdmsr;
+                    let now = sh.clock.now_ns();
+                    match is_apic_msr(m.index).then(|| sh.chip.lapic_msr_read(me, m.index, now)) {
+                        Some(Ok(val)) => *m.data = val,
+                        _ => {
+                            sh.msr_gp.fetch_add(1, Ordering::Relaxed);
+                            *m.error = 1;
+                        }
+                    }
+                }
+                VcpuExit::X86Wrmsr(m) => {
+                    why = ExitReason::Wrmsr;
+                    let now = sh.clock.now_ns();
+                    match is_apic_msr(m.index).then(|| sh.chip.lapic_msr_write(me, m.index, m.data, now)) {
+                        Some(Ok(w)) => wake = Some(w),
+                        _ => {
+                            sh.msr_gp.fetch_add(1, Ordering::Relaxed);
+                            *m.error = 1;
+                        }
+                    }
+                }
+                VcpuExit::Hlt => why = ExitReason::Hlt,
+                VcpuExit::IrqWindowOpen => why = ExitReason::IrqWindow,
+                VcpuExit::SetTpr => why = ExitReason::SetTpr,
+                VcpuExit::Intr => why = ExitReason::Kick,
+                VcpuExit::Shutdown => end = Some(Outcome::GuestCrash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    end = Some(Outcome::GuestCrash(format!(
+                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on cpu {cpu}"
+                    )))
+                }
+                VcpuExit::InternalError => end = Some(Outcome::GuestCrash("KVM internal error".into())),
+                VcpuExit::SystemEvent(t, _) => {
+                    end = Some(Outcome::GuestCrash(format!("KVM system event {t}")))
+                }
+                other => end = Some(Outcome::GuestCrash(format!("unexpected VM exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => why = ExitReason::Kick,
+            Err(e) => end = Some(Outcome::VmmError(format!("KVM_RUN: {e}"))),
+        }
+        count(&mut exits, why);
+        if why == ExitReason::Hlt {
+            let r = v.fd.get_kvm_run();
+            state = RunState::Halted(r.if_flag != 0);
+        }
+        if let Some(mut o) = end {
+            if let Outcome::GuestCrash(m) = &mut o {
+                let r = v.fd.get_kvm_run();
+                if r.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+                    // SAFETY: exit_reason says the `internal` union member is the live one.
+                    let sub = unsafe { r.__bindgen_anon_1.internal.suberror };
+                    m.push_str(&format!(" (suberror {sub})"));
+                }
+                let rip = v.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                *m = format!("vcpu{me} at rip {rip:#x}: {m}");
+            }
+            sh.finish(o);
+            break;
+        }
+        if let Some(w) = wake {
+            sh.kick(me, &w);
+        }
+        let c = v.fd.get_kvm_run().cr8;
+        if c != last_cr8 {
+            guest_cr8 = Some(c);
+        }
+    }
+    rep.exits = exits;
+    state
+}

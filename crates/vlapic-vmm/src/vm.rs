@@ -1,0 +1,360 @@
+//! KVM VM setup without an in-kernel irqchip (user-space MSR exits, MSR filter for
+//! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use vlapic::{ApicMode, LapicConfig, TimerClock};
+
+use crate::clock::VmClock;
+use crate::console::{ConsoleOut, ConsoleSink};
+use crate::devices::IoBus;
+use crate::irqchip::{FabricConfig, Irqchip};
+use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
+use crate::loader::{self, Module, BOOT_MAGIC};
+use crate::memory::GuestRam;
+use crate::summary::{Outcome, RunReport, VcpuReport};
+use crate::vcpu::{run_vcpu, Shared, Vcpu};
+use crate::{cpuid, VmmError};
+
+/// Everything needed to boot one guest.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The multiboot v1 kernel image.
+    pub kernel: Vec<u8>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Boot modules.
+    pub modules: Vec<Module>,
+    /// Number of vCPUs (1–64).
+    pub vcpus: usize,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// Start every APIC in x2APIC mode.
+    pub x2apic: bool,
+    /// Run the APIC nesting verifier.
+    pub verify: bool,
+    /// Wall-clock limit.
+    pub timeout: Option<Duration>,
+    /// Where guest console output goes.
+    pub console: ConsoleSink,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: Vec::new(),
+            cmdline: String::new(),
+            modules: Vec::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            x2apic: false,
+            verify: true,
+            timeout: Some(Duration::from_secs(60)),
+            console: ConsoleSink::Stdout,
+        }
+    }
+}
+
+/// Highest vCPU count accepted.
+pub const MAX_VCPUS: usize = 64;
+const IA32_TSC: u32 = 0x10;
+const MSR_APIC_BASE: u32 = 0x1B;
+const MSR_TSC_DEADLINE: u32 = 0x6E0;
+
+fn setup(e: impl std::fmt::Display, what: &str) -> VmmError {
+    VmmError::Setup(format!("{what}: {e}"))
+}
+
+/// Checks that /dev/kvm can run our VMs; `Err` says why not.
+pub fn kvm_usable() -> Result<(), String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    for (cap, name) in [
+        (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+        (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(format!("KVM lacks {name}"));
+        }
+    }
+    Ok(())
+}
+
+fn flat_segment(code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector: if code { 0x08 } else { 0x10 },
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xFFFB_D000).map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
+    let _ = vm.set_identity_map_address(0xFFFB_C000);
+    let host = ram.host_base().map_err(VmmError::Setup)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the region maps `ram`, which outlives the VM (both live until the
+    // end of `run_vm`, and the VM fd is dropped first).
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [
+            u64::from(KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(|e| setup(e, "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    let deny = [0u8; 1];
+    let ranges = [
+        MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: MSR_APIC_BASE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+        MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: MSR_TSC_DEADLINE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+    ];
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(|e| setup(e, "KVM_X86_SET_MSR_FILTER"))?;
+    Ok(vm)
+}
+
+/// Boots the guest described by `cfg` and runs it to the end.
+pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmmError::Setup(format!("--vcpus {}: must be 1 to {MAX_VCPUS}", cfg.vcpus)));
+    }
+    let n = cfg.vcpus;
+    kvm_usable().map_err(VmmError::Setup)?;
+    let signal = kick_signal().map_err(VmmError::Setup)?;
+    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
+    let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
+    let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules).map_err(|e| VmmError::Load(e.0))?;
+    let vm = create_vm(&kvm, &ram)?;
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
+
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = vm.create_vcpu(i as u64).map_err(|e| setup(e, &format!("KVM_CREATE_VCPU {i}")))?;
+        let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
+        fd.set_cpuid2(&c).map_err(|e| setup(e, "KVM_SET_CPUID2"))?;
+        fds.push(fd);
+    }
+    let Some(bsp) = fds.first() else {
+        return Err(VmmError::Setup("no vCPU".into()));
+    };
+
+    // VM time from the guest TSC.
+    let tsc_khz = bsp.get_tsc_khz().map_err(|e| setup(e, "KVM_GET_TSC_KHZ"))?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+    let host0 = VmClock::host_tsc();
+    bsp.get_msrs(&mut msrs).map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
+    let guest0 = msrs.as_slice().first().map_or(0, |m| m.data);
+    let tsc_hz = u64::from(tsc_khz) * 1000;
+    let clock = VmClock::new(host0, guest0, tsc_hz);
+
+    // BSP: 32-bit protected mode, paging off, multiboot registers.
+    let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
+    let reset_bsp = sregs;
+    sregs.cs = flat_segment(true);
+    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+        *s = flat_segment(false);
+    }
+    sregs.cr0 = 0x11;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    bsp.set_sregs(&sregs).map_err(|e| setup(e, "KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: u64::from(boot.entry),
+        rax: u64::from(BOOT_MAGIC),
+        rbx: u64::from(boot.info),
+        rflags: 2,
+        ..Default::default()
+    };
+    bsp.set_regs(&regs).map_err(|e| setup(e, "KVM_SET_REGS"))?;
+
+    let apics = (0..n)
+        .map(|i| LapicConfig {
+            apic_id: i as u32,
+            bsp: i == 0,
+            mode: if cfg.x2apic { ApicMode::X2Apic } else { ApicMode::XApic },
+            x2apic: true,
+            tsc_deadline: true,
+            verify: cfg.verify,
+            clock: TimerClock {
+                bus_cycle_ns: 1,
+                tsc_hz,
+            },
+            ..LapicConfig::default()
+        })
+        .collect();
+    let chip = Irqchip::new(FabricConfig {
+        apics,
+        ioapic_pins: 24,
+        ioapic_id: n as u8,
+    });
+    let console = ConsoleOut::new(cfg.console);
+    let io = IoBus::new(console.clone(), n as u16, ram.size());
+    let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
+    let timers = Arc::new(TimerService::new(n));
+    let sh = Arc::new(Shared {
+        chip,
+        io,
+        kicks: kicks.clone(),
+        timers: timers.clone(),
+        clock,
+        stop: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        done: Condvar::new(),
+        stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        wild_mmio: AtomicU64::new(0),
+        msr_gp: AtomicU64::new(0),
+    });
+
+    let start = Instant::now();
+    let timer_thread = {
+        let t = timers.clone();
+        let k = kicks.clone();
+        std::thread::Builder::new()
+            .name("lapic-timer".into())
+            .spawn(move || t.run(clock, k))
+            .map_err(|e| VmmError::Internal(format!("cannot start the timer thread: {e}")))?
+    };
+    let mut handles = Vec::with_capacity(n);
+    for (i, fd) in fds.into_iter().enumerate() {
+        let v = Vcpu {
+            index: i,
+            fd,
+            reset_sregs: if i == 0 { reset_bsp } else { reset_bsp },
+            start_running: i == 0,
+        };
+        let s = sh.clone();
+        match std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || run_vcpu(v, s))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                sh.finish(Outcome::VmmError(format!("cannot start vCPU thread {i}: {e}")));
+                break;
+            }
+        }
+    }
+
+    // Wait for the end or the deadline.
+    {
+        let deadline = cfg.timeout.map(|t| start + t);
+        let mut g = lock(&sh.outcome);
+        while g.is_none() {
+            let wait = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(w) if !w.is_zero() => w,
+                    _ => break,
+                },
+                None => Duration::from_secs(1),
+            };
+            g = match sh.done.wait_timeout(g, wait) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+    sh.finish(Outcome::Timeout);
+
+    let mut kept = Vec::new();
+    let mut reports: Vec<VcpuReport> = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok((v, r)) => {
+                kept.push(v);
+                reports.push(r);
+            }
+            Err(_) => reports.push(VcpuReport {
+                index: i,
+                state: "thread panicked".into(),
+                ..VcpuReport::default()
+            }),
+        }
+    }
+    timers.stop();
+    let _ = timer_thread.join();
+    let elapsed = start.elapsed();
+    drop(kept);
+
+    let now = clock.now_ns();
+    let mut max_nesting = 0u8;
+    let mut violations = 0u64;
+    for r in reports.iter_mut() {
+        if let Some(((depth, viol, line), _)) = sh.chip.with_apic(r.index, now, |a| {
+            let v = a.verifier();
+            let line = format!(
+                "{:?} TPR={:#04x} PPR={:#04x} IRR^={} ISR^={} pending={} timer={}",
+                a.mode(),
+                a.tpr(),
+                a.ppr(),
+                a.irr().highest().map_or("-".into(), |x| format!("{x:#04x}")),
+                a.isr().highest().map_or("-".into(), |x| format!("{x:#04x}")),
+                a.pending_vector().map_or("-".into(), |x| format!("{x:#04x}")),
+                a.next_timer_deadline().map_or("off".into(), |d| format!("+{}ns", d.saturating_sub(now) as i64)),
+            );
+            ((v.max_depth(), v.violations(), line), vlapic::Effects::default())
+        }) {
+            max_nesting = max_nesting.max(depth);
+            violations = violations.saturating_add(viol);
+            r.apic = line;
+        }
+    }
+    let outcome = lock(&sh.outcome).clone().unwrap_or(Outcome::Timeout);
+    Ok(RunReport {
+        outcome,
+        console: console.log(),
+        vcpus: reports,
+        max_nesting,
+        violations,
+        migrations: 0,
+        unknown_ports: sh.io.unknown_ports.load(Ordering::Relaxed),
+        wild_mmio: sh.wild_mmio.load(Ordering::Relaxed),
+        msr_gp: sh.msr_gp.load(Ordering::Relaxed),
+        elapsed,
+        tsc_hz,
+    })
+}
