@@ -19,8 +19,14 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default()).join("../..");
     let script = root.join("scripts/build-guest.sh");
     println!("cargo:rerun-if-changed={}", script.display());
-    println!("cargo:rerun-if-changed={}", root.join("guest/src").display());
-    println!("cargo:rerun-if-changed={}", root.join("guest/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("guest/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("guest/Cargo.toml").display()
+    );
     if !script.exists() {
         println!("cargo:warning=scripts/build-guest.sh not found: vlapic run needs --kernel");
         return;

@@ -57,7 +57,12 @@ pub fn run(a: RunArgs) -> ExitCode {
     let kernel = match &a.kernel {
         Some(p) => match std::fs::read(p) {
             Ok(k) => k,
-            Err(e) => return fail(exit_code::SETUP, format!("cannot read {}: {e}", p.display())),
+            Err(e) => {
+                return fail(
+                    exit_code::SETUP,
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            }
         },
         None => match vlapic_vmm::guest::test_guest() {
             Some(k) => k.to_vec(),
@@ -76,7 +81,12 @@ pub fn run(a: RunArgs) -> ExitCode {
                 data,
                 cmdline: p.display().to_string(),
             }),
-            Err(e) => return fail(exit_code::SETUP, format!("cannot read module {}: {e}", p.display())),
+            Err(e) => {
+                return fail(
+                    exit_code::SETUP,
+                    format!("cannot read module {}: {e}", p.display()),
+                )
+            }
         }
     }
     let cfg = VmConfig {

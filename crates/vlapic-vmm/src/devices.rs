@@ -89,7 +89,8 @@ impl IoBus {
 
     fn unknown(&self, port: u16) {
         if self.unknown_ports.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.first_unknown_port.store(u64::from(port), Ordering::Relaxed);
+            self.first_unknown_port
+                .store(u64::from(port), Ordering::Relaxed);
         }
     }
 

@@ -10,7 +10,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use vlapic::{Delivery, DeliveryMode, DestMode, Effects, GpFault, LapicConfig, LocalApic, Shorthand};
+use vlapic::{
+    Delivery, DeliveryMode, DestMode, Effects, GpFault, LapicConfig, LocalApic, Shorthand,
+};
 
 use crate::kick::lock;
 
@@ -46,7 +48,9 @@ impl Wake {
     /// The vCPU indices to kick.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.bits.iter().enumerate().flat_map(|(i, w)| {
-            (0..64).filter(move |b| w & (1u64 << b) != 0).map(move |b| i * 64 + b)
+            (0..64)
+                .filter(move |b| w & (1u64 << b) != 0)
+                .map(move |b| i * 64 + b)
         })
     }
 }
@@ -73,7 +77,11 @@ impl Irqchip {
     /// A fabric for `cfg.apics.len()` vCPUs.
     pub fn new(cfg: FabricConfig) -> Self {
         Self {
-            apics: cfg.apics.into_iter().map(|c| Mutex::new(LocalApic::new(c))).collect(),
+            apics: cfg
+                .apics
+                .into_iter()
+                .map(|c| Mutex::new(LocalApic::new(c)))
+                .collect(),
             irq_line_changes: AtomicU64::new(0),
         }
     }
@@ -126,7 +134,13 @@ impl Irqchip {
     }
 
     /// WRMSR of an APIC MSR by `vcpu`.
-    pub fn lapic_msr_write(&self, vcpu: usize, msr: u32, value: u64, now: u64) -> Result<Wake, GpFault> {
+    pub fn lapic_msr_write(
+        &self,
+        vcpu: usize,
+        msr: u32,
+        value: u64,
+        now: u64,
+    ) -> Result<Wake, GpFault> {
         let fx = {
             let a = self.apics.get(vcpu).ok_or(GpFault)?;
             let r = lock(a).write_msr(msr, value, now);

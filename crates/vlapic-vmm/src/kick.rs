@@ -1,7 +1,7 @@
 //! Getting a vCPU out of KVM_RUN or out of its halt: `immediate_exit` plus a
 //! signal (the Firecracker pattern), a per-vCPU parker, and the LAPIC timer thread.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 

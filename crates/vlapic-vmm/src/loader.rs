@@ -159,7 +159,8 @@ fn elf_segments(image: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
         ),
         _ => return err("ELF image has an unknown class"),
     };
-    let entry = u32::try_from(entry).map_err(|_| LoadError(format!("ELF entry {entry:#x} is above 4 GiB")))?;
+    let entry = u32::try_from(entry)
+        .map_err(|_| LoadError(format!("ELF entry {entry:#x} is above 4 GiB")))?;
     let want = if class == Some(1) { 32 } else { 56 };
     if usize::from(phentsize) < want {
         return err(format!("ELF program header size {phentsize} is too small"));
@@ -192,11 +193,15 @@ fn elf_segments(image: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
             continue;
         }
         if filesz > memsz {
-            return err(format!("ELF segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"));
+            return err(format!(
+                "ELF segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
+            ));
         }
         let file_end = off.checked_add(filesz).filter(|e| *e <= image.len() as u64);
         if file_end.is_none() {
-            return err(format!("ELF segment {i}: file range {off:#x}+{filesz:#x} is outside the file"));
+            return err(format!(
+                "ELF segment {i}: file range {off:#x}+{filesz:#x} is outside the file"
+            ));
         }
         segs.push(Segment {
             paddr,
@@ -214,8 +219,12 @@ fn elf_segments(image: &[u8]) -> Result<(u32, Vec<Segment>), LoadError> {
 fn aout_segments(image: &[u8], h: &Header, f: [u32; 5]) -> Result<(u32, Vec<Segment>), LoadError> {
     let [header_addr, load_addr, load_end, bss_end, entry] = f;
     let hdr_off = h.offset as u64;
-    if u64::from(header_addr) < u64::from(load_addr) || u64::from(header_addr) - u64::from(load_addr) > hdr_off {
-        return err("a.out kludge: header_addr/load_addr inconsistent with the header's file offset");
+    if u64::from(header_addr) < u64::from(load_addr)
+        || u64::from(header_addr) - u64::from(load_addr) > hdr_off
+    {
+        return err(
+            "a.out kludge: header_addr/load_addr inconsistent with the header's file offset",
+        );
     }
     let file_off = hdr_off - (u64::from(header_addr) - u64::from(load_addr));
     let filesz = if load_end == 0 {
@@ -266,7 +275,12 @@ impl InfoWriter {
 
 /// Loads a multiboot v1 image and its modules into RAM and writes the info
 /// structure (memory info, command line, modules, memory map).
-pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, modules: &[Module]) -> Result<BootInfo, LoadError> {
+pub fn load(
+    ram: &GuestRam,
+    image: &[u8],
+    cmdline: &str,
+    modules: &[Module],
+) -> Result<BootInfo, LoadError> {
     let h = find_header(image)?;
     let (entry, segs) = match h.aout {
         Some(f) => aout_segments(image, &h, f)?,
@@ -303,7 +317,9 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, modules: &[Module]) -> 
         return err(format!("entry point {entry:#x} is outside RAM"));
     }
 
-    let mut w = InfoWriter { next: INFO_ADDR + 128 };
+    let mut w = InfoWriter {
+        next: INFO_ADDR + 128,
+    };
     let put_str = |w: &mut InfoWriter, s: &str| -> Result<u64, LoadError> {
         let mut b = s.as_bytes().to_vec();
         b.push(0);
@@ -329,7 +345,8 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, modules: &[Module]) -> 
         e[0..4].copy_from_slice(&(start as u32).to_le_bytes());
         e[4..8].copy_from_slice(&(end as u32).to_le_bytes());
         e[8..12].copy_from_slice(&(s as u32).to_le_bytes());
-        ram.write(mods_addr + 16 * i as u64, &e).map_err(LoadError)?;
+        ram.write(mods_addr + 16 * i as u64, &e)
+            .map_err(LoadError)?;
         mod_next = end.div_ceil(4096) * 4096;
     }
 
@@ -348,7 +365,8 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str, modules: &[Module]) -> 
         e[4..12].copy_from_slice(&base.to_le_bytes());
         e[12..20].copy_from_slice(&len.to_le_bytes());
         e[20..24].copy_from_slice(&ty.to_le_bytes());
-        ram.write(mmap_addr + 24 * i as u64, &e).map_err(LoadError)?;
+        ram.write(mmap_addr + 24 * i as u64, &e)
+            .map_err(LoadError)?;
     }
 
     // The info structure (flags: mem 0, cmdline 2, mods 3, mmap 6, loader name 9).

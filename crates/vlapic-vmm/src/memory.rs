@@ -27,7 +27,8 @@ impl GuestRam {
             ));
         }
         let size = mib << 20;
-        let len = usize::try_from(size).map_err(|_| "memory size does not fit the host".to_string())?;
+        let len =
+            usize::try_from(size).map_err(|_| "memory size does not fit the host".to_string())?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)])
             .map_err(|e| format!("cannot map {mib} MiB of guest memory: {e}"))?;
         Ok(Self { mem, size })
@@ -47,7 +48,9 @@ impl GuestRam {
 
     /// Copies `data` to guest-physical `addr`; fails (never panics) when out of range.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
-        let end = addr.checked_add(data.len() as u64).ok_or("address overflow")?;
+        let end = addr
+            .checked_add(data.len() as u64)
+            .ok_or("address overflow")?;
         if end > self.size {
             return Err(format!(
                 "range {addr:#x}..{end:#x} is outside guest RAM (0..{:#x})",

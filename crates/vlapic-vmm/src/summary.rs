@@ -179,8 +179,12 @@ impl RunReport {
 
     fn outcome_text(&self) -> String {
         match &self.outcome {
-            Outcome::DebugExit(n) => format!("guest exit {n} (status {})", (u64::from(*n) << 1) | 1),
-            Outcome::AllStopped => "all vCPUs stopped (halted with IF=0 or waiting for SIPI)".into(),
+            Outcome::DebugExit(n) => {
+                format!("guest exit {n} (status {})", (u64::from(*n) << 1) | 1)
+            }
+            Outcome::AllStopped => {
+                "all vCPUs stopped (halted with IF=0 or waiting for SIPI)".into()
+            }
             Outcome::Timeout => "timeout".into(),
             Outcome::GuestCrash(m) => format!("guest crash: {m}"),
             Outcome::VmmError(m) => format!("VMM error: {m}"),
@@ -198,7 +202,11 @@ impl RunReport {
             self.passed(),
             self.failed(),
             self.skipped(),
-            self.console.done.as_ref().map(|d| format!("  [{d}]")).unwrap_or_default()
+            self.console
+                .done
+                .as_ref()
+                .map(|d| format!("  [{d}]"))
+                .unwrap_or_default()
         );
         for sc in self.console.scenarios.iter().filter(|s| s.status == "FAIL") {
             let _ = writeln!(s, "  FAIL {}: {}", sc.name, sc.detail);
@@ -212,7 +220,11 @@ impl RunReport {
             self.elapsed.as_secs_f64(),
             self.tsc_hz / 1_000_000
         );
-        let ints: Vec<String> = self.vcpus.iter().map(|v| v.interrupts.to_string()).collect();
+        let ints: Vec<String> = self
+            .vcpus
+            .iter()
+            .map(|v| v.interrupts.to_string())
+            .collect();
         let _ = writeln!(s, "interrupts:   per vCPU [{}]", ints.join(", "));
         let t = self.total_exits();
         let ex: Vec<String> = EXIT_NAMES
@@ -221,7 +233,12 @@ impl RunReport {
             .filter(|(_, n)| **n > 0)
             .map(|(k, n)| format!("{k} {n}"))
             .collect();
-        let _ = writeln!(s, "exits:        {} total: {}", t.iter().sum::<u64>(), ex.join(", "));
+        let _ = writeln!(
+            s,
+            "exits:        {} total: {}",
+            t.iter().sum::<u64>(),
+            ex.join(", ")
+        );
         let _ = writeln!(
             s,
             "odd guest:    {} unknown-port, {} wild-MMIO, {} MSR #GP",

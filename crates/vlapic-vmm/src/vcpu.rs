@@ -162,13 +162,15 @@ fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
     let mut s = v.reset_sregs;
     s.cs.selector = u16::from(vector) << 8;
     s.cs.base = u64::from(vector) << 12;
-    v.fd.set_sregs(&s).map_err(|e| format!("KVM_SET_SREGS (SIPI): {e}"))?;
+    v.fd.set_sregs(&s)
+        .map_err(|e| format!("KVM_SET_SREGS (SIPI): {e}"))?;
     let regs = kvm_regs {
         rflags: 2,
         rip: 0,
         ..kvm_regs::default()
     };
-    v.fd.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
+    v.fd.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
 }
 
 fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
@@ -203,7 +205,11 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 let _ = a.set_cr8(c);
             }
             let events = a.take_events();
-            let injected = if can_inject && !events.init { a.acknowledge() } else { None };
+            let injected = if can_inject && !events.init {
+                a.acknowledge()
+            } else {
+                None
+            };
             let vd = Verdict {
                 events,
                 injected,
@@ -252,13 +258,17 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
             state = RunState::Running;
         }
         if let Some(vec) = vd.injected {
-            let irq = kvm_interrupt { irq: u32::from(vec) };
+            let irq = kvm_interrupt {
+                irq: u32::from(vec),
+            };
             // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer we pass,
             // which lives for the duration of the call; the fd is a vCPU fd.
             let rc = unsafe { ioctl_with_ref(&v.fd, KVM_INTERRUPT(), &irq) };
             if rc != 0 {
                 let e = std::io::Error::last_os_error();
-                sh.finish(Outcome::VmmError(format!("vcpu{me}: KVM_INTERRUPT({vec:#x}): {e}")));
+                sh.finish(Outcome::VmmError(format!(
+                    "vcpu{me}: KVM_INTERRUPT({vec:#x}): {e}"
+                )));
                 break;
             }
             rep.interrupts += 1;
@@ -309,7 +319,8 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     why = ExitReason::MmioRead;
                     let page = addr & !0xFFF;
                     let now = sh.clock.now_ns();
-                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE) {
+                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE)
+                    {
                         sh.chip.lapic_mmio_read(me, addr & 0xFFF, data, now);
                     } else if page == IOAPIC_BASE {
                         sh.chip.ioapic_mmio_read(addr & 0xFFF, data, now);
@@ -322,7 +333,8 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     why = ExitReason::MmioWrite;
                     let page = addr & !0xFFF;
                     let now = sh.clock.now_ns();
-                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE) {
+                    if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE)
+                    {
                         wake = Some(sh.chip.lapic_mmio_write(me, addr & 0xFFF, data, now));
                     } else if page == IOAPIC_BASE {
                         wake = Some(sh.chip.ioapic_mmio_write(addr & 0xFFF, data, now));
@@ -344,7 +356,9 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 VcpuExit::X86Wrmsr(m) => {
                     why = ExitReason::Wrmsr;
                     let now = sh.clock.now_ns();
-                    match is_apic_msr(m.index).then(|| sh.chip.lapic_msr_write(me, m.index, m.data, now)) {
+                    match is_apic_msr(m.index)
+                        .then(|| sh.chip.lapic_msr_write(me, m.index, m.data, now))
+                    {
                         Some(Ok(w)) => wake = Some(w),
                         _ => {
                             sh.msr_gp.fetch_add(1, Ordering::Relaxed);
@@ -356,19 +370,25 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 VcpuExit::IrqWindowOpen => why = ExitReason::IrqWindow,
                 VcpuExit::SetTpr => why = ExitReason::SetTpr,
                 VcpuExit::Intr => why = ExitReason::Kick,
-                VcpuExit::Shutdown => end = Some(Outcome::GuestCrash("triple fault (KVM_EXIT_SHUTDOWN)".into())),
-                VcpuExit::FailEntry(reason, cpu) => {
-                    end = Some(Outcome::GuestCrash(format!(
-                        "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on cpu {cpu}"
-                    )))
+                VcpuExit::Shutdown => {
+                    end = Some(Outcome::GuestCrash(
+                        "triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                    ))
                 }
-                VcpuExit::InternalError => end = Some(Outcome::GuestCrash("KVM internal error".into())),
+                VcpuExit::FailEntry(reason, cpu) => end = Some(Outcome::GuestCrash(format!(
+                    "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on cpu {cpu}"
+                ))),
+                VcpuExit::InternalError => {
+                    end = Some(Outcome::GuestCrash("KVM internal error".into()))
+                }
                 VcpuExit::SystemEvent(t, _) => {
                     end = Some(Outcome::GuestCrash(format!("KVM system event {t}")))
                 }
                 other => end = Some(Outcome::GuestCrash(format!("unexpected VM exit {other:?}"))),
             },
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => why = ExitReason::Kick,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                why = ExitReason::Kick
+            }
             Err(e) => end = Some(Outcome::VmmError(format!("KVM_RUN: {e}"))),
         }
         count(&mut exits, why);
@@ -381,11 +401,22 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 let r = v.fd.get_kvm_run();
                 if r.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
                     // SAFETY: exit_reason says the `internal` union member is the live one.
-                    let sub = unsafe { r.__bindgen_anon_1.internal.suberror };
-                    m.push_str(&format!(" (suberror {sub})"));
+                    let int = unsafe { r.__bindgen_anon_1.internal };
+                    let n = (int.ndata as usize).min(int.data.len());
+                    let data: Vec<String> =
+                        int.data.iter().take(n).map(|d| format!("{d:#x}")).collect();
+                    m.push_str(&format!(
+                        " (suberror {}, data [{}])",
+                        int.suberror,
+                        data.join(", ")
+                    ));
                 }
                 let rip = v.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                *m = format!("vcpu{me} at rip {rip:#x}: {m}");
+                let cr =
+                    v.fd.get_sregs()
+                        .map(|s| format!(" [cr0={:#x} cr4={:#x} efer={:#x}]", s.cr0, s.cr4, s.efer))
+                        .unwrap_or_default();
+                *m = format!("vcpu{me} at rip {rip:#x}: {m}{cr}");
             }
             sh.finish(o);
             break;

@@ -106,9 +106,30 @@ fn flat_segment(code: bool) -> kvm_segment {
     }
 }
 
+/// x87/SSE power-up state as a real CPU (and QEMU) sets it: FCW 0x37F, MXCSR
+/// 0x1F80, XCR0 = x87 | SSE.
+fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37F,
+        mxcsr: 0x1F80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(|e| setup(e, "KVM_SET_FPU"))?;
+    let mut xcrs = kvm_bindings::kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    if let Some(x) = xcrs.xcrs.first_mut() {
+        x.xcr = 0;
+        x.value = 3;
+    }
+    fd.set_xcrs(&xcrs).map_err(|e| setup(e, "KVM_SET_XCRS"))
+}
+
 fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
-    vm.set_tss_address(0xFFFB_D000).map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
+    vm.set_tss_address(0xFFFB_D000)
+        .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
     let _ = vm.set_identity_map_address(0xFFFB_C000);
     let host = ram.host_base().map_err(VmmError::Setup)?;
     let region = kvm_userspace_memory_region {
@@ -120,18 +141,24 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
     };
     // SAFETY: the region maps `ram`, which outlives the VM (both live until the
     // end of `run_vm`, and the VM fd is dropped first).
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
         args: [
-            u64::from(KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER),
+            u64::from(
+                KVM_MSR_EXIT_REASON_INVAL
+                    | KVM_MSR_EXIT_REASON_UNKNOWN
+                    | KVM_MSR_EXIT_REASON_FILTER,
+            ),
             0,
             0,
             0,
         ],
         ..Default::default()
     };
-    vm.enable_cap(&cap).map_err(|e| setup(e, "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    vm.enable_cap(&cap)
+        .map_err(|e| setup(e, "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
     let deny = [0u8; 1];
     let ranges = [
         MsrFilterRange {
@@ -155,14 +182,18 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
 /// Boots the guest described by `cfg` and runs it to the end.
 pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(VmmError::Setup(format!("--vcpus {}: must be 1 to {MAX_VCPUS}", cfg.vcpus)));
+        return Err(VmmError::Setup(format!(
+            "--vcpus {}: must be 1 to {MAX_VCPUS}",
+            cfg.vcpus
+        )));
     }
     let n = cfg.vcpus;
     kvm_usable().map_err(VmmError::Setup)?;
     let signal = kick_signal().map_err(VmmError::Setup)?;
     let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
     let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
-    let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules).map_err(|e| VmmError::Load(e.0))?;
+    let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
+        .map_err(|e| VmmError::Load(e.0))?;
     let vm = create_vm(&kvm, &ram)?;
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -170,9 +201,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     let mut fds = Vec::with_capacity(n);
     for i in 0..n {
-        let fd = vm.create_vcpu(i as u64).map_err(|e| setup(e, &format!("KVM_CREATE_VCPU {i}")))?;
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| setup(e, &format!("KVM_CREATE_VCPU {i}")))?;
         let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
         fd.set_cpuid2(&c).map_err(|e| setup(e, "KVM_SET_CPUID2"))?;
+        init_fpu(&fd)?;
         fds.push(fd);
     }
     let Some(bsp) = fds.first() else {
@@ -187,7 +221,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }])
     .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
     let host0 = VmClock::host_tsc();
-    bsp.get_msrs(&mut msrs).map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
+    bsp.get_msrs(&mut msrs)
+        .map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
     let guest0 = msrs.as_slice().first().map_or(0, |m| m.data);
     let tsc_hz = u64::from(tsc_khz) * 1000;
     let clock = VmClock::new(host0, guest0, tsc_hz);
@@ -196,13 +231,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
     let reset_bsp = sregs;
     sregs.cs = flat_segment(true);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
         *s = flat_segment(false);
     }
     sregs.cr0 = 0x11;
-    sregs.cr4 = 0;
+    sregs.cr4 = 0x600;
     sregs.efer = 0;
-    bsp.set_sregs(&sregs).map_err(|e| setup(e, "KVM_SET_SREGS"))?;
+    bsp.set_sregs(&sregs)
+        .map_err(|e| setup(e, "KVM_SET_SREGS"))?;
     let regs = kvm_regs {
         rip: u64::from(boot.entry),
         rax: u64::from(BOOT_MAGIC),
@@ -216,7 +258,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         .map(|i| LapicConfig {
             apic_id: i as u32,
             bsp: i == 0,
-            mode: if cfg.x2apic { ApicMode::X2Apic } else { ApicMode::XApic },
+            mode: if cfg.x2apic {
+                ApicMode::X2Apic
+            } else {
+                ApicMode::XApic
+            },
             x2apic: true,
             tsc_deadline: true,
             verify: cfg.verify,
@@ -274,7 +320,9 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         {
             Ok(h) => handles.push(h),
             Err(e) => {
-                sh.finish(Outcome::VmmError(format!("cannot start vCPU thread {i}: {e}")));
+                sh.finish(Outcome::VmmError(format!(
+                    "cannot start vCPU thread {i}: {e}"
+                )));
                 break;
             }
         }
@@ -331,12 +379,23 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 a.mode(),
                 a.tpr(),
                 a.ppr(),
-                a.irr().highest().map_or("-".into(), |x| format!("{x:#04x}")),
-                a.isr().highest().map_or("-".into(), |x| format!("{x:#04x}")),
-                a.pending_vector().map_or("-".into(), |x| format!("{x:#04x}")),
-                a.next_timer_deadline().map_or("off".into(), |d| format!("+{}ns", d.saturating_sub(now) as i64)),
+                a.irr()
+                    .highest()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.isr()
+                    .highest()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.pending_vector()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.next_timer_deadline().map_or("off".into(), |d| format!(
+                    "+{}ns",
+                    d.saturating_sub(now) as i64
+                )),
             );
-            ((v.max_depth(), v.violations(), line), vlapic::Effects::default())
+            (
+                (v.max_depth(), v.violations(), line),
+                vlapic::Effects::default(),
+            )
         }) {
             max_nesting = max_nesting.max(depth);
             violations = violations.saturating_add(viol);

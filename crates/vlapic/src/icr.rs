@@ -150,7 +150,11 @@ pub fn decode(icr: u64, x2apic: bool) -> IcrCommand {
             DestMode::Physical
         },
         shorthand,
-        dest: if shorthand == Shorthand::None { dest } else { 0 },
+        dest: if shorthand == Shorthand::None {
+            dest
+        } else {
+            0
+        },
         x2apic,
     })
 }
@@ -191,7 +195,10 @@ mod tests {
 
     #[test]
     fn self_shorthand_is_local() {
-        assert_eq!(decode(icr(0x55, 0, 1), false), IcrCommand::SelfInterrupt(0x55));
+        assert_eq!(
+            decode(icr(0x55, 0, 1), false),
+            IcrCommand::SelfInterrupt(0x55)
+        );
     }
 
     // SDM: NMI, INIT, SIPI, SMI, lowest priority to self or all-including-self are invalid.
@@ -205,7 +212,10 @@ mod tests {
                     "mode {mode} shorthand {sh}"
                 );
             }
-            assert!(matches!(decode(icr(0x40, mode, 3), false), IcrCommand::Send(_)));
+            assert!(matches!(
+                decode(icr(0x40, mode, 3), false),
+                IcrCommand::Send(_)
+            ));
         }
     }
 
@@ -213,18 +223,34 @@ mod tests {
     fn illegal_vectors_and_reserved_modes() {
         assert_eq!(decode(icr(15, 0, 0), false), IcrCommand::IllegalVector);
         assert_eq!(decode(icr(3, 1, 0), false), IcrCommand::IllegalVector);
-        assert_eq!(decode(icr(3, 0, 1), false), IcrCommand::IllegalVector, "self too");
+        assert_eq!(
+            decode(icr(3, 0, 1), false),
+            IcrCommand::IllegalVector,
+            "self too"
+        );
         // NMI/INIT ignore the vector.
         assert!(matches!(decode(icr(0, 4, 0), false), IcrCommand::Send(_)));
-        assert_eq!(decode(icr(0x40, 3, 0), false), IcrCommand::Dropped(DropReason::ReservedMode));
-        assert_eq!(decode(icr(0x40, 7, 0), false), IcrCommand::Dropped(DropReason::ReservedMode));
+        assert_eq!(
+            decode(icr(0x40, 3, 0), false),
+            IcrCommand::Dropped(DropReason::ReservedMode)
+        );
+        assert_eq!(
+            decode(icr(0x40, 7, 0), false),
+            IcrCommand::Dropped(DropReason::ReservedMode)
+        );
     }
 
     #[test]
     fn init_level_deassert_is_ignored() {
         let deassert = 5 << 8 | ICR_TRIGGER_LEVEL;
-        assert_eq!(decode(deassert, false), IcrCommand::Dropped(DropReason::InitDeassert));
+        assert_eq!(
+            decode(deassert, false),
+            IcrCommand::Dropped(DropReason::InitDeassert)
+        );
         // A level-assert fixed IPI is sent (as edge).
-        assert!(matches!(decode(0x41 | ICR_TRIGGER_LEVEL | ICR_LEVEL_ASSERT, false), IcrCommand::Send(_)));
+        assert!(matches!(
+            decode(0x41 | ICR_TRIGGER_LEVEL | ICR_LEVEL_ASSERT, false),
+            IcrCommand::Send(_)
+        ));
     }
 }

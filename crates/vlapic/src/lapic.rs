@@ -6,7 +6,9 @@
 
 use crate::delivery::{Delivery, DeliveryMode};
 use crate::icr::{self, IcrCommand, IpiMessage};
-use crate::lvt::{self, Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_LEVEL, LVT_MASKED, LVT_REMOTE_IRR};
+use crate::lvt::{
+    self, Lvt, TimerMode, LVT_DELIVERY_STATUS, LVT_LEVEL, LVT_MASKED, LVT_REMOTE_IRR,
+};
 use crate::priority;
 use crate::regs::*;
 use crate::timer::{Timer, TimerClock};
@@ -454,7 +456,9 @@ impl LocalApic {
         if now > self.now {
             self.now = now;
         }
-        let exp = self.timer.expire(self.now, self.timer_mode(), &self.cfg.clock);
+        let exp = self
+            .timer
+            .expire(self.now, self.timer_mode(), &self.cfg.clock);
         if exp.fired {
             self.stats.timer_expired = self.stats.timer_expired.saturating_add(1);
             self.stats.timer_missed = self.stats.timer_missed.saturating_add(exp.missed);
@@ -861,8 +865,7 @@ impl LocalApic {
                 fx.ipi = self.send_icr(x2);
             }
             Reg::IcrHigh => {
-                self.icr = (self.icr & 0xFFFF_FFFF)
-                    | (u64::from(v32 & icr::ICR_HIGH_MASK) << 32);
+                self.icr = (self.icr & 0xFFFF_FFFF) | (u64::from(v32 & icr::ICR_HIGH_MASK) << 32);
             }
             Reg::LvtCmci
             | Reg::LvtTimer

@@ -35,8 +35,8 @@ extern crate alloc;
 
 pub mod delivery;
 pub mod fabric;
-pub mod ioapic;
 pub mod icr;
+pub mod ioapic;
 pub mod lapic;
 pub mod lvt;
 mod mmio;
@@ -46,9 +46,9 @@ pub mod regs;
 pub mod routing;
 pub mod state;
 pub mod timer;
+pub mod vector_set;
 #[cfg(feature = "verify")]
 pub mod verifier;
-pub mod vector_set;
 pub mod x2apic;
 
 pub use delivery::{Delivery, DeliveryMode, DestMode};

@@ -89,7 +89,13 @@ impl Lvt {
         const DELIVERY_MODE: u32 = 0x700;
         match self {
             Lvt::Timer => {
-                VECTOR | LVT_MASKED | if tsc_deadline { LVT_TIMER_MODE_MASK } else { 1 << 17 }
+                VECTOR
+                    | LVT_MASKED
+                    | if tsc_deadline {
+                        LVT_TIMER_MODE_MASK
+                    } else {
+                        1 << 17
+                    }
             }
             Lvt::Cmci | Lvt::Thermal | Lvt::Perf => VECTOR | DELIVERY_MODE | LVT_MASKED,
             Lvt::Lint0 | Lvt::Lint1 => {
@@ -187,7 +193,10 @@ mod tests {
         assert_eq!(Lvt::Error.writable_mask(false), 0x100FF);
         assert_eq!(Lvt::Thermal.writable_mask(false), 0x107FF);
         // Read-only status bits are not reserved.
-        assert_eq!(Lvt::Lint1.reserved_mask(false) & (LVT_REMOTE_IRR | LVT_DELIVERY_STATUS), 0);
+        assert_eq!(
+            Lvt::Lint1.reserved_mask(false) & (LVT_REMOTE_IRR | LVT_DELIVERY_STATUS),
+            0
+        );
         assert_ne!(Lvt::Error.reserved_mask(false) & (1 << 17), 0);
     }
 
@@ -195,7 +204,11 @@ mod tests {
     fn lvt_delivery_modes() {
         assert_eq!(Lvt::Lint0.delivery_mode(0x700), Some(DeliveryMode::ExtInt));
         assert_eq!(Lvt::Perf.delivery_mode(0x400), Some(DeliveryMode::Nmi));
-        assert_eq!(Lvt::Perf.delivery_mode(0x700), None, "ExtINT only on LINT pins");
+        assert_eq!(
+            Lvt::Perf.delivery_mode(0x700),
+            None,
+            "ExtINT only on LINT pins"
+        );
         assert_eq!(Lvt::Lint1.delivery_mode(0x300), None, "011 is reserved");
         assert_eq!(Lvt::Timer.delivery_mode(0x4FF), Some(DeliveryMode::Fixed));
     }

@@ -139,9 +139,7 @@ impl Timer {
             return;
         }
         self.initial = value;
-        self.deadline = self
-            .period_ns(clock)
-            .and_then(|p| now.checked_add(p));
+        self.deadline = self.period_ns(clock).and_then(|p| now.checked_add(p));
     }
 
     /// A write to the divide configuration register. A running count keeps its
@@ -243,7 +241,11 @@ impl Timer {
     ) -> bool {
         self.initial = initial;
         self.dcr = dcr & crate::regs::DCR_MASK;
-        self.tsc_deadline = if mode == TimerMode::TscDeadline { tsc_deadline } else { 0 };
+        self.tsc_deadline = if mode == TimerMode::TscDeadline {
+            tsc_deadline
+        } else {
+            0
+        };
         let mut clamped = false;
         self.deadline = match mode {
             TimerMode::TscDeadline => {
@@ -297,7 +299,10 @@ mod tests {
         assert!(t.expire(1100, TimerMode::OneShot, &CLK).fired);
         assert_eq!(t.deadline(), None);
         assert_eq!(t.current_count(2000, TimerMode::OneShot, &CLK), 0);
-        assert!(!t.expire(5000, TimerMode::OneShot, &CLK).fired, "fires once");
+        assert!(
+            !t.expire(5000, TimerMode::OneShot, &CLK).fired,
+            "fires once"
+        );
     }
 
     #[test]
@@ -306,7 +311,13 @@ mod tests {
         t.write_divide(0xB, 0, TimerMode::Periodic, &CLK);
         t.write_initial(100, 0, TimerMode::Periodic, &CLK);
         let e = t.expire(350, TimerMode::Periodic, &CLK);
-        assert_eq!(e, Expiry { fired: true, missed: 2 });
+        assert_eq!(
+            e,
+            Expiry {
+                fired: true,
+                missed: 2
+            }
+        );
         assert_eq!(t.deadline(), Some(400));
     }
 
@@ -317,7 +328,10 @@ mod tests {
         t.write_initial(0, 10, TimerMode::Periodic, &CLK);
         assert_eq!(t.deadline(), None);
         assert_eq!(t.current_count(10, TimerMode::Periodic, &CLK), 0);
-        let zero_bus = TimerClock { bus_cycle_ns: 0, tsc_hz: 0 };
+        let zero_bus = TimerClock {
+            bus_cycle_ns: 0,
+            tsc_hz: 0,
+        };
         t.write_initial(5, 10, TimerMode::Periodic, &zero_bus);
         // bus_cycle_ns 0 is taken as 1; divide by 2: 9 ns left is 5 ticks (rounded up).
         assert_eq!(t.current_count(11, TimerMode::Periodic, &zero_bus), 5);
@@ -329,7 +343,11 @@ mod tests {
     fn periodic_never_rearms_with_zero_period() {
         let mut t = Timer::default();
         t.restore(0, 0, Some(50), 0, 0, TimerMode::Periodic, &CLK);
-        assert_eq!(t.deadline(), None, "import of an expiry with initial count 0 stays disarmed");
+        assert_eq!(
+            t.deadline(),
+            None,
+            "import of an expiry with initial count 0 stays disarmed"
+        );
     }
 
     #[test]
@@ -351,13 +369,31 @@ mod tests {
         assert_eq!(t.deadline(), Some(2001), "ceil(4001 / 2 GHz)");
         assert_eq!(t.read_tsc_deadline(TimerMode::TscDeadline), 4001);
         t.write_initial(50, 0, TimerMode::TscDeadline, &CLK);
-        assert_eq!(t.initial_count(), 0, "initial count ignored in TSC-deadline mode");
+        assert_eq!(
+            t.initial_count(),
+            0,
+            "initial count ignored in TSC-deadline mode"
+        );
         assert!(t.expire(2001, TimerMode::TscDeadline, &CLK).fired);
-        assert_eq!(t.read_tsc_deadline(TimerMode::TscDeadline), 0, "cleared on expiry");
-        let one_hz = TimerClock { bus_cycle_ns: 1, tsc_hz: 1 };
+        assert_eq!(
+            t.read_tsc_deadline(TimerMode::TscDeadline),
+            0,
+            "cleared on expiry"
+        );
+        let one_hz = TimerClock {
+            bus_cycle_ns: 1,
+            tsc_hz: 1,
+        };
         t.write_tsc_deadline(u64::MAX, TimerMode::TscDeadline, &one_hz);
-        assert_eq!(t.deadline(), Some(u64::MAX), "beyond 64-bit ns: never arrives");
-        assert!(!t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz).fired);
+        assert_eq!(
+            t.deadline(),
+            Some(u64::MAX),
+            "beyond 64-bit ns: never arrives"
+        );
+        assert!(
+            !t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz)
+                .fired
+        );
     }
 
     #[test]
@@ -365,7 +401,10 @@ mod tests {
         let mut t = Timer::default();
         t.write_initial(10, 0, TimerMode::OneShot, &CLK);
         t.change_mode(TimerMode::OneShot, TimerMode::Periodic);
-        assert!(t.deadline().is_some(), "one-shot -> periodic keeps counting");
+        assert!(
+            t.deadline().is_some(),
+            "one-shot -> periodic keeps counting"
+        );
         t.change_mode(TimerMode::Periodic, TimerMode::TscDeadline);
         assert_eq!(t.deadline(), None);
     }
@@ -382,10 +421,17 @@ mod tests {
     #[test]
     fn huge_values_saturate() {
         let mut t = Timer::default();
-        let slow = TimerClock { bus_cycle_ns: u32::MAX, tsc_hz: 1 };
+        let slow = TimerClock {
+            bus_cycle_ns: u32::MAX,
+            tsc_hz: 1,
+        };
         t.write_divide(0xA, 0, TimerMode::OneShot, &slow);
         t.write_initial(u32::MAX, u64::MAX - 5, TimerMode::OneShot, &slow);
-        assert_eq!(t.deadline(), None, "an expiry past the end of time never arms");
+        assert_eq!(
+            t.deadline(),
+            None,
+            "an expiry past the end of time never arms"
+        );
         assert_eq!(slow.ns_to_tsc(u64::MAX), u64::MAX / 1_000_000_000);
     }
 }

@@ -110,7 +110,11 @@ impl VectorSet {
     pub fn count_in_class(&self, class: u8) -> u32 {
         let class = class & 0xF;
         let word = self.words[(class >> 1) as usize];
-        let half = if class & 1 == 0 { word & 0xFFFF } else { word >> 16 };
+        let half = if class & 1 == 0 {
+            word & 0xFFFF
+        } else {
+            word >> 16
+        };
         half.count_ones()
     }
 

@@ -161,7 +161,12 @@ impl Verifier {
         }
         if let Some(&top) = self.stack().last() {
             if class(vector) <= class(top) {
-                self.record(ViolationKind::ClassOrder, Checkpoint::Accept, Some(vector), isr);
+                self.record(
+                    ViolationKind::ClassOrder,
+                    Checkpoint::Accept,
+                    Some(vector),
+                    isr,
+                );
                 return;
             }
         }
@@ -172,7 +177,12 @@ impl Verifier {
                 self.note_depth();
                 self.check(isr, Checkpoint::Accept, Some(vector));
             }
-            None => self.record(ViolationKind::Overflow, Checkpoint::Accept, Some(vector), isr),
+            None => self.record(
+                ViolationKind::Overflow,
+                Checkpoint::Accept,
+                Some(vector),
+                isr,
+            ),
         }
     }
 
@@ -186,7 +196,12 @@ impl Verifier {
             return;
         };
         if top != vector {
-            self.record(ViolationKind::EoiMismatch, Checkpoint::Eoi, Some(vector), isr);
+            self.record(
+                ViolationKind::EoiMismatch,
+                Checkpoint::Eoi,
+                Some(vector),
+                isr,
+            );
             return;
         }
         self.depth -= 1;
@@ -283,8 +298,14 @@ mod tests {
         assert_eq!(ver.last_violation().unwrap().kind, ViolationKind::Underflow);
         ver.on_accept(0x50, &set(&[0x50]));
         ver.on_eoi(0x51, &set(&[0x50]));
-        assert_eq!(ver.last_violation().unwrap().kind, ViolationKind::EoiMismatch);
-        assert_eq!(ver.first_violation().unwrap().kind, ViolationKind::Underflow);
+        assert_eq!(
+            ver.last_violation().unwrap().kind,
+            ViolationKind::EoiMismatch
+        );
+        assert_eq!(
+            ver.first_violation().unwrap().kind,
+            ViolationKind::Underflow
+        );
         assert_eq!(ver.violations(), 2);
     }
 
@@ -293,7 +314,10 @@ mod tests {
         let mut ver = Verifier::new(true);
         ver.on_accept(0x61, &set(&[0x61]));
         ver.on_accept(0x62, &set(&[0x61, 0x62]));
-        assert_eq!(ver.last_violation().unwrap().kind, ViolationKind::ClassOrder);
+        assert_eq!(
+            ver.last_violation().unwrap().kind,
+            ViolationKind::ClassOrder
+        );
         // Fill 15 classes, then one more.
         let mut ver = Verifier::new(true);
         let mut isr = VectorSet::EMPTY;

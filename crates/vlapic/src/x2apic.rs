@@ -7,7 +7,9 @@ use crate::regs::*;
 
 /// Whether this crate handles RDMSR/WRMSR of `msr` (APIC base, TSC deadline, x2APIC range).
 pub fn is_apic_msr(msr: u32) -> bool {
-    msr == MSR_APIC_BASE || msr == MSR_TSC_DEADLINE || (MSR_X2APIC_FIRST..=MSR_X2APIC_LAST).contains(&msr)
+    msr == MSR_APIC_BASE
+        || msr == MSR_TSC_DEADLINE
+        || (MSR_X2APIC_FIRST..=MSR_X2APIC_LAST).contains(&msr)
 }
 
 impl LocalApic {
@@ -88,9 +90,12 @@ impl LocalApic {
             Reg::LvtTimer => {
                 v & Lvt::Timer.reserved_mask(td) != 0 || TimerMode::from_lvt(v).is_none()
             }
-            Reg::LvtCmci | Reg::LvtThermal | Reg::LvtPerf | Reg::LvtLint0 | Reg::LvtLint1 | Reg::LvtError => {
-                Lvt::from_reg(reg).is_some_and(|e| v & e.reserved_mask(td) != 0)
-            }
+            Reg::LvtCmci
+            | Reg::LvtThermal
+            | Reg::LvtPerf
+            | Reg::LvtLint0
+            | Reg::LvtLint1
+            | Reg::LvtError => Lvt::from_reg(reg).is_some_and(|e| v & e.reserved_mask(td) != 0),
             Reg::TimerInitial => false,
             // Not reachable through x2APIC MSRs (filtered by x2apic_reg).
             Reg::Apr | Reg::Rrd | Reg::Dfr | Reg::IcrHigh => true,

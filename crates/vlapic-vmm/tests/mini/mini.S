@@ -1,8 +1,11 @@
 /* Minimal multiboot v1 guest for VMM smoke tests and exit-cost measurement.
  * Enters at 32-bit protected mode (paging off), switches to long mode (nested
  * KVM here emulates 32-bit code and cannot IRET there), reports on COM1 and
- * ends via port 0xF4. Tests: ROUNDS self-IPIs (xAPIC ICR or x2APIC SELF_IPI MSR,
- * whichever mode the APIC is in), one APIC timer one-shot taken from HLT. */
+ * ends via port 0xF4. No SSE anywhere (this nested KVM cannot run it).
+ * Tests: ROUNDS self-IPIs (xAPIC ICR or x2APIC SELF_IPI MSR, whichever mode
+ * the APIC is in), one APIC timer one-shot taken from HLT, then with more
+ * than one CPU (fw_cfg key 5): INIT/SIPI start-up of every AP through a
+ * real-mode trampoline at 0x8000, and one fixed IPI to each AP by APIC ID. */
     .set APIC, 0xFEE00000
     .set ROUNDS, 1000
     .text
@@ -38,7 +41,8 @@ long_start:
     xor %ecx, %ecx
 2:  lea default_handler(%rip), %rax
     cmp $0x40, %ecx; jne 3f; lea ipi_handler(%rip), %rax
-3:  cmp $0x41, %ecx; jne 4f; lea timer_handler(%rip), %rax
+3:  cmp $0x41, %ecx; jne 31f; lea timer_handler(%rip), %rax
+31: cmp $0x42, %ecx; jne 4f; lea ap_ipi_handler(%rip), %rax
 4:  mov %ax, (%rdi)
     movw $0x08, 2(%rdi)
     movw $0x8E00, 4(%rdi)
@@ -82,14 +86,86 @@ long_start:
     mov $0x0B, %eax; mov $0x3E0, %edi; call apic_write
     mov $0x41, %eax; mov $0x320, %edi; call apic_write
     mov $200000, %eax; mov $0x380, %edi; call apic_write
-7:  hlt
+7:  cli                         /* check, then sti; hlt (the STI shadow closes the race) */
     cmpl $0, timer_count(%rip)
-    je 7b
+    jne 71f
+    sti
+    hlt
+    jmp 7b
+71: sti
     lea msg_timer(%rip), %rsi; call puts
+    /* CPU count from fw_cfg */
+    mov $0x510, %dx; mov $5, %ax; out %ax, %dx
+    mov $0x511, %dx; in %dx, %al; movzbl %al, %ebx; in %dx, %al; movzbl %al, %eax; shl $8, %eax; or %eax, %ebx
+    mov %ebx, ncpus(%rip)
+    cmp $1, %ebx
+    jbe 90f
+    /* copy the trampoline to 0x8000 */
+    lea tramp_start(%rip), %rsi
+    mov $0x8000, %edi
+    mov $(tramp_end - tramp_start), %ecx
+    rep movsb
+    /* INIT, then SIPI (vector 8 = 0x8000) to all excluding self */
+    mov $0x000C4500, %eax; call send_icr_all
+    mov $0x000C4608, %eax; call send_icr_all
+    mov ncpus(%rip), %ebx; dec %ebx
+    lea ap_started(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 91f
+    lea msg_smp(%rip), %rsi; call puts
+    /* one fixed IPI 0x42 to each AP, by physical APIC ID */
+    mov $1, %r12d
+10: cmp ncpus(%rip), %r12d
+    jae 11f
+    mov %r12d, %edx; mov $0x42, %eax; call send_ipi
+    inc %r12d
+    jmp 10b
+11: mov ncpus(%rip), %ebx; dec %ebx
+    lea ap_ipi_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 92f
+    lea msg_apipi(%rip), %rsi; call puts
+    jmp 90f
+91: lea msg_smp_fail(%rip), %rsi; call puts
+    jmp 90f
+92: lea msg_apipi_fail(%rip), %rsi; call puts
+90:
     lea msg_done(%rip), %rsi; call puts
     xor %eax, %eax
     out %eax, $0xF4
 8:  cli; hlt; jmp 8b
+
+/* wait until the u32 at rdi reaches ebx; eax = 0 ok, 1 on timeout (~4 s of TSC) */
+wait_count:
+    push %rbx
+    rdtsc; shl $32, %rdx; or %rax, %rdx; mov %rdx, %r9
+    mov $10000000000, %r10; add %r10, %r9
+1:  cmp (%rdi), %ebx
+    jbe 2f
+    pause
+    rdtsc; shl $32, %rdx; or %rax, %rdx
+    cmp %r9, %rdx
+    jb 1b
+    pop %rbx; mov $1, %eax; ret
+2:  pop %rbx; xor %eax, %eax; ret
+
+/* ICR low = eax with a shorthand (no destination) */
+send_icr_all:
+    cmpl $0, x2(%rip); jne 1f
+    mov $APIC, %r8d
+    movl %eax, 0x300(%r8)
+    ret
+1:  mov $0x830, %ecx; xor %edx, %edx; wrmsr
+    ret
+
+/* fixed IPI: eax = ICR low, edx = destination APIC ID */
+send_ipi:
+    cmpl $0, x2(%rip); jne 1f
+    mov $APIC, %r8d
+    shl $24, %edx
+    movl %edx, 0x310(%r8)
+    movl %eax, 0x300(%r8)
+    ret
+1:  mov $0x830, %ecx; wrmsr
+    ret
 
 /* eax = value, edi = xAPIC offset */
 apic_write:
@@ -105,6 +181,10 @@ eoi:
     xor %eax, %eax; mov $0xB0, %edi; call apic_write
     pop %rdx; pop %rcx; pop %rdi; pop %rax
     ret
+ap_ipi_handler:
+    lock incl ap_ipi_count(%rip)
+    call eoi
+    iretq
 ipi_handler:
     incl ipi_count(%rip)
     call eoi
@@ -119,6 +199,48 @@ default_handler:
     out %eax, $0xF4
     jmp 8b
 
+/* ---- AP start-up: real mode at 0x8000 -> 32-bit -> long mode ---- */
+    .code16
+tramp_start:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    lgdtl 0x8000 + (tramp_gdtp - tramp_start)
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x18, $ap32
+    .balign 8
+tramp_gdtp:
+    .word 31
+    .long gdt
+tramp_end:
+
+    .code32
+ap32:
+    mov $0x10, %ax
+    mov %ax, %ds; mov %ax, %es; mov %ax, %ss
+    mov $pml4, %eax; mov %eax, %cr3
+    mov %cr4, %eax; or $0x620, %eax; mov %eax, %cr4
+    mov $0xC0000080, %ecx; rdmsr; or $0x100, %eax; wrmsr
+    mov %cr0, %eax; or $0x80000001, %eax; mov %eax, %cr0
+    ljmp $0x08, $ap64
+
+    .code64
+ap64:
+    mov $1, %eax
+    lock xadd %eax, ap_next(%rip)
+    inc %eax
+    shl $12, %eax
+    lea ap_stacks(%rip), %rsp
+    add %rax, %rsp
+    lidt idt_ptr(%rip)
+    mov $0x1FF, %eax; mov $0xF0, %edi; call apic_write
+    lock incl ap_started(%rip)
+1:  sti
+    hlt
+    jmp 1b
+
 puts:                           /* rsi = NUL-terminated string */
     mov $0x3F8, %dx
 1:  lodsb
@@ -130,8 +252,8 @@ puts:                           /* rsi = NUL-terminated string */
 
     .data
     .balign 8
-gdt: .quad 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF
-gdt_ptr: .word 23
+gdt: .quad 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CF9A000000FFFF
+gdt_ptr: .word 31
     .long gdt
     .balign 8
 idt_ptr: .word 256*16-1
@@ -139,6 +261,14 @@ idt_ptr: .word 256*16-1
 x2: .long 0
 ipi_count: .long 0
 timer_count: .long 0
+ncpus: .long 1
+ap_started: .long 0
+ap_ipi_count: .long 0
+ap_next: .long 0
+msg_smp: .asciz "PASS smp_startup\n"
+msg_smp_fail: .asciz "FAIL smp_startup: not every AP came up\n"
+msg_apipi: .asciz "PASS ipi_to_aps\n"
+msg_apipi_fail: .asciz "FAIL ipi_to_aps: not every AP took its IPI\n"
 msg_hello: .asciz "mini guest: hello\n"
 msg_ipi: .asciz "PASS self_ipi_1000\n"
 msg_timer: .asciz "PASS timer_oneshot\n"
@@ -153,3 +283,4 @@ pd3: .skip 4096
 idt: .skip 256*16
     .skip 8192
 stack_top:
+ap_stacks: .skip 4096*64
