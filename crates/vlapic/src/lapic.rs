@@ -121,7 +121,7 @@ impl LapicConfig {
     /// Bits of IA32_APIC_BASE a write may not set.
     pub fn apic_base_reserved(&self) -> u64 {
         let width = u32::from(self.max_phys_addr.clamp(12, 63));
-        let addr = ((1u64 << width) - 1) & !0xFFF;
+        let addr = (1u64 << width).wrapping_sub(1) & !0xFFF;
         let ext = if self.x2apic { APIC_BASE_EXTD } else { 0 };
         !(addr | APIC_BASE_BSP | APIC_BASE_EN | ext)
     }

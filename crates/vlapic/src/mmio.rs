@@ -26,12 +26,12 @@ impl LocalApic {
         let Some(reg) = self.xapic_reg(offset & !0xF) else {
             return;
         };
-        if !matches!(len, 1 | 2 | 4) || within + len > 4 {
+        if !matches!(len, 1 | 2 | 4) || within.saturating_add(len) > 4 {
             self.stats.ignored_access = self.stats.ignored_access.saturating_add(1);
             return;
         }
         let bytes = (self.read_reg(reg) as u32).to_le_bytes();
-        if let Some(src) = bytes.get(within..within + len) {
+        if let Some(src) = bytes.get(within..within.saturating_add(len)) {
             data.copy_from_slice(src);
         }
     }

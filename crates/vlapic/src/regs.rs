@@ -147,9 +147,9 @@ impl Reg {
             0x0D0 => Reg::Ldr,
             0x0E0 => Reg::Dfr,
             0x0F0 => Reg::Svr,
-            0x100..=0x170 => Reg::Isr(((offset - 0x100) >> 4) as u8),
-            0x180..=0x1F0 => Reg::Tmr(((offset - 0x180) >> 4) as u8),
-            0x200..=0x270 => Reg::Irr(((offset - 0x200) >> 4) as u8),
+            0x100..=0x170 => Reg::Isr(((offset & 0x70) >> 4) as u8),
+            0x180..=0x1F0 => Reg::Tmr(((offset.wrapping_sub(0x180) & 0x70) >> 4) as u8),
+            0x200..=0x270 => Reg::Irr(((offset & 0x70) >> 4) as u8),
             0x280 => Reg::Esr,
             0x2F0 => Reg::LvtCmci,
             0x300 => Reg::IcrLow,
@@ -177,7 +177,7 @@ impl Reg {
         if msr == 0x83F {
             return Some(Reg::SelfIpi);
         }
-        match Reg::from_offset(u64::from(msr - MSR_X2APIC_FIRST) << 4)? {
+        match Reg::from_offset(u64::from(msr & 0xFF) << 4)? {
             Reg::Apr | Reg::Rrd | Reg::Dfr | Reg::IcrHigh => None,
             reg => Some(reg),
         }
@@ -196,9 +196,9 @@ impl Reg {
             Reg::Ldr => 0x0D0,
             Reg::Dfr => 0x0E0,
             Reg::Svr => 0x0F0,
-            Reg::Isr(i) => 0x100 + 0x10 * u16::from(i & 7),
-            Reg::Tmr(i) => 0x180 + 0x10 * u16::from(i & 7),
-            Reg::Irr(i) => 0x200 + 0x10 * u16::from(i & 7),
+            Reg::Isr(i) => 0x100 | u16::from(i & 7) << 4,
+            Reg::Tmr(i) => 0x180 | u16::from(i & 7) << 4,
+            Reg::Irr(i) => 0x200 | u16::from(i & 7) << 4,
             Reg::Esr => 0x280,
             Reg::LvtCmci => 0x2F0,
             Reg::IcrLow => 0x300,

@@ -35,20 +35,26 @@ impl Default for TimerClock {
 impl TimerClock {
     /// Guest TSC value at VM time `ns` (saturating).
     pub fn ns_to_tsc(&self, ns: u64) -> u64 {
-        let t = u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000;
+        let t = u128::from(ns).saturating_mul(u128::from(self.tsc_hz)) / NS_PER_SEC;
         u64::try_from(t).unwrap_or(u64::MAX)
     }
 
     /// The first VM time at which the guest TSC reaches `tsc`; `None` when it never
     /// does in 64-bit nanoseconds (or the TSC frequency is 0).
     pub fn tsc_to_ns(&self, tsc: u64) -> Option<u64> {
-        let num = u128::from(tsc) * 1_000_000_000;
+        let num = u128::from(tsc).saturating_mul(NS_PER_SEC);
         let hz = u128::from(self.tsc_hz);
         let q = num.checked_div(hz)?;
-        let ns = if num % hz == 0 { q } else { q + 1 };
+        let ns = if num.checked_rem(hz) == Some(0) {
+            q
+        } else {
+            q.saturating_add(1)
+        };
         u64::try_from(ns).ok()
     }
 }
+
+const NS_PER_SEC: u128 = 1_000_000_000;
 
 /// Divisor selected by the divide configuration register (SDM Figure 11-10):
 /// bits 1:0 and bit 3 form a 3-bit value d; the divisor is 2^((d + 1) mod 8).
@@ -61,7 +67,7 @@ impl TimerClock {
 /// ```
 pub const fn divisor(dcr: u32) -> u64 {
     let d = (dcr & 3) | ((dcr >> 1) & 4);
-    1u64 << ((d + 1) & 7)
+    1u64 << (d.wrapping_add(1) & 7)
 }
 
 /// What an expiry check found.
@@ -128,7 +134,7 @@ impl Timer {
         };
         let remaining = deadline.saturating_sub(now);
         let tick = self.tick_ns(clock).max(1);
-        let ticks = remaining / tick + u64::from(remaining % tick != 0);
+        let ticks = remaining.div_ceil(tick);
         u32::try_from(ticks).unwrap_or(u32::MAX).min(self.initial)
     }
 
@@ -209,8 +215,8 @@ impl Timer {
             TimerMode::OneShot => {}
             TimerMode::Periodic => {
                 if let Some(period) = self.period_ns(clock).filter(|&p| p > 0) {
-                    let late = now - deadline;
-                    out.missed = late / period;
+                    let late = now.saturating_sub(deadline);
+                    out.missed = late.checked_div(period).unwrap_or(0);
                     self.deadline = out
                         .missed
                         .checked_add(1)
@@ -229,6 +235,7 @@ impl Timer {
 
     /// Installs imported state: the expiry time is clamped so that the current count
     /// never exceeds the initial count (returns whether it had to be clamped).
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &mut self,
         initial: u32,

@@ -78,13 +78,11 @@ impl VectorSet {
     /// The highest vector in the set, scanning words 7 down to 0.
     #[inline]
     pub fn highest(&self) -> Option<u8> {
-        let mut i = 8;
-        while i > 0 {
-            i -= 1;
+        for i in (0..8usize).rev() {
             let w = self.words[i];
             if w != 0 {
-                // i < 8 and the bit index < 32, so this fits in a u8.
-                return Some(((i as u32) << 5 | (31 - w.leading_zeros())) as u8);
+                // i < 8 and the bit index (31 - leading zeros, i.e. 31 ^ lz) < 32.
+                return Some(((i as u32) << 5 | (31 ^ w.leading_zeros())) as u8);
             }
         }
         None
@@ -134,9 +132,7 @@ impl VectorSet {
 
 impl fmt::Debug for VectorSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set()
-            .entries(self.iter().map(|v| VectorHex(v)))
-            .finish()
+        f.debug_set().entries(self.iter().map(VectorHex)).finish()
     }
 }
 
@@ -170,10 +166,10 @@ impl Iterator for VectorIter {
         while let Some(w) = self.words.get_mut(self.word) {
             if *w != 0 {
                 let bit = w.trailing_zeros();
-                *w &= *w - 1;
+                *w &= w.wrapping_sub(1);
                 return Some(((self.word as u32) << 5 | bit) as u8);
             }
-            self.word += 1;
+            self.word = self.word.saturating_add(1);
         }
         None
     }

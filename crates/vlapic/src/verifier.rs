@@ -147,7 +147,7 @@ impl Verifier {
         for v in isr.iter() {
             if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
                 *slot = v;
-                self.depth += 1;
+                self.depth = self.depth.saturating_add(1);
             }
         }
         self.note_depth();
@@ -173,7 +173,7 @@ impl Verifier {
         match self.stack.get_mut(usize::from(self.depth)) {
             Some(slot) => {
                 *slot = vector;
-                self.depth += 1;
+                self.depth = self.depth.saturating_add(1);
                 self.note_depth();
                 self.check(isr, Checkpoint::Accept, Some(vector));
             }
@@ -204,7 +204,7 @@ impl Verifier {
             );
             return;
         }
-        self.depth -= 1;
+        self.depth = self.depth.saturating_sub(1);
         self.check(isr, Checkpoint::Eoi, Some(vector));
     }
 
@@ -248,7 +248,7 @@ impl Verifier {
         for v in isr.iter() {
             if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
                 *slot = v;
-                self.depth += 1;
+                self.depth = self.depth.saturating_add(1);
             }
         }
         self.note_depth();
