@@ -375,9 +375,11 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                         "triple fault (KVM_EXIT_SHUTDOWN)".into(),
                     ))
                 }
-                VcpuExit::FailEntry(reason, cpu) => end = Some(Outcome::GuestCrash(format!(
+                VcpuExit::FailEntry(reason, cpu) => {
+                    end = Some(Outcome::GuestCrash(format!(
                     "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on cpu {cpu}"
-                ))),
+                )))
+                }
                 VcpuExit::InternalError => {
                     end = Some(Outcome::GuestCrash("KVM internal error".into()))
                 }
