@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use crate::kick::lock;
+use crate::summary::{exit_delta, ExitCounts, ExitStats};
 
 /// Where guest console output is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub struct Scenario {
     pub status: String,
     /// Failure detail or skip reason.
     pub detail: String,
+    /// VM exits (all vCPUs) between the previous report line and this one.
+    pub exits: ExitCounts,
 }
 
 /// Everything parsed from the console.
@@ -40,10 +43,11 @@ pub struct ConsoleLog {
     /// The last lines (for crash reports).
     pub tail: Vec<String>,
     partial: Vec<u8>,
+    last_exits: ExitCounts,
 }
 
 impl ConsoleLog {
-    fn line(&mut self, line: &str) {
+    fn line(&mut self, line: &str, exits: Option<ExitCounts>) {
         let line = line.trim_end_matches('\r');
         if self.tail.len() >= 20 {
             self.tail.remove(0);
@@ -55,10 +59,14 @@ impl ConsoleLog {
                     Some((n, d)) => (n.trim(), d.trim()),
                     None => (rest.trim(), ""),
                 };
+                let now = exits.unwrap_or(self.last_exits);
+                let delta = exit_delta(&now, &self.last_exits);
+                self.last_exits = now;
                 self.scenarios.push(Scenario {
                     name: name.to_string(),
                     status: status.to_string(),
                     detail: detail.to_string(),
+                    exits: delta,
                 });
                 return;
             }
@@ -79,14 +87,17 @@ impl ConsoleLog {
 pub struct ConsoleOut {
     sink: ConsoleSink,
     log: Arc<Mutex<ConsoleLog>>,
+    stats: Option<Arc<ExitStats>>,
 }
 
 impl ConsoleOut {
-    /// A console copying to `sink`.
-    pub fn new(sink: ConsoleSink) -> Self {
+    /// A console copying to `sink`; with `stats`, each scenario line records the
+    /// exits since the previous one.
+    pub fn new(sink: ConsoleSink, stats: Option<Arc<ExitStats>>) -> Self {
         Self {
             sink,
             log: Arc::new(Mutex::new(ConsoleLog::default())),
+            stats,
         }
     }
 
@@ -96,7 +107,7 @@ impl ConsoleOut {
         if !l.partial.is_empty() {
             let s = String::from_utf8_lossy(&l.partial).into_owned();
             l.partial.clear();
-            l.line(&s);
+            l.line(&s, self.stats.as_ref().map(|st| st.total()));
         }
         l
     }
@@ -118,7 +129,10 @@ impl Write for ConsoleOut {
         for &b in buf {
             if b == b'\n' {
                 let p = std::mem::take(&mut l.partial);
-                l.line(&String::from_utf8_lossy(&p));
+                l.line(
+                    &String::from_utf8_lossy(&p),
+                    self.stats.as_ref().map(|st| st.total()),
+                );
             } else if l.partial.len() < 4096 {
                 l.partial.push(b);
             }

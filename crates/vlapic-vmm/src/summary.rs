@@ -55,6 +55,70 @@ pub const EXIT_NAMES: [&str; EXIT_REASONS] = [
 /// Exit counts by reason.
 pub type ExitCounts = [u64; EXIT_REASONS];
 
+/// Live exit counters, one row per vCPU (read by the console to attribute
+/// exits to scenarios while the guest runs).
+pub struct ExitStats {
+    rows: Vec<[std::sync::atomic::AtomicU64; EXIT_REASONS]>,
+}
+
+impl ExitStats {
+    /// Counters for `n` vCPUs.
+    pub fn new(n: usize) -> Self {
+        Self {
+            rows: (0..n).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Counts one exit of `vcpu`.
+    pub fn count(&self, vcpu: usize, r: ExitReason) {
+        if let Some(c) = self.rows.get(vcpu).and_then(|row| row.get(r as usize)) {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// One vCPU's counts.
+    pub fn vcpu(&self, vcpu: usize) -> ExitCounts {
+        let mut t = [0u64; EXIT_REASONS];
+        if let Some(row) = self.rows.get(vcpu) {
+            for (a, c) in t.iter_mut().zip(row.iter()) {
+                *a = c.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        t
+    }
+
+    /// Counts summed over vCPUs.
+    pub fn total(&self) -> ExitCounts {
+        let mut t = [0u64; EXIT_REASONS];
+        for i in 0..self.rows.len() {
+            for (a, b) in t.iter_mut().zip(self.vcpu(i).iter()) {
+                *a = a.saturating_add(*b);
+            }
+        }
+        t
+    }
+}
+
+/// `a - b` per reason.
+pub fn exit_delta(a: &ExitCounts, b: &ExitCounts) -> ExitCounts {
+    let mut d = [0u64; EXIT_REASONS];
+    for ((d, a), b) in d.iter_mut().zip(a.iter()).zip(b.iter()) {
+        *d = a.saturating_sub(*b);
+    }
+    d
+}
+
+/// "name n, name n" for the non-zero counts.
+pub fn exit_list(c: &ExitCounts) -> String {
+    EXIT_NAMES
+        .iter()
+        .zip(c.iter())
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// How the run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -208,8 +272,20 @@ impl RunReport {
                 .map(|d| format!("  [{d}]"))
                 .unwrap_or_default()
         );
-        for sc in self.console.scenarios.iter().filter(|s| s.status == "FAIL") {
-            let _ = writeln!(s, "  FAIL {}: {}", sc.name, sc.detail);
+        for sc in &self.console.scenarios {
+            let n: u64 = sc.exits.iter().sum();
+            let detail = if sc.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", sc.detail)
+            };
+            let _ = writeln!(
+                s,
+                "  {} {}{detail}  [{n} exits: {}]",
+                sc.status,
+                sc.name,
+                exit_list(&sc.exits)
+            );
         }
         let _ = writeln!(s, "max nesting:  {}", self.max_nesting);
         let _ = writeln!(s, "violations:   {}", self.violations);
@@ -284,7 +360,15 @@ impl RunReport {
             .console
             .scenarios
             .iter()
-            .map(|s| serde_json::json!({"name": s.name, "status": s.status, "detail": s.detail}))
+            .map(|s| {
+                let ex: serde_json::Map<String, serde_json::Value> = EXIT_NAMES
+                    .iter()
+                    .zip(s.exits.iter())
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| ((*k).to_string(), serde_json::json!(n)))
+                    .collect();
+                serde_json::json!({"name": s.name, "status": s.status, "detail": s.detail, "exits": ex})
+            })
             .collect();
         serde_json::json!({
             "outcome": self.outcome_text(),

@@ -15,7 +15,7 @@ use crate::clock::VmClock;
 use crate::devices::IoBus;
 use crate::irqchip::{Irqchip, Wake};
 use crate::kick::{lock, TimerService, VcpuKick};
-use crate::summary::{ExitCounts, ExitReason, Outcome, VcpuReport, EXIT_REASONS};
+use crate::summary::{ExitReason, ExitStats, Outcome, VcpuReport};
 
 /// KVM_INTERRUPT, which kvm-ioctls does not wrap.
 mod raw {
@@ -54,6 +54,8 @@ pub struct Shared {
     pub wild_mmio: AtomicU64,
     /// MSR accesses answered with #GP.
     pub msr_gp: AtomicU64,
+    /// Exit counters.
+    pub exits: Arc<ExitStats>,
 }
 
 impl Shared {
@@ -152,12 +154,6 @@ pub fn run_vcpu(mut v: Vcpu, sh: Arc<Shared>) -> (Vcpu, VcpuReport) {
     (v, rep)
 }
 
-fn count(exits: &mut ExitCounts, r: ExitReason) {
-    if let Some(c) = exits.get_mut(r as usize) {
-        *c = c.saturating_add(1);
-    }
-}
-
 fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
     let mut s = v.reset_sregs;
     s.cs.selector = u16::from(vector) << 8;
@@ -175,7 +171,6 @@ fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
 
 fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
     let me = v.index;
-    let mut exits = [0u64; EXIT_REASONS];
     let mut state = if v.start_running {
         RunState::Running
     } else {
@@ -246,6 +241,8 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         if state == RunState::WaitForSipi {
             sh.set_stuck(me, true);
             kick.park(Duration::from_millis(100));
+            // We re-evaluate everything at the top: a kick that woke us needs no VM exit.
+            kick.clear_immediate_exit();
             sh.set_stuck(me, false);
             continue;
         }
@@ -282,6 +279,8 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     sh.set_stuck(me, true);
                 }
                 kick.park(Duration::from_millis(100));
+                // We re-evaluate everything at the top: a kick that woke us needs no VM exit.
+                kick.clear_immediate_exit();
                 if !halt_if {
                     sh.set_stuck(me, false);
                 }
@@ -393,7 +392,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
             }
             Err(e) => end = Some(Outcome::VmmError(format!("KVM_RUN: {e}"))),
         }
-        count(&mut exits, why);
+        sh.exits.count(me, why);
         if why == ExitReason::Hlt {
             let r = v.fd.get_kvm_run();
             state = RunState::Halted(r.if_flag != 0);
@@ -431,6 +430,6 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
             guest_cr8 = Some(c);
         }
     }
-    rep.exits = exits;
+    rep.exits = sh.exits.vcpu(me);
     state
 }

@@ -20,7 +20,7 @@ use crate::irqchip::{FabricConfig, Irqchip};
 use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
-use crate::summary::{Outcome, RunReport, VcpuReport};
+use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
 use crate::vcpu::{run_vcpu, Shared, Vcpu};
 use crate::{cpuid, VmmError};
 
@@ -207,9 +207,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
         fd.set_cpuid2(&c).map_err(|e| setup(e, "KVM_SET_CPUID2"))?;
         init_fpu(&fd)?;
-        fds.push(fd);
+        let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
+        fds.push((fd, reset));
     }
-    let Some(bsp) = fds.first() else {
+    let Some((bsp, _)) = fds.first() else {
         return Err(VmmError::Setup("no vCPU".into()));
     };
 
@@ -229,7 +230,6 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     // BSP: 32-bit protected mode, paging off, multiboot registers.
     let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
-    let reset_bsp = sregs;
     sregs.cs = flat_segment(true);
     for s in [
         &mut sregs.ds,
@@ -278,7 +278,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ioapic_pins: 24,
         ioapic_id: n as u8,
     });
-    let console = ConsoleOut::new(cfg.console);
+    let exits = Arc::new(ExitStats::new(n));
+    let console = ConsoleOut::new(cfg.console, Some(exits.clone()));
     let io = IoBus::new(console.clone(), n as u16, ram.size());
     let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
     let timers = Arc::new(TimerService::new(n));
@@ -294,6 +295,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
         wild_mmio: AtomicU64::new(0),
         msr_gp: AtomicU64::new(0),
+        exits,
     });
 
     let start = Instant::now();
@@ -306,11 +308,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             .map_err(|e| VmmError::Internal(format!("cannot start the timer thread: {e}")))?
     };
     let mut handles = Vec::with_capacity(n);
-    for (i, fd) in fds.into_iter().enumerate() {
+    for (i, (fd, reset_sregs)) in fds.into_iter().enumerate() {
         let v = Vcpu {
             index: i,
             fd,
-            reset_sregs: if i == 0 { reset_bsp } else { reset_bsp },
+            reset_sregs,
             start_running: i == 0,
         };
         let s = sh.clone();

@@ -94,6 +94,31 @@ long_start:
     jmp 7b
 71: sti
     lea msg_timer(%rip), %rsi; call puts
+    /* periodic timer while the CPU spins: 100 interrupts, 100 us period */
+    movl $0, timer_count(%rip)
+    mov $0x20041, %eax; mov $0x320, %edi; call apic_write
+    mov $100000, %eax; mov $0x380, %edi; call apic_write
+20: cmpl $100, timer_count(%rip)
+    jb 20b
+    mov $0x10041, %eax; mov $0x320, %edi; call apic_write
+    xor %eax, %eax; mov $0x380, %edi; call apic_write
+    lea msg_periodic(%rip), %rsi; call puts
+    /* 100 one-shot interrupts, each taken from HLT */
+    mov $0x41, %eax; mov $0x320, %edi; call apic_write
+    xor %r13d, %r13d
+21: movl $0, timer_count(%rip)
+    mov $50000, %eax; mov $0x380, %edi; call apic_write
+22: cli
+    cmpl $0, timer_count(%rip)
+    jne 23f
+    sti
+    hlt
+    jmp 22b
+23: sti
+    inc %r13d
+    cmp $100, %r13d
+    jb 21b
+    lea msg_hlt(%rip), %rsi; call puts
     /* CPU count from fw_cfg */
     mov $0x510, %dx; mov $5, %ax; out %ax, %dx
     mov $0x511, %dx; in %dx, %al; movzbl %al, %ebx; in %dx, %al; movzbl %al, %eax; shl $8, %eax; or %eax, %ebx
@@ -272,6 +297,8 @@ msg_apipi_fail: .asciz "FAIL ipi_to_aps: not every AP took its IPI\n"
 msg_hello: .asciz "mini guest: hello\n"
 msg_ipi: .asciz "PASS self_ipi_1000\n"
 msg_timer: .asciz "PASS timer_oneshot\n"
+msg_periodic: .asciz "PASS timer_periodic_100\n"
+msg_hlt: .asciz "PASS timer_from_hlt_100\n"
 msg_done: .asciz "DONE mini\n"
 msg_unexp: .asciz "FAIL unexpected: exception or stray vector\n"
     .bss
