@@ -13,7 +13,7 @@ fn check(vcpus: usize, x2apic: bool) {
     let rep = boot(mini_guest(), vcpus, x2apic, 60);
     let text = rep.text();
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{text}");
-    let want = if vcpus > 1 { 4 } else { 2 };
+    let want = if vcpus > 1 { 6 } else { 4 };
     assert_eq!(rep.passed(), want, "{text}");
     assert_eq!(rep.failed(), 0, "{text}");
     assert_eq!(rep.violations, 0, "{text}");
@@ -23,7 +23,7 @@ fn check(vcpus: usize, x2apic: bool) {
         assert_eq!(v.sipis, 1, "{text}");
         assert!(v.interrupts >= 1, "{text}");
     }
-    assert!(rep.vcpus[0].interrupts >= 1001, "{text}");
+    assert!(rep.vcpus[0].interrupts >= 1201, "{text}");
     println!("{text}");
 }
 
