@@ -25,6 +25,10 @@ mod raw {
 }
 use raw::KVM_INTERRUPT;
 
+/// How often a vCPU whose pending vector is held back by TPR alone is kicked to
+/// re-read CR8 (VM nanoseconds).
+pub const TPR_POLL_NS: u64 = 200_000;
+
 /// Guest-physical page of the IOAPIC.
 pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
 /// Default xAPIC page (used for routing while an APIC has no MMIO page).
@@ -107,6 +111,8 @@ struct Verdict {
     events: Events,
     injected: Option<u8>,
     pending: bool,
+    /// An IRR vector is held back by TPR alone (not by ISR).
+    tpr_blocked: bool,
     cr8: u64,
     deadline: Option<u64>,
     mmio_base: Option<u64>,
@@ -209,6 +215,10 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 events,
                 injected,
                 pending: a.pending_vector().is_some(),
+                tpr_blocked: a.pending_vector().is_none()
+                    && a.irr()
+                        .highest()
+                        .is_some_and(|v| v >> 4 > a.isr().highest().unwrap_or(0) >> 4),
                 cr8: a.cr8(),
                 deadline: a.next_timer_deadline(),
                 mmio_base: a.mmio_base(),
@@ -220,8 +230,16 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         };
         sh.kick(me, &wake);
         let mmio_base = vd.mmio_base;
-        if vd.deadline != armed {
-            armed = vd.deadline;
+        // A guest that lowers CR8 does not always exit (KVM's emulator path gives
+        // no KVM_EXIT_SET_TPR), so while TPR alone holds a vector back, poll.
+        let want = if vd.tpr_blocked && state == RunState::Running {
+            let poll = now.saturating_add(TPR_POLL_NS);
+            Some(vd.deadline.map_or(poll, |d| d.min(poll)))
+        } else {
+            vd.deadline
+        };
+        if want != armed {
+            armed = want;
             sh.timers.arm(me, armed);
         }
 

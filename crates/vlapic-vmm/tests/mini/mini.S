@@ -42,7 +42,8 @@ long_start:
 2:  lea default_handler(%rip), %rax
     cmp $0x40, %ecx; jne 3f; lea ipi_handler(%rip), %rax
 3:  cmp $0x41, %ecx; jne 31f; lea timer_handler(%rip), %rax
-31: cmp $0x42, %ecx; jne 4f; lea ap_ipi_handler(%rip), %rax
+31: cmp $0x42, %ecx; jne 32f; lea ap_ipi_handler(%rip), %rax
+32: cmp $0x02, %ecx; jne 4f; lea nmi_handler(%rip), %rax
 4:  mov %ax, (%rdi)
     movw $0x08, 2(%rdi)
     movw $0x8E00, 4(%rdi)
@@ -119,6 +120,35 @@ long_start:
     cmp $100, %r13d
     jb 21b
     lea msg_hlt(%rip), %rsi; call puts
+    /* NMI to self by physical destination (our APIC ID is 0) */
+    xor %edx, %edx; mov $0x400, %eax; call send_ipi
+    mov $1, %ebx
+    lea nmi_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 24f
+    lea msg_nmi(%rip), %rsi; call puts
+    jmp 25f
+24: lea msg_nmi_fail(%rip), %rsi; call puts
+25:
+    /* CR8 = 15 holds back a class-4 self-IPI; CR8 = 0 lets it in */
+    mov ipi_count(%rip), %r14d
+    mov $15, %eax; mov %rax, %cr8
+    xor %edx, %edx; mov $0x40040, %eax; call send_icr_all_self
+    mov $20000, %ecx
+26: pause
+    dec %ecx
+    jnz 26b
+    cmp ipi_count(%rip), %r14d
+    jne 27f
+    xor %eax, %eax; mov %rax, %cr8
+    inc %r14d
+    mov %r14d, %ebx
+    lea ipi_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 27f
+    lea msg_cr8(%rip), %rsi; call puts
+    jmp 28f
+27: xor %eax, %eax; mov %rax, %cr8
+    lea msg_cr8_fail(%rip), %rsi; call puts
+28:
     /* CPU count from fw_cfg */
     mov $0x510, %dx; mov $5, %ax; out %ax, %dx
     mov $0x511, %dx; in %dx, %al; movzbl %al, %ebx; in %dx, %al; movzbl %al, %eax; shl $8, %eax; or %eax, %ebx
@@ -181,6 +211,16 @@ send_icr_all:
 1:  mov $0x830, %ecx; xor %edx, %edx; wrmsr
     ret
 
+/* self IPI with vector in eax's low byte (shorthand self) */
+send_icr_all_self:
+    cmpl $0, x2(%rip); jne 1f
+    mov $APIC, %r8d
+    movl %eax, 0x300(%r8)
+    ret
+1:  and $0xFF, %eax
+    mov $0x83F, %ecx; xor %edx, %edx; wrmsr
+    ret
+
 /* fixed IPI: eax = ICR low, edx = destination APIC ID */
 send_ipi:
     cmpl $0, x2(%rip); jne 1f
@@ -206,6 +246,9 @@ eoi:
     xor %eax, %eax; mov $0xB0, %edi; call apic_write
     pop %rdx; pop %rcx; pop %rdi; pop %rax
     ret
+nmi_handler:
+    lock incl nmi_count(%rip)
+    iretq
 ap_ipi_handler:
     lock incl ap_ipi_count(%rip)
     call eoi
@@ -299,6 +342,11 @@ msg_ipi: .asciz "PASS self_ipi_1000\n"
 msg_timer: .asciz "PASS timer_oneshot\n"
 msg_periodic: .asciz "PASS timer_periodic_100\n"
 msg_hlt: .asciz "PASS timer_from_hlt_100\n"
+msg_nmi: .asciz "PASS nmi_self\n"
+msg_nmi_fail: .asciz "FAIL nmi_self: no NMI\n"
+msg_cr8: .asciz "PASS cr8_masks\n"
+msg_cr8_fail: .asciz "FAIL cr8_masks: CR8 did not hold back the IPI, or lowering it did not release it\n"
+nmi_count: .long 0
 msg_done: .asciz "DONE mini\n"
 msg_unexp: .asciz "FAIL unexpected: exception or stray vector\n"
     .bss
