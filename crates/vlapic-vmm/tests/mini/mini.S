@@ -43,7 +43,9 @@ long_start:
     cmp $0x40, %ecx; jne 3f; lea ipi_handler(%rip), %rax
 3:  cmp $0x41, %ecx; jne 31f; lea timer_handler(%rip), %rax
 31: cmp $0x42, %ecx; jne 32f; lea ap_ipi_handler(%rip), %rax
-32: cmp $0x02, %ecx; jne 4f; lea nmi_handler(%rip), %rax
+32: cmp $0x02, %ecx; jne 33f; lea nmi_handler(%rip), %rax
+33: cmp $0x43, %ecx; jne 34f; lea ioapic_edge_handler(%rip), %rax
+34: cmp $0x44, %ecx; jne 4f; lea ioapic_level_handler(%rip), %rax
 4:  mov %ax, (%rdi)
     movw $0x08, 2(%rdi)
     movw $0x8E00, 4(%rdi)
@@ -149,6 +151,24 @@ long_start:
 27: xor %eax, %eax; mov %rax, %cr8
     lea msg_cr8_fail(%rip), %rsi; call puts
 28:
+    /* IOAPIC: pin 5 edge -> 0x43, pin 6 level -> 0x44, raised with pc-testdev ports */
+    mov $0x10 + 2*5, %edi; mov $0x43, %eax; call ioapic_write
+    mov $0x11 + 2*5, %edi; xor %eax, %eax; call ioapic_write
+    mov $0x10 + 2*6, %edi; mov $0x8044, %eax; call ioapic_write
+    mov $0x11 + 2*6, %edi; xor %eax, %eax; call ioapic_write
+    mov $1, %al; mov $0x2005, %dx; out %al, %dx
+    mov $0, %al; out %al, %dx
+    mov $1, %ebx
+    lea ioapic_edge_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 29f
+    mov $1, %al; mov $0x2006, %dx; out %al, %dx      /* handler lowers it before EOI */
+    mov $1, %ebx
+    lea ioapic_level_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 29f
+    lea msg_ioapic(%rip), %rsi; call puts
+    jmp 30f
+29: lea msg_ioapic_fail(%rip), %rsi; call puts
+30:
     /* CPU count from fw_cfg */
     mov $0x510, %dx; mov $5, %ax; out %ax, %dx
     mov $0x511, %dx; in %dx, %al; movzbl %al, %ebx; in %dx, %al; movzbl %al, %eax; shl $8, %eax; or %eax, %ebx
@@ -232,6 +252,13 @@ send_ipi:
 1:  mov $0x830, %ecx; wrmsr
     ret
 
+/* IOAPIC register edi = eax */
+ioapic_write:
+    mov $0xFEC00000, %r8d
+    movl %edi, (%r8)
+    movl %eax, 0x10(%r8)
+    ret
+
 /* eax = value, edi = xAPIC offset */
 apic_write:
     cmpl $0, x2(%rip); jne 1f
@@ -246,6 +273,17 @@ eoi:
     xor %eax, %eax; mov $0xB0, %edi; call apic_write
     pop %rdx; pop %rcx; pop %rdi; pop %rax
     ret
+ioapic_edge_handler:
+    lock incl ioapic_edge_count(%rip)
+    call eoi
+    iretq
+ioapic_level_handler:
+    push %rax; push %rdx
+    lock incl ioapic_level_count(%rip)
+    mov $0, %al; mov $0x2006, %dx; out %al, %dx
+    pop %rdx; pop %rax
+    call eoi
+    iretq
 nmi_handler:
     lock incl nmi_count(%rip)
     iretq
@@ -347,6 +385,10 @@ msg_nmi_fail: .asciz "FAIL nmi_self: no NMI\n"
 msg_cr8: .asciz "PASS cr8_masks\n"
 msg_cr8_fail: .asciz "FAIL cr8_masks: CR8 did not hold back the IPI, or lowering it did not release it\n"
 nmi_count: .long 0
+ioapic_edge_count: .long 0
+ioapic_level_count: .long 0
+msg_ioapic: .asciz "PASS ioapic_edge_and_level\n"
+msg_ioapic_fail: .asciz "FAIL ioapic_edge_and_level: interrupt not delivered\n"
 msg_done: .asciz "DONE mini\n"
 msg_unexp: .asciz "FAIL unexpected: exception or stray vector\n"
     .bss
