@@ -29,6 +29,8 @@ pub struct Scenario {
     pub detail: String,
     /// VM exits (all vCPUs) between the previous report line and this one.
     pub exits: ExitCounts,
+    /// Wall-clock time between the previous report line and this one.
+    pub elapsed: std::time::Duration,
 }
 
 /// Everything parsed from the console.
@@ -44,10 +46,14 @@ pub struct ConsoleLog {
     pub tail: Vec<String>,
     partial: Vec<u8>,
     last_exits: ExitCounts,
+    last_time: Option<std::time::Instant>,
 }
 
 impl ConsoleLog {
     fn line(&mut self, line: &str, exits: Option<ExitCounts>) {
+        if self.last_time.is_none() {
+            self.last_time = Some(std::time::Instant::now());
+        }
         let line = line.trim_end_matches('\r');
         if self.tail.len() >= 20 {
             self.tail.remove(0);
@@ -62,11 +68,18 @@ impl ConsoleLog {
                 let now = exits.unwrap_or(self.last_exits);
                 let delta = exit_delta(&now, &self.last_exits);
                 self.last_exits = now;
+                let t = std::time::Instant::now();
+                let elapsed = self
+                    .last_time
+                    .map(|l| t.duration_since(l))
+                    .unwrap_or_default();
+                self.last_time = Some(t);
                 self.scenarios.push(Scenario {
                     name: name.to_string(),
                     status: status.to_string(),
                     detail: detail.to_string(),
                     exits: delta,
+                    elapsed,
                 });
                 return;
             }

@@ -281,9 +281,10 @@ impl RunReport {
             };
             let _ = writeln!(
                 s,
-                "  {} {}{detail}  [{n} exits: {}]",
+                "  {} {}{detail}  [{:.1} ms, {n} exits: {}]",
                 sc.status,
                 sc.name,
+                sc.elapsed.as_secs_f64() * 1e3,
                 exit_list(&sc.exits)
             );
         }
@@ -367,7 +368,8 @@ impl RunReport {
                     .filter(|(_, n)| **n > 0)
                     .map(|(k, n)| ((*k).to_string(), serde_json::json!(n)))
                     .collect();
-                serde_json::json!({"name": s.name, "status": s.status, "detail": s.detail, "exits": ex})
+                serde_json::json!({"name": s.name, "status": s.status, "detail": s.detail,
+                    "elapsed_ms": s.elapsed.as_secs_f64() * 1e3, "exits": ex})
             })
             .collect();
         serde_json::json!({

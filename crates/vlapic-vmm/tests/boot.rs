@@ -13,10 +13,11 @@ fn check(vcpus: usize, x2apic: bool) {
     let rep = boot(mini_guest(), vcpus, x2apic, 60);
     let text = rep.text();
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{text}");
-    let want = if vcpus > 1 { 9 } else { 7 };
+    let want = if vcpus > 1 { 10 } else { 8 };
     assert_eq!(rep.passed(), want, "{text}");
     assert_eq!(rep.failed(), 0, "{text}");
     assert_eq!(rep.violations, 0, "{text}");
+    assert_eq!(rep.max_nesting, 3, "{text}");
     assert_eq!(rep.exit_code(), 0, "{text}");
     // Every AP was started by exactly one SIPI and took its IPI.
     for v in rep.vcpus.iter().skip(1) {

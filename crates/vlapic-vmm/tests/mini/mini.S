@@ -45,7 +45,10 @@ long_start:
 31: cmp $0x42, %ecx; jne 32f; lea ap_ipi_handler(%rip), %rax
 32: cmp $0x02, %ecx; jne 33f; lea nmi_handler(%rip), %rax
 33: cmp $0x43, %ecx; jne 34f; lea ioapic_edge_handler(%rip), %rax
-34: cmp $0x44, %ecx; jne 4f; lea ioapic_level_handler(%rip), %rax
+34: cmp $0x44, %ecx; jne 37f; lea ioapic_level_handler(%rip), %rax
+37: cmp $0x45, %ecx; jne 38f; lea nest_handler(%rip), %rax
+38: cmp $0x55, %ecx; jne 39f; lea nest_handler(%rip), %rax
+39: cmp $0x65, %ecx; jne 4f; lea nest_handler(%rip), %rax
 4:  mov %ax, (%rdi)
     movw $0x08, 2(%rdi)
     movw $0x8E00, 4(%rdi)
@@ -151,6 +154,18 @@ long_start:
 27: xor %eax, %eax; mov %rax, %cr8
     lea msg_cr8_fail(%rip), %rsi; call puts
 28:
+    /* nesting: the handler of 0x45 re-enables interrupts and takes 0x55 (a
+       higher class) before its EOI, whose handler takes 0x65: depth 3 */
+    xor %edx, %edx; mov $0x40045, %eax; call send_icr_all_self
+    mov $1, %ebx
+    lea nest_done(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 35f
+    cmpl $3, nest_depth_max(%rip)
+    jne 35f
+    lea msg_nest(%rip), %rsi; call puts
+    jmp 36f
+35: lea msg_nest_fail(%rip), %rsi; call puts
+36:
     /* IOAPIC: pin 5 edge -> 0x43, pin 6 level -> 0x44, raised with pc-testdev ports */
     mov $0x10 + 2*5, %edi; mov $0x43, %eax; call ioapic_write
     mov $0x11 + 2*5, %edi; xor %eax, %eax; call ioapic_write
@@ -273,6 +288,33 @@ eoi:
     xor %eax, %eax; mov $0xB0, %edi; call apic_write
     pop %rdx; pop %rcx; pop %rdi; pop %rax
     ret
+/* shared by 0x45/0x55/0x65: depth d = ++nest_depth; if d < 3, send the
+   next class to self with interrupts on and wait for it; then EOI */
+nest_handler:
+    push %rax; push %rbx; push %rcx; push %rdx; push %rdi; push %r8
+    incl nest_depth(%rip)
+    mov nest_depth(%rip), %eax
+    cmp nest_depth_max(%rip), %eax
+    jbe 1f
+    mov %eax, nest_depth_max(%rip)
+1:  cmp $3, %eax
+    jae 2f
+    mov %eax, %ebx                      /* wait until depth_max > current */
+    shl $4, %eax
+    add $0x40045, %eax                  /* 0x45 + 16*d: 0x55, 0x65 */
+    xor %edx, %edx
+    call send_icr_all_self
+    sti
+3:  cmp nest_depth_max(%rip), %ebx
+    jae 3b
+    cli
+2:  decl nest_depth(%rip)
+    cmpl $0, nest_depth(%rip)
+    jne 4f
+    movl $1, nest_done(%rip)
+4:  pop %r8; pop %rdi; pop %rdx; pop %rcx; pop %rbx; pop %rax
+    call eoi
+    iretq
 ioapic_edge_handler:
     lock incl ioapic_edge_count(%rip)
     call eoi
@@ -385,6 +427,11 @@ msg_nmi_fail: .asciz "FAIL nmi_self: no NMI\n"
 msg_cr8: .asciz "PASS cr8_masks\n"
 msg_cr8_fail: .asciz "FAIL cr8_masks: CR8 did not hold back the IPI, or lowering it did not release it\n"
 nmi_count: .long 0
+nest_depth: .long 0
+nest_depth_max: .long 0
+nest_done: .long 0
+msg_nest: .asciz "PASS nested_3_deep\n"
+msg_nest_fail: .asciz "FAIL nested_3_deep: did not nest three deep\n"
 ioapic_edge_count: .long 0
 ioapic_level_count: .long 0
 msg_ioapic: .asciz "PASS ioapic_edge_and_level\n"
