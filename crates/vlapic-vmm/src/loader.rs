@@ -394,3 +394,140 @@ pub fn load(
         image_end,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(flags: u32) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&HEADER_MAGIC.to_le_bytes());
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&(0u32.wrapping_sub(HEADER_MAGIC.wrapping_add(flags))).to_le_bytes());
+        h
+    }
+
+    /// An a.out-kludge image: header at file offset 0 loaded at 1 MiB, `code` after it.
+    fn aout(code: &[u8], bss: u32) -> Vec<u8> {
+        let mut img = header(FLAG_AOUT_KLUDGE | FLAG_MEMINFO);
+        let load = 0x10_0000u32;
+        let end = load + 32 + code.len() as u32;
+        for v in [load, load, end, end + bss, load + 32] {
+            img.extend_from_slice(&v.to_le_bytes());
+        }
+        img.extend_from_slice(code);
+        img
+    }
+
+    fn u32_in(ram: &GuestRam, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        ram.read(addr, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn aout_kludge_loads_zeroes_bss_and_fills_info() {
+        let ram = GuestRam::new(8).unwrap();
+        ram.write(0x10_0000 + 36, &[0xAA; 64]).unwrap(); // dirt where the BSS goes
+        let img = aout(&[0xF4, 0xEB, 0xFE, 0x90], 64);
+        let m = Module {
+            data: b"NR_CPUS=4".to_vec(),
+            cmdline: "env".into(),
+        };
+        let b = load(&ram, &img, "hello world", &[m]).unwrap();
+        assert_eq!(b.entry, 0x10_0020);
+        assert_eq!(b.info, INFO_ADDR as u32);
+        let mut code = [0u8; 4];
+        ram.read(0x10_0020, &mut code).unwrap();
+        assert_eq!(code, [0xF4, 0xEB, 0xFE, 0x90]);
+        let mut bss = [0xFFu8; 64];
+        ram.read(0x10_0024, &mut bss).unwrap();
+        assert!(bss.iter().all(|b| *b == 0));
+        let flags = u32_in(&ram, INFO_ADDR);
+        assert_eq!(flags & 0b1001001101, 0b1001001101); // mem, cmdline, mods, mmap, name
+        assert_eq!(u32_in(&ram, INFO_ADDR + 4), 639);
+        assert_eq!(u32_in(&ram, INFO_ADDR + 8), 7 * 1024);
+        let cmd = u32_in(&ram, INFO_ADDR + 16);
+        let mut s = [0u8; 12];
+        ram.read(u64::from(cmd), &mut s).unwrap();
+        assert_eq!(&s, b"hello world\0");
+        assert_eq!(u32_in(&ram, INFO_ADDR + 20), 1);
+        let mods = u64::from(u32_in(&ram, INFO_ADDR + 24));
+        let (start, end) = (u32_in(&ram, mods), u32_in(&ram, mods + 4));
+        assert_eq!(start % 4096, 0);
+        assert!(u64::from(start) >= b.image_end);
+        assert_eq!(end - start, 9);
+        let mut env = [0u8; 9];
+        ram.read(u64::from(start), &mut env).unwrap();
+        assert_eq!(&env, b"NR_CPUS=4");
+        // Memory map: the first entry is low RAM, type 1.
+        let mmap = u64::from(u32_in(&ram, INFO_ADDR + 48));
+        assert_eq!(u32_in(&ram, mmap), 20);
+        assert_eq!(u32_in(&ram, mmap + 20), 1);
+    }
+
+    #[test]
+    fn malformed_images_give_errors_not_panics() {
+        let ram = GuestRam::new(4).unwrap();
+        let mut cases: Vec<(Vec<u8>, &str)> = vec![
+            (Vec::new(), "no header magic"),
+            (vec![0u8; 3], "no header magic"),
+            (
+                {
+                    let mut h = header(0);
+                    h[8] ^= 1;
+                    h
+                },
+                "bad checksum",
+            ),
+            (header(1 << 5), "unsupported features"),
+            (header(0), "not ELF"),
+            (header(FLAG_AOUT_KLUDGE), "truncated"),
+        ];
+        // a.out image larger than RAM.
+        let mut bad_bss = aout(&[0x90], 0);
+        bad_bss[24..28].copy_from_slice(&0x10_0001u32.to_le_bytes());
+        cases.push((bad_bss, "bss_end_addr below"));
+        let mut bad_entry = aout(&[0x90], 0);
+        bad_entry[28..32].copy_from_slice(&0x7FFF_0000u32.to_le_bytes());
+        cases.push((bad_entry, "entry point"));
+        let huge = aout(&[0x90], 0x100_0000);
+        cases.push((huge, "does not fit"));
+        // ELF64 with a program header table beyond the file.
+        let mut elf = header(0);
+        let mut e = vec![0u8; 64];
+        e[0..4].copy_from_slice(b"\x7FELF");
+        e[4] = 2;
+        e[5] = 1;
+        e[32..40].copy_from_slice(&0xFFFF_FFFFu64.to_le_bytes()); // phoff
+        e[54..56].copy_from_slice(&56u16.to_le_bytes());
+        e[56..58].copy_from_slice(&1u16.to_le_bytes());
+        e.extend_from_slice(&elf);
+        elf = e;
+        cases.push((elf, "outside the file"));
+        for (img, want) in cases {
+            match load(&ram, &img, "", &[]) {
+                Err(LoadError(m)) => assert!(m.contains(want), "{want:?} not in {m:?}"),
+                Ok(b) => panic!("{want}: loaded {b:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fuzzed_headers_never_panic() {
+        let ram = GuestRam::new(4).unwrap();
+        let mut seed = 0x1234_5678_9ABC_DEF0u64;
+        let base = aout(&[0x90; 16], 16);
+        for _ in 0..2000 {
+            let mut img = base.clone();
+            for _ in 0..4 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let i = (seed as usize) % img.len();
+                img[i] = (seed >> 32) as u8;
+            }
+            let _ = load(&ram, &img, "", &[]);
+        }
+    }
+}
