@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds the tiny multiboot test kernels (tests/multiboot/) into OUTDIR:
+#   mbinfo-elf32.elf  — multiboot v1, ELF32 (program headers)
+#   mbinfo-aout.bin   — multiboot v1, a.out kludge (flat binary, addresses in the header)
+# Needs gcc (with -m32 code generation) and GNU binutils.
+set -euo pipefail
+out=${1:?usage: build-mb-kernels.sh OUTDIR}
+src="$(cd "$(dirname "$0")/../tests/multiboot" && pwd)"
+mkdir -p "$out"
+cflags=(-m32 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -nostdlib -O2 -Wall -fno-asynchronous-unwind-tables)
+gcc "${cflags[@]}" -c "$src/mbinfo.c" -o "$out/mbinfo.o"
+gcc "${cflags[@]}" -c "$src/head.S" -o "$out/head-elf.o"
+gcc "${cflags[@]}" -DAOUT_KLUDGE -c "$src/head.S" -o "$out/head-aout.o"
+ld -m elf_i386 -nostdlib -T "$src/link.ld" --build-id=none --no-warn-rwx-segments -o "$out/mbinfo-elf32.elf" "$out/head-elf.o" "$out/mbinfo.o"
+ld -m elf_i386 -nostdlib -T "$src/link.ld" --build-id=none --no-warn-rwx-segments -o "$out/mbinfo-aout.elf" "$out/head-aout.o" "$out/mbinfo.o"
+objcopy -O binary "$out/mbinfo-aout.elf" "$out/mbinfo-aout.bin"
