@@ -13,7 +13,7 @@ fn check(vcpus: usize, x2apic: bool) {
     let rep = boot(mini_guest(), vcpus, x2apic, 60);
     let text = rep.text();
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{text}");
-    let want = if vcpus > 1 { 10 } else { 8 };
+    let want = if vcpus > 1 { 11 } else { 9 };
     assert_eq!(rep.passed(), want, "{text}");
     assert_eq!(rep.failed(), 0, "{text}");
     assert_eq!(rep.violations, 0, "{text}");

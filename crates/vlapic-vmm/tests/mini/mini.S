@@ -125,6 +125,29 @@ long_start:
     cmp $100, %r13d
     jb 21b
     lea msg_hlt(%rip), %rsi; call puts
+    /* TSC-deadline: deadline = now + 500 us of TSC (2.6 GHz assumed only for the
+       distance); the handler must see rdtsc >= deadline */
+    mov $0x40041, %eax; mov $0x320, %edi; call apic_write     /* TSC-deadline mode */
+    movl $0, timer_count(%rip)
+    rdtsc; shl $32, %rdx; or %rax, %rdx
+    add $1300000, %rdx
+    mov %rdx, tsc_deadline(%rip)
+    mov %edx, %eax; shr $32, %rdx
+    mov $0x6E0, %ecx; wrmsr
+40: cli
+    cmpl $0, timer_count(%rip)
+    jne 41f
+    sti
+    hlt
+    jmp 40b
+41: sti
+    mov timer_tsc(%rip), %rax
+    cmp tsc_deadline(%rip), %rax
+    jb 42f
+    lea msg_tscd(%rip), %rsi; call puts
+    jmp 43f
+42: lea msg_tscd_early(%rip), %rsi; call puts
+43: mov $0x10041, %eax; mov $0x320, %edi; call apic_write
     /* NMI to self by physical destination (our APIC ID is 0) */
     xor %edx, %edx; mov $0x400, %eax; call send_ipi
     mov $1, %ebx
@@ -338,6 +361,10 @@ ipi_handler:
     call eoi
     iretq
 timer_handler:
+    push %rax; push %rdx
+    rdtsc; shl $32, %rdx; or %rax, %rdx
+    mov %rdx, timer_tsc(%rip)
+    pop %rdx; pop %rax
     incl timer_count(%rip)
     call eoi
     iretq
@@ -427,6 +454,11 @@ msg_nmi_fail: .asciz "FAIL nmi_self: no NMI\n"
 msg_cr8: .asciz "PASS cr8_masks\n"
 msg_cr8_fail: .asciz "FAIL cr8_masks: CR8 did not hold back the IPI, or lowering it did not release it\n"
 nmi_count: .long 0
+    .balign 8
+tsc_deadline: .quad 0
+timer_tsc: .quad 0
+msg_tscd: .asciz "PASS tsc_deadline\n"
+msg_tscd_early: .asciz "FAIL tsc_deadline: interrupt before the deadline\n"
 nest_depth: .long 0
 nest_depth_max: .long 0
 nest_done: .long 0
