@@ -93,7 +93,17 @@ impl Shared {
             s.store(stuck, Ordering::SeqCst);
         }
         if stuck && self.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
-            self.finish(Outcome::AllStopped);
+            // A vCPU may look stuck while an event that frees it (SIPI, INIT, NMI)
+            // is already waiting for it: only a VM with none of those is stopped.
+            let now = self.clock.now_ns();
+            let waiting = (0..self.stuck.len()).any(|i| {
+                self.chip
+                    .with_apic(i, now, |a| (a.events().any(), Effects::default()))
+                    .is_some_and(|(e, _)| e)
+            });
+            if !waiting && self.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
+                self.finish(Outcome::AllStopped);
+            }
         }
     }
 }
