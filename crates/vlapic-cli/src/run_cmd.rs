@@ -41,6 +41,9 @@ pub struct RunArgs {
     /// Do not copy the guest console to the terminal.
     #[arg(long)]
     pub quiet: bool,
+    /// Live-migrate the VM into a brand-new KVM VM every MS milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub migrate_every: Option<u64>,
 }
 
 /// Arguments of `vlapic bench`.
@@ -98,6 +101,10 @@ pub fn run(a: RunArgs) -> ExitCode {
         x2apic: a.x2apic,
         verify: a.verify,
         timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
+        migrate_every: a
+            .migrate_every
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         console: if a.quiet {
             ConsoleSink::Quiet
         } else if a.json {

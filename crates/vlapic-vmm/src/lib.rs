@@ -4,7 +4,8 @@
 //! Modules: [`vm`] (KVM setup and the run), [`vcpu`] (the run loop), [`kick`]
 //! (kicks, parking, timer thread), [`clock`] (VM time from the guest TSC),
 //! [`memory`] and [`loader`] (RAM, multiboot v1), [`devices`] and [`console`]
-//! (port I/O), [`cpuid`], [`irqchip`] (the fabric adapter), [`summary`].
+//! (port I/O), [`cpuid`], [`irqchip`] (the fabric adapter), [`summary`],
+//! [`migrate`] and [`snapshot`] (live migration into a new KVM VM).
 
 pub mod clock;
 pub mod console;
@@ -15,6 +16,8 @@ pub mod irqchip;
 pub mod kick;
 pub mod loader;
 pub mod memory;
+pub mod migrate;
+pub mod snapshot;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;

@@ -170,6 +170,8 @@ pub struct RunReport {
     pub violations: u64,
     /// Live migrations performed.
     pub migrations: u64,
+    /// Longest migration pause (every vCPU stopped), microseconds.
+    pub max_downtime_us: u64,
     /// Accesses to unclaimed ports.
     pub unknown_ports: u64,
     /// MMIO accesses outside RAM, LAPIC and IOAPIC.
@@ -290,7 +292,15 @@ impl RunReport {
         }
         let _ = writeln!(s, "max nesting:  {}", self.max_nesting);
         let _ = writeln!(s, "violations:   {}", self.violations);
-        let _ = writeln!(s, "migrations:   {}", self.migrations);
+        if self.migrations > 0 {
+            let _ = writeln!(
+                s,
+                "migrations:   {} (longest pause {} us)",
+                self.migrations, self.max_downtime_us
+            );
+        } else {
+            let _ = writeln!(s, "migrations:   0");
+        }
         let _ = writeln!(
             s,
             "time:         {:.3} s wall, guest TSC {} MHz",
@@ -382,6 +392,7 @@ impl RunReport {
             "scenarios": scenarios,
             "max_nesting": self.max_nesting,
             "migrations": self.migrations,
+            "max_downtime_us": self.max_downtime_us,
             "violations": self.violations,
             "interrupts": self.vcpus.iter().map(|v| v.interrupts).collect::<Vec<_>>(),
             "exits": exits,

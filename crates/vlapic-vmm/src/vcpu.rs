@@ -15,6 +15,8 @@ use crate::clock::VmClock;
 use crate::devices::IoBus;
 use crate::irqchip::{Irqchip, Wake};
 use crate::kick::{lock, TimerService, VcpuKick};
+use crate::migrate::{MigrationGate, PausedVcpu};
+use crate::snapshot::VcpuState;
 use crate::summary::{ExitReason, ExitStats, Outcome, VcpuReport};
 
 /// KVM_INTERRUPT, which kvm-ioctls does not wrap.
@@ -60,6 +62,10 @@ pub struct Shared {
     pub msr_gp: AtomicU64,
     /// Exit counters.
     pub exits: Arc<ExitStats>,
+    /// Live-migration rendezvous.
+    pub migration: MigrationGate,
+    /// MSRs saved and restored through KVM at migration.
+    pub msr_list: Vec<u32>,
 }
 
 impl Shared {
@@ -75,6 +81,7 @@ impl Shared {
         for k in &self.kicks {
             k.kick();
         }
+        self.migration.release_all();
         self.done.notify_all();
     }
 
@@ -108,11 +115,14 @@ impl Shared {
     }
 }
 
+/// What the VMM knows about a vCPU's run state that KVM does not (no in-kernel APIC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RunState {
+pub enum RunState {
+    /// Executing guest code.
     Running,
     /// Halted; `if_flag` at the HLT.
     Halted(bool),
+    /// After INIT (APs from power-up): only a SIPI starts it.
     WaitForSipi,
 }
 
@@ -185,6 +195,33 @@ fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
         .map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
 }
 
+/// Pauses this vCPU for a migration: saves its state, waits for its vCPU in the
+/// new VM, swaps it in (re-registering the kick target) and loads the state.
+/// Returns the run state to continue with, or `None` if the run ended.
+fn migrate_here(
+    v: &mut Vcpu,
+    sh: &Shared,
+    kick: &VcpuKick,
+    state: RunState,
+) -> Result<Option<RunState>, String> {
+    let saved = PausedVcpu {
+        kvm: VcpuState::save(&v.fd, &sh.msr_list)?,
+        run: state,
+    };
+    let Some((fd, st)) = sh.migration.pause(v.index, saved, &sh.stop) else {
+        return Ok(None);
+    };
+    kick.unregister();
+    let old = std::mem::replace(&mut v.fd, fd);
+    drop(old);
+    let ie: *mut u8 = &mut v.fd.get_kvm_run().immediate_exit;
+    // SAFETY: as in `run_vcpu`: `ie` points into the new vCPU's kvm_run mapping,
+    // owned by `v.fd`, which outlives the registration.
+    unsafe { kick.register(ie) };
+    st.kvm.restore(&v.fd, sh.clock.guest_tsc())?;
+    Ok(Some(st.run))
+}
+
 fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
     let me = v.index;
     let mut state = if v.start_running {
@@ -197,6 +234,17 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
     let mut armed: Option<u64> = None;
 
     while !sh.stop.load(Ordering::SeqCst) {
+        if sh.migration.requested.load(Ordering::SeqCst) {
+            match migrate_here(v, sh, kick, state) {
+                Ok(Some(s)) => state = s,
+                Ok(None) => break,
+                Err(e) => {
+                    sh.finish(Outcome::VmmError(format!("vcpu{me}: migration: {e}")));
+                    break;
+                }
+            }
+            continue;
+        }
         kick.clear_token();
         let now = sh.clock.now_ns();
         let (ready, if_flag) = {

@@ -20,9 +20,10 @@ use crate::irqchip::{FabricConfig, Irqchip};
 use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
+use crate::migrate::{self, MigrationGate};
 use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
 use crate::vcpu::{run_vcpu, Shared, Vcpu};
-use crate::{cpuid, VmmError};
+use crate::{cpuid, snapshot, VmmError};
 
 /// Everything needed to boot one guest.
 #[derive(Clone, Debug)]
@@ -45,6 +46,8 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Where guest console output goes.
     pub console: ConsoleSink,
+    /// Live-migrate the whole VM into a new KVM VM this often.
+    pub migrate_every: Option<Duration>,
 }
 
 impl Default for VmConfig {
@@ -59,6 +62,7 @@ impl Default for VmConfig {
             verify: true,
             timeout: Some(Duration::from_secs(60)),
             console: ConsoleSink::Stdout,
+            migrate_every: None,
         }
     }
 }
@@ -199,17 +203,27 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
 
-    let mut fds = Vec::with_capacity(n);
-    for i in 0..n {
+    let make_vcpu = |vm: &VmFd, i: usize| -> Result<kvm_ioctls::VcpuFd, String> {
         let fd = vm
             .create_vcpu(i as u64)
-            .map_err(|e| setup(e, &format!("KVM_CREATE_VCPU {i}")))?;
+            .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
         let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
-        fd.set_cpuid2(&c).map_err(|e| setup(e, "KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&c)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        Ok(fd)
+    };
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = make_vcpu(&vm, i).map_err(VmmError::Setup)?;
         init_fpu(&fd)?;
         let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
         fds.push((fd, reset));
     }
+    let msr_list = if cfg.migrate_every.is_some() {
+        snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
+    } else {
+        Vec::new()
+    };
     let Some((bsp, _)) = fds.first() else {
         return Err(VmmError::Setup("no vCPU".into()));
     };
@@ -241,7 +255,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         *s = flat_segment(false);
     }
     sregs.cr0 = 0x11;
-    sregs.cr4 = 0x600;
+    sregs.cr4 = 0;
     sregs.efer = 0;
     bsp.set_sregs(&sregs)
         .map_err(|e| setup(e, "KVM_SET_SREGS"))?;
@@ -296,6 +310,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         wild_mmio: AtomicU64::new(0),
         msr_gp: AtomicU64::new(0),
         exits,
+        migration: MigrationGate::new(n),
+        msr_list,
     });
 
     let start = Instant::now();
@@ -330,18 +346,41 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
 
-    // Wait for the end or the deadline.
+    // Wait for the end or the deadline, migrating on the way if asked.
+    let mut vm = vm;
     {
         let deadline = cfg.timeout.map(|t| start + t);
+        let mut next_migration = cfg.migrate_every.map(|p| Instant::now() + p);
+        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram).map_err(|e| e.to_string());
         let mut g = lock(&sh.outcome);
         while g.is_none() {
-            let wait = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
+            let now = Instant::now();
+            if let (Some(t), Some(p)) = (next_migration, cfg.migrate_every) {
+                if now >= t {
+                    drop(g);
+                    match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
+                        Ok(Some(new_vm)) => vm = new_vm,
+                        Ok(None) => {}
+                        Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),
+                    }
+                    next_migration = Some(Instant::now() + p);
+                    g = lock(&sh.outcome);
+                    continue;
+                }
+            }
+            let mut wait = match deadline {
+                Some(d) => match d.checked_duration_since(now) {
                     Some(w) if !w.is_zero() => w,
                     _ => break,
                 },
                 None => Duration::from_secs(1),
             };
+            if let Some(t) = next_migration {
+                wait = wait.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                );
+            }
             g = match sh.done.wait_timeout(g, wait) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
@@ -369,6 +408,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let _ = timer_thread.join();
     let elapsed = start.elapsed();
     drop(kept);
+    drop(vm);
 
     let now = clock.now_ns();
     let mut max_nesting = 0u8;
@@ -411,7 +451,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         vcpus: reports,
         max_nesting,
         violations,
-        migrations: 0,
+        migrations: sh.migration.done.load(Ordering::Relaxed),
+        max_downtime_us: sh.migration.max_downtime_us.load(Ordering::Relaxed),
         unknown_ports: sh.io.unknown_ports.load(Ordering::Relaxed),
         wild_mmio: sh.wild_mmio.load(Ordering::Relaxed),
         msr_gp: sh.msr_gp.load(Ordering::Relaxed),

@@ -1,0 +1,175 @@
+//! Live migration inside one process: pause every vCPU at an exit, save its KVM
+//! state and every APIC/IOAPIC, build a brand-new KVM VM from that state, resume.
+//!
+//! Guest RAM stays in the same host mapping (it is the VMM's memory, registered
+//! again in the new VM); everything KVM held is moved through [`VcpuState`], and
+//! the interrupt controllers are re-created from their saved state.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vlapic::Effects;
+
+use crate::kick::lock;
+use crate::snapshot::VcpuState;
+use crate::vcpu::{RunState, Shared};
+
+/// What a paused vCPU hands over: its KVM state and the VMM-side run state
+/// (halted, waiting for SIPI) that KVM does not hold without an in-kernel APIC.
+pub struct PausedVcpu {
+    /// KVM's state of the vCPU.
+    pub kvm: VcpuState,
+    /// Halted / wait-for-SIPI / running.
+    pub run: RunState,
+}
+
+/// Rendezvous between the migrating main thread and the vCPU threads.
+#[derive(Default)]
+pub struct MigrationGate {
+    /// Set while a migration wants every vCPU to stop at its next iteration.
+    pub requested: AtomicBool,
+    slots: Mutex<Slots>,
+    cv: Condvar,
+    /// Migrations completed.
+    pub done: AtomicU64,
+    /// Longest pause (all vCPUs stopped) in microseconds.
+    pub max_downtime_us: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slots {
+    paused: Vec<Option<PausedVcpu>>,
+    fresh: Vec<Option<VcpuFd>>,
+    count: usize,
+}
+
+impl MigrationGate {
+    /// A gate for `n` vCPUs.
+    pub fn new(n: usize) -> Self {
+        let g = Self::default();
+        {
+            let mut s = lock(&g.slots);
+            s.paused = (0..n).map(|_| None).collect();
+            s.fresh = (0..n).map(|_| None).collect();
+        }
+        g
+    }
+
+    /// Wakes everything waiting at the gate (the run is ending).
+    pub fn release_all(&self) {
+        let _g = lock(&self.slots);
+        self.cv.notify_all();
+    }
+
+    /// vCPU side: park `me` with its state until the new VM's vCPU arrives.
+    /// Returns the new vCPU fd and the state to load into it, or `None` when the
+    /// run ends meanwhile.
+    pub fn pause(
+        &self,
+        me: usize,
+        state: PausedVcpu,
+        stop: &AtomicBool,
+    ) -> Option<(VcpuFd, PausedVcpu)> {
+        let mut s = lock(&self.slots);
+        if let Some(slot) = s.paused.get_mut(me) {
+            *slot = Some(state);
+        }
+        s.count += 1;
+        self.cv.notify_all();
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(fd) = s.fresh.get_mut(me).and_then(Option::take) {
+                let st = s.paused.get_mut(me).and_then(Option::take)?;
+                return Some((fd, st));
+            }
+            s = match self.cv.wait_timeout(s, Duration::from_millis(100)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Main-thread side: one migration of the whole VM. Returns the new VM (the caller
+/// drops the old one) or a message.
+pub fn migrate(
+    sh: &Shared,
+    kvm: &Kvm,
+    make_vm: &dyn Fn(&Kvm) -> Result<VmFd, String>,
+    make_vcpu: &dyn Fn(&VmFd, usize) -> Result<VcpuFd, String>,
+) -> Result<Option<VmFd>, String> {
+    let n = sh.kicks.len();
+    let gate = &sh.migration;
+    gate.requested.store(true, Ordering::SeqCst);
+    for k in &sh.kicks {
+        k.kick();
+    }
+    let t0 = Instant::now();
+    {
+        let mut s = lock(&gate.slots);
+        while s.count < n {
+            if sh.stop.load(Ordering::SeqCst) {
+                gate.requested.store(false, Ordering::SeqCst);
+                return Ok(None);
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "only {} of {n} vCPUs paused for migration",
+                    s.count
+                ));
+            }
+            s = match gate.cv.wait_timeout(s, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+    let paused_at = Instant::now();
+
+    // Every vCPU is out of KVM_RUN and parked: the APIC/IOAPIC state is quiescent.
+    let now = sh.clock.now_ns();
+    let mut apics = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = sh
+            .chip
+            .with_apic(i, now, |a| (a.clone(), Effects::default()))
+            .map(|(a, _)| a)
+            .ok_or_else(|| format!("no APIC {i}"))?;
+        apics.push(a);
+    }
+    let ioapic = sh.chip.with_ioapic(|io| io.clone());
+
+    // A brand-new VM and vCPUs.
+    let vm = make_vm(kvm)?;
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        fds.push(make_vcpu(&vm, i)?);
+    }
+
+    // The interrupt controllers, from their saved state.
+    for (i, saved) in apics.into_iter().enumerate() {
+        sh.chip.with_apic(i, now, |a| {
+            *a = saved;
+            ((), Effects::default())
+        });
+    }
+    sh.chip.with_ioapic(|io| *io = ioapic);
+
+    {
+        let mut s = lock(&gate.slots);
+        for (slot, fd) in s.fresh.iter_mut().zip(fds) {
+            *slot = Some(fd);
+        }
+        s.count = 0;
+        gate.requested.store(false, Ordering::SeqCst);
+        gate.cv.notify_all();
+    }
+    let down = u64::try_from(paused_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+    gate.max_downtime_us.fetch_max(down, Ordering::Relaxed);
+    gate.done.fetch_add(1, Ordering::Relaxed);
+    Ok(Some(vm))
+}
