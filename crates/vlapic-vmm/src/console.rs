@@ -33,6 +33,17 @@ pub struct Scenario {
     pub elapsed: std::time::Duration,
 }
 
+/// One `BENCH <name> cycles=<median> iters=<n>` line of the guest's bench mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchLine {
+    /// Benchmark name.
+    pub name: String,
+    /// Median TSC cycles per operation.
+    pub cycles: u64,
+    /// Iterations measured.
+    pub iters: u64,
+}
+
 /// Everything parsed from the console.
 #[derive(Clone, Debug, Default)]
 pub struct ConsoleLog {
@@ -40,6 +51,8 @@ pub struct ConsoleLog {
     pub scenarios: Vec<Scenario>,
     /// The `DONE ...` line, if seen.
     pub done: Option<String>,
+    /// `BENCH` lines.
+    pub bench: Vec<BenchLine>,
     /// Total bytes written by the guest.
     pub bytes: u64,
     /// The last lines (for crash reports).
@@ -83,6 +96,25 @@ impl ConsoleLog {
                 });
                 return;
             }
+        }
+        if let Some(rest) = line.strip_prefix("BENCH ") {
+            let mut it = rest.split_whitespace();
+            if let Some(name) = it.next() {
+                let mut b = BenchLine {
+                    name: name.to_string(),
+                    cycles: 0,
+                    iters: 0,
+                };
+                for kv in it {
+                    match kv.split_once('=') {
+                        Some(("cycles", v)) => b.cycles = v.parse().unwrap_or(0),
+                        Some(("iters", v)) => b.iters = v.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                self.bench.push(b);
+            }
+            return;
         }
         if line.starts_with("DONE") {
             self.done = Some(line.to_string());

@@ -8,7 +8,6 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
 use crate::console::ConsoleOut;
-use crate::irqchip::{Irqchip, Wake};
 use crate::kick::lock;
 
 /// COM1 base port.
@@ -55,8 +54,8 @@ impl FwCfg {
 /// What the vCPU must do after a port access.
 #[derive(Debug, Default)]
 pub struct IoOutcome {
-    /// vCPUs to kick.
-    pub wake: Option<Wake>,
+    /// Drive this IOAPIC input (pin, level) through the irqchip in use.
+    pub irq: Option<(u32, bool)>,
     /// The guest asked to end the run with this isa-debug-exit value.
     pub exit: Option<u32>,
 }
@@ -125,7 +124,7 @@ impl IoBus {
     }
 
     /// A guest OUT.
-    pub fn port_out(&self, port: u16, data: &[u8], chip: &Irqchip, now: u64) -> IoOutcome {
+    pub fn port_out(&self, port: u16, data: &[u8]) -> IoOutcome {
         let mut v = [0u8; 4];
         for (d, s) in v.iter_mut().zip(data) {
             *d = *s;
@@ -138,7 +137,7 @@ impl IoBus {
             }
             DEBUG_EXIT => {
                 return IoOutcome {
-                    wake: None,
+                    irq: None,
                     exit: Some(value),
                 }
             }
@@ -152,7 +151,7 @@ impl IoBus {
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => {
                 let pin = u32::from(p - TESTDEV_IRQ);
                 return IoOutcome {
-                    wake: Some(chip.set_irq_line(pin, value & 0xFF != 0, now)),
+                    irq: Some((pin, value & 0xFF != 0)),
                     exit: None,
                 };
             }

@@ -389,6 +389,7 @@ impl RunReport {
             "failed": self.failed(),
             "skipped": self.skipped(),
             "done": self.console.done,
+            "bench": self.console.bench.iter().map(|b| serde_json::json!({"name": b.name, "cycles": b.cycles, "iters": b.iters})).collect::<Vec<_>>(),
             "scenarios": scenarios,
             "max_nesting": self.max_nesting,
             "migrations": self.migrations,

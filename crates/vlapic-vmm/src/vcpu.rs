@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_sregs, KVMIO};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vlapic::{is_apic_msr, Effects, Events};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
@@ -66,6 +66,9 @@ pub struct Shared {
     pub migration: MigrationGate,
     /// MSRs saved and restored through KVM at migration.
     pub msr_list: Vec<u32>,
+    /// `--irqchip kernel`: KVM's own LAPICs/IOAPIC (the VM, for KVM_IRQ_LINE);
+    /// `chip` is then unused.
+    pub kernel_irqchip: Option<Arc<VmFd>>,
 }
 
 impl Shared {
@@ -168,7 +171,10 @@ pub fn run_vcpu(mut v: Vcpu, sh: Arc<Shared>) -> (Vcpu, VcpuReport) {
     // `v.fd`; we unregister below before returning `v` (and `v` is only dropped
     // after every thread that could kick has been joined).
     unsafe { kick.register(ie) };
-    let state = vcpu_loop(&mut v, &sh, &kick, &mut rep);
+    let state = match sh.kernel_irqchip.clone() {
+        Some(vm) => kernel_loop(&mut v, &sh, &vm, &kick, &mut rep),
+        None => vcpu_loop(&mut v, &sh, &kick, &mut rep),
+    };
     kick.unregister();
     rep.state = match state {
         RunState::Running => "running".into(),
@@ -193,6 +199,80 @@ fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
     };
     v.fd.set_regs(&regs)
         .map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
+}
+
+/// The loop for `--irqchip kernel`: KVM's LAPIC handles APIC accesses, HLT,
+/// INIT/SIPI and injection; we only serve port I/O and report the end.
+fn kernel_loop(
+    v: &mut Vcpu,
+    sh: &Shared,
+    vm: &VmFd,
+    kick: &VcpuKick,
+    rep: &mut VcpuReport,
+) -> RunState {
+    let me = v.index;
+    while !sh.stop.load(Ordering::SeqCst) {
+        let mut end: Option<Outcome> = None;
+        let mut why = ExitReason::Other;
+        let res = v.fd.run();
+        kick.clear_immediate_exit();
+        match res {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    why = ExitReason::IoIn;
+                    sh.io.port_in(port, data);
+                }
+                VcpuExit::IoOut(port, data) => {
+                    why = ExitReason::IoOut;
+                    let o = sh.io.port_out(port, data);
+                    if let Some((pin, level)) = o.irq {
+                        if let Err(e) = vm.set_irq_line(pin, level) {
+                            end = Some(Outcome::VmmError(format!("KVM_IRQ_LINE({pin}): {e}")));
+                        }
+                    }
+                    if let Some(n) = o.exit {
+                        end = Some(Outcome::DebugExit(n));
+                    }
+                }
+                VcpuExit::MmioRead(_, data) => {
+                    why = ExitReason::MmioRead;
+                    sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                    data.fill(0xFF);
+                }
+                VcpuExit::MmioWrite(..) => {
+                    why = ExitReason::MmioWrite;
+                    sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                }
+                VcpuExit::Hlt => why = ExitReason::Hlt,
+                VcpuExit::IrqWindowOpen => why = ExitReason::IrqWindow,
+                VcpuExit::Intr => why = ExitReason::Kick,
+                VcpuExit::Shutdown => {
+                    end = Some(Outcome::GuestCrash(format!(
+                        "vcpu{me}: triple fault (KVM_EXIT_SHUTDOWN)"
+                    )))
+                }
+                VcpuExit::InternalError => {
+                    end = Some(Outcome::GuestCrash(format!("vcpu{me}: KVM internal error")))
+                }
+                other => {
+                    end = Some(Outcome::GuestCrash(format!(
+                        "vcpu{me}: unexpected VM exit {other:?}"
+                    )))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                why = ExitReason::Kick
+            }
+            Err(e) => end = Some(Outcome::VmmError(format!("KVM_RUN: {e}"))),
+        }
+        sh.exits.count(me, why);
+        if let Some(o) = end {
+            sh.finish(o);
+            break;
+        }
+    }
+    rep.exits = sh.exits.vcpu(me);
+    RunState::Running
 }
 
 /// Pauses this vCPU for a migration: saves its state, waits for its vCPU in the
@@ -384,8 +464,10 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 }
                 VcpuExit::IoOut(port, data) => {
                     why = ExitReason::IoOut;
-                    let o = sh.io.port_out(port, data, &sh.chip, now);
-                    wake = o.wake;
+                    let o = sh.io.port_out(port, data);
+                    if let Some((pin, level)) = o.irq {
+                        wake = Some(sh.chip.set_irq_line(pin, level, now));
+                    }
                     if let Some(n) = o.exit {
                         end = Some(Outcome::DebugExit(n));
                     }

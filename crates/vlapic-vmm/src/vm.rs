@@ -48,6 +48,8 @@ pub struct VmConfig {
     pub console: ConsoleSink,
     /// Live-migrate the whole VM into a new KVM VM this often.
     pub migrate_every: Option<Duration>,
+    /// Use KVM's in-kernel LAPICs/IOAPIC instead of vlapic (for comparison).
+    pub kernel_irqchip: bool,
 }
 
 impl Default for VmConfig {
@@ -63,6 +65,7 @@ impl Default for VmConfig {
             timeout: Some(Duration::from_secs(60)),
             console: ConsoleSink::Stdout,
             migrate_every: None,
+            kernel_irqchip: false,
         }
     }
 }
@@ -130,8 +133,12 @@ fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
     fd.set_xcrs(&xcrs).map_err(|e| setup(e, "KVM_SET_XCRS"))
 }
 
-fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
+fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
+    if kernel_irqchip {
+        vm.create_irq_chip()
+            .map_err(|e| setup(e, "KVM_CREATE_IRQCHIP"))?;
+    }
     vm.set_tss_address(0xFFFB_D000)
         .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
     let _ = vm.set_identity_map_address(0xFFFB_C000);
@@ -147,6 +154,9 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmmError> {
     // end of `run_vm`, and the VM fd is dropped first).
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
+    if kernel_irqchip {
+        return Ok(vm);
+    }
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
         args: [
@@ -198,7 +208,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
     let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
         .map_err(|e| VmmError::Load(e.0))?;
-    let vm = create_vm(&kvm, &ram)?;
+    if cfg.kernel_irqchip && cfg.migrate_every.is_some() {
+        return Err(VmmError::Setup(
+            "--migrate-every needs the userspace irqchip (not --irqchip kernel)".into(),
+        ));
+    }
+    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
@@ -218,6 +233,19 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         init_fpu(&fd)?;
         let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
         fds.push((fd, reset));
+    }
+    if cfg.kernel_irqchip && cfg.x2apic {
+        for (i, (fd, _)) in fds.iter().enumerate() {
+            let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
+            let m = Msrs::from_entries(&[kvm_msr_entry {
+                index: 0x1B,
+                data: base,
+                ..Default::default()
+            }])
+            .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+            fd.set_msrs(&m)
+                .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
+        }
     }
     let msr_list = if cfg.migrate_every.is_some() {
         snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
@@ -312,6 +340,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         exits,
         migration: MigrationGate::new(n),
         msr_list,
+        kernel_irqchip: cfg.kernel_irqchip.then(|| vm.clone()),
     });
 
     let start = Instant::now();
@@ -351,7 +380,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     {
         let deadline = cfg.timeout.map(|t| start + t);
         let mut next_migration = cfg.migrate_every.map(|p| Instant::now() + p);
-        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram).map_err(|e| e.to_string());
+        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false).map_err(|e| e.to_string());
         let mut g = lock(&sh.outcome);
         while g.is_none() {
             let now = Instant::now();
@@ -359,7 +388,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 if now >= t {
                     drop(g);
                     match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
-                        Ok(Some(new_vm)) => vm = new_vm,
+                        Ok(Some(new_vm)) => vm = Arc::new(new_vm),
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),
                     }
@@ -439,6 +468,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 vlapic::Effects::default(),
             )
         }) {
+            if cfg.kernel_irqchip {
+                r.apic = "in-kernel (KVM's LAPIC)".into();
+                continue;
+            }
             max_nesting = max_nesting.max(depth);
             violations = violations.saturating_add(viol);
             r.apic = line;

@@ -67,3 +67,26 @@ fn boot_16_vcpus_xapic() {
 fn boot_16_vcpus_x2apic() {
     check(16, true);
 }
+
+/// The same guest on KVM's in-kernel irqchip (the comparison baseline of
+/// `vlapic bench`): every scenario passes there too.
+#[test]
+fn boot_4_vcpus_kernel_irqchip() {
+    if !kvm_ok() {
+        return;
+    }
+    let cfg = vlapic_vmm::VmConfig {
+        kernel: mini_guest(),
+        vcpus: 4,
+        memory_mib: 64,
+        kernel_irqchip: true,
+        timeout: Some(std::time::Duration::from_secs(60)),
+        console: vlapic_vmm::ConsoleSink::Quiet,
+        ..vlapic_vmm::VmConfig::default()
+    };
+    let rep = vlapic_vmm::run_vm(&cfg).expect("run");
+    let text = rep.text();
+    assert_eq!(rep.outcome, Outcome::DebugExit(0), "{text}");
+    assert_eq!(rep.passed(), 11, "{text}");
+    assert_eq!(rep.failed(), 0, "{text}");
+}

@@ -61,6 +61,7 @@ long_start:
     jne 2b
     lidt idt_ptr(%rip)
     lea msg_hello(%rip), %rsi; call puts
+    mov $0xFF, %al; out %al, $0x21; out %al, $0xA1   /* mask both 8259s */
     /* x2APIC mode? (IA32_APIC_BASE bit 10) */
     mov $0x1B, %ecx; rdmsr
     and $0x400, %eax
