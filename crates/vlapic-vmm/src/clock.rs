@@ -7,11 +7,14 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// The guest TSC as seen from the host, and its frequency.
-#[derive(Clone, Copy, Debug)]
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The guest TSC as seen from the host, and its frequency (clones share the offset).
+#[derive(Clone, Debug)]
 pub struct VmClock {
     /// Host TSC minus guest TSC (KVM's TSC offset, measured once).
-    offset: u64,
+    offset: Arc<AtomicU64>,
     /// Guest TSC frequency in Hz (KVM_GET_TSC_KHZ × 1000).
     tsc_hz: u64,
 }
@@ -21,7 +24,7 @@ impl VmClock {
     /// `host_tsc`, ticking at `tsc_hz`.
     pub fn new(host_tsc: u64, guest_tsc: u64, tsc_hz: u64) -> Self {
         Self {
-            offset: host_tsc.wrapping_sub(guest_tsc),
+            offset: Arc::new(AtomicU64::new(host_tsc.wrapping_sub(guest_tsc))),
             tsc_hz: tsc_hz.max(1),
         }
     }
@@ -38,7 +41,7 @@ impl VmClock {
 
     /// The guest TSC now.
     pub fn guest_tsc(&self) -> u64 {
-        rdtsc().wrapping_sub(self.offset)
+        rdtsc().wrapping_sub(self.offset.load(Ordering::Acquire))
     }
 
     /// VM time now: `guest_tsc × 10^9 / tsc_hz` nanoseconds.

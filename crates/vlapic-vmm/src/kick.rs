@@ -92,6 +92,15 @@ impl VcpuKick {
         }
     }
 
+    /// Sets `immediate_exit` (vCPU thread: the next KVM_RUN only completes the
+    /// pending I/O, MMIO or MSR operation and returns EINTR).
+    pub fn set_immediate_exit(&self) {
+        if let Some(t) = lock(&self.target).as_ref() {
+            // SAFETY: as in `clear_immediate_exit`.
+            unsafe { AtomicU8::from_ptr(t.immediate_exit) }.store(1, Ordering::Release);
+        }
+    }
+
     /// Makes the vCPU re-evaluate its interrupt state soon: leaves KVM_RUN at once
     /// (or skips the next one) and wakes it from a halt.
     pub fn kick(&self) {

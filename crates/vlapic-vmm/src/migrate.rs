@@ -104,6 +104,13 @@ pub fn migrate(
 ) -> Result<Option<VmFd>, String> {
     let n = sh.kicks.len();
     let gate = &sh.migration;
+    // The brand-new (empty) VM and vCPUs are built while the guest still runs;
+    // only saving and loading state happens with the VM stopped.
+    let vm = make_vm(kvm)?;
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        fds.push(make_vcpu(&vm, i)?);
+    }
     gate.requested.store(true, Ordering::SeqCst);
     for k in &sh.kicks {
         k.kick();
@@ -142,13 +149,6 @@ pub fn migrate(
         apics.push(a);
     }
     let ioapic = sh.chip.with_ioapic(|io| io.clone());
-
-    // A brand-new VM and vCPUs.
-    let vm = make_vm(kvm)?;
-    let mut fds = Vec::with_capacity(n);
-    for i in 0..n {
-        fds.push(make_vcpu(&vm, i)?);
-    }
 
     // The interrupt controllers, from their saved state.
     for (i, saved) in apics.into_iter().enumerate() {

@@ -284,6 +284,16 @@ fn migrate_here(
     kick: &VcpuKick,
     state: RunState,
 ) -> Result<Option<RunState>, String> {
+    // An I/O, MMIO or MSR exit is only complete (RIP advanced, IN/RDMSR data in the
+    // registers) after the next KVM_RUN: re-enter once with immediate_exit set so
+    // KVM finishes it without running guest code, then save.
+    kick.set_immediate_exit();
+    match v.fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => return Err(format!("completing the last exit: KVM_RUN: {e}")),
+        Ok(exit) => return Err(format!("completing the last exit: unexpected {exit:?}")),
+    }
+    kick.clear_immediate_exit();
     let saved = PausedVcpu {
         kvm: VcpuState::save(&v.fd, &sh.msr_list)?,
         run: state,

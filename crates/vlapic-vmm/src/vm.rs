@@ -330,7 +330,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         io,
         kicks: kicks.clone(),
         timers: timers.clone(),
-        clock,
+        clock: clock.clone(),
         stop: AtomicBool::new(false),
         outcome: Mutex::new(None),
         done: Condvar::new(),
@@ -347,6 +347,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let timer_thread = {
         let t = timers.clone();
         let k = kicks.clone();
+        let clock = clock.clone();
         std::thread::Builder::new()
             .name("lapic-timer".into())
             .spawn(move || t.run(clock, k))

@@ -1,6 +1,7 @@
 //! Boots the project's test guest (guest/, embedded by build.rs; or the image named
 //! by `VLAPIC_TEST_GUEST`) with 1, 2, 4 and 16 vCPUs in xAPIC and x2APIC mode, with
-//! the LAPICs and IOAPIC in vlapic, and requires every scenario to pass.
+//! the LAPICs and IOAPIC in vlapic (and twice while live-migrating every 5 ms),
+//! and requires every scenario to pass.
 
 mod common;
 
@@ -29,6 +30,10 @@ fn guest() -> Option<Vec<u8>> {
 }
 
 fn check(vcpus: usize, x2apic: bool) {
+    check_with(vcpus, x2apic, None);
+}
+
+fn check_with(vcpus: usize, x2apic: bool, migrate_every: Option<Duration>) {
     if !kvm_ok() {
         return;
     }
@@ -42,6 +47,7 @@ fn check(vcpus: usize, x2apic: bool) {
         memory_mib: 128,
         timeout: Some(Duration::from_secs(240)),
         console: ConsoleSink::Quiet,
+        migrate_every,
         ..VmConfig::default()
     };
     let rep = run_vm(&cfg).expect("run");
@@ -58,6 +64,9 @@ fn check(vcpus: usize, x2apic: bool) {
         println!("known guest issue tolerated: {} ({})", s.name, s.detail);
     }
     assert_eq!(rep.violations, 0, "{text}");
+    if migrate_every.is_some() {
+        assert!(rep.migrations >= 1, "{text}");
+    }
     // Every AP was started (by exactly one SIPI per INIT-SIPI-SIPI sequence at least once).
     for v in rep.vcpus.iter().skip(1) {
         assert!(v.sipis >= 1, "vcpu{} never started:\n{text}", v.index);
@@ -102,4 +111,16 @@ fn test_guest_16_vcpus_xapic() {
 #[test]
 fn test_guest_16_vcpus_x2apic() {
     check(16, true);
+}
+
+/// The test guest keeps passing while the VM is moved into a new KVM VM every 5 ms.
+#[test]
+fn test_guest_2_vcpus_xapic_migrating() {
+    check_with(2, false, Some(Duration::from_millis(5)));
+}
+
+/// The same in x2APIC mode with 4 vCPUs.
+#[test]
+fn test_guest_4_vcpus_x2apic_migrating() {
+    check_with(4, true, Some(Duration::from_millis(5)));
 }
