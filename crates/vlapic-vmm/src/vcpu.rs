@@ -31,6 +31,10 @@ use raw::KVM_INTERRUPT;
 /// re-read CR8 (VM nanoseconds).
 pub const TPR_POLL_NS: u64 = 200_000;
 
+/// How often a vCPU with a vector waiting for the interrupt window (IF=0) is
+/// kicked to re-check it (VM nanoseconds).
+pub const WINDOW_POLL_NS: u64 = 20_000;
+
 /// Guest-physical page of the IOAPIC.
 pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
 /// Default xAPIC page (used for routing while an APIC has no MMIO page).
@@ -380,11 +384,25 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         let mmio_base = vd.mmio_base;
         // A guest that lowers CR8 does not always exit (KVM's emulator path gives
         // no KVM_EXIT_SET_TPR), so while TPR alone holds a vector back, poll.
-        let want = if vd.tpr_blocked && state == RunState::Running {
-            let poll = now.saturating_add(TPR_POLL_NS);
-            Some(vd.deadline.map_or(poll, |d| d.min(poll)))
+        // Likewise the interrupt-window exit can come late here (a pending vector
+        // is often taken only at some later exit after STI): while a vector waits
+        // for IF, poll faster.
+        let window_wait = vd.pending
+            && vd.injected.is_none()
+            && matches!(state, RunState::Running | RunState::Halted(true));
+        let poll = if window_wait {
+            Some(WINDOW_POLL_NS)
+        } else if vd.tpr_blocked && state == RunState::Running {
+            Some(TPR_POLL_NS)
         } else {
-            vd.deadline
+            None
+        };
+        let want = match poll {
+            Some(p) => {
+                let t = now.saturating_add(p);
+                Some(vd.deadline.map_or(t, |d| d.min(t)))
+            }
+            None => vd.deadline,
         };
         if want != armed {
             armed = want;
