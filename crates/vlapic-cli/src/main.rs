@@ -10,6 +10,7 @@ mod state_cmds;
 /// vlapic: an emulated x86 local APIC, its KVM test VMM and state tools.
 #[derive(Parser, Debug)]
 #[command(name = "vlapic", version, about, long_about = None)]
+#[command(after_help = state_cmds::HELP_EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,31 +1,848 @@
-//! `vlapic inspect`, `vlapic convert` and `vlapic replay` (issue 4: being built).
+//! `vlapic inspect`, `vlapic convert` and `vlapic replay`: saved APIC state read,
+//! checked against the import rules, shown, converted, and replayed traffic.
+//!
+//! Exit codes: 0 success; 1 invalid input (a state file breaks a rule or cannot be
+//! decoded, a trace line is malformed, an import in a trace is refused); 2 usage
+//! (clap); 3 I/O error. Errors are one line: file, field, byte offset, reason.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vlapic::lvt::{self, Lvt, TimerMode};
+use vlapic::state::kvm::{self, KvmExtra};
+use vlapic::state::{bhyve, native, Field, ImportError, LapicState};
+use vlapic::{ApicMode, Delivery, LapicConfig, LocalApic, TimerClock};
+
+/// Examples and exit codes for `vlapic --help`.
+pub const HELP_EXAMPLES: &str = "\
+Examples:
+  vlapic inspect cpu0.kvm
+      Readable view of saved state (mode, ID, TPR/PPR, ISR/IRR/TMR, LVTs, timer, APIC base),
+      then every import rule it breaks, each with its byte offset.
+  vlapic inspect --json --format bhyve cpu0.bin
+      The same as one JSON object (keys mode, id, tpr, ppr, isr, irr, tmr, timer, apic_base, ...).
+  vlapic convert --from kvm --to native --apic-base 0xFEE00900 --now 5000 cpu0.kvm cpu0.vlapic
+      Validate as import does (invalid state is refused, the rule named) and convert.
+  vlapic replay guest.trace
+      Drive a fresh APIC through a trace of register accesses and interrupts (see replay --help).
+
+State formats: native (vlapic's versioned file), kvm (bare 1024-byte kvm_lapic_state page),
+bhyve (200-byte vdi_lapic_v1), json. See docs/state-formats.md.
+
+Exit codes (inspect, convert, replay): 0 success; 1 invalid state, undecodable file or bad trace
+line (one line names the file, field and byte offset); 2 usage error; 3 I/O error.";
+
+/// Exit code: invalid state, undecodable file, bad trace.
+const EXIT_INVALID: u8 = 1;
+/// Exit code: I/O error.
+const EXIT_IO: u8 = 3;
+
+/// A state file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// vlapic's versioned binary format (magic VLAPICST, postcard body, CRC-32).
+    Native,
+    /// KVM's `struct kvm_lapic_state`: the bare 1024-byte page of KVM_GET_LAPIC.
+    Kvm,
+    /// illumos bhyve's `struct vdi_lapic_v1` (200 bytes).
+    Bhyve,
+    /// The native state as JSON, for people.
+    Json,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Native => "native",
+            Format::Kvm => "kvm",
+            Format::Bhyve => "bhyve",
+            Format::Json => "json",
+        }
+    }
+
+    /// Byte offset of a field in this format, if it has one.
+    fn offset(self, state: &LapicState, field: Field) -> Option<usize> {
+        match self {
+            Format::Native => Some(native::field_offset(state, field)),
+            Format::Kvm => kvm::field_offset(field),
+            Format::Bhyve => bhyve::field_offset(field),
+            Format::Json => None,
+        }
+    }
+}
+
+/// Parses a number in decimal or 0x-hex.
+fn parse_num(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(&h.replace('_', ""), 16),
+        None => t.replace('_', "").parse::<u64>(),
+    };
+    r.map_err(|_| format!("`{s}` is not a number (decimal or 0x-hex)"))
+}
+
+/// Options shared by `inspect` and `convert`: what the files leave out and the
+/// destination APIC the rules are checked against.
+#[derive(Args, Debug, Clone)]
+pub struct StateOpts {
+    /// IA32_APIC_BASE for a `kvm` input (the page does not hold it).
+    #[arg(long, value_parser = parse_num, default_value = "0xFEE00900")]
+    apic_base: u64,
+    /// IA32_TSC_DEADLINE for `kvm` and `bhyve` inputs.
+    #[arg(long, value_parser = parse_num, default_value = "0")]
+    tsc_deadline: u64,
+    /// VM time in ns at which the state was saved (a KVM page's current count is
+    /// relative to it; the expiry is absolute).
+    #[arg(long, value_parser = parse_num, default_value = "0")]
+    now: u64,
+    /// Initial APIC ID of the destination (default: the state's own ID).
+    #[arg(long, value_parser = parse_num)]
+    apic_id: Option<u64>,
+    /// Nanoseconds per APIC bus cycle (timer ticks are this times the divisor).
+    #[arg(long, value_parser = parse_num, default_value = "1")]
+    bus_cycle_ns: u64,
+    /// Guest TSC frequency in Hz (TSC-deadline mode).
+    #[arg(long, value_parser = parse_num, default_value = "1000000000")]
+    tsc_hz: u64,
+}
+
+impl Default for StateOpts {
+    fn default() -> Self {
+        Self {
+            apic_base: KvmExtra::default().apic_base,
+            tsc_deadline: 0,
+            now: 0,
+            apic_id: None,
+            bus_cycle_ns: 1,
+            tsc_hz: 1_000_000_000,
+        }
+    }
+}
+
+impl StateOpts {
+    fn clock(&self) -> TimerClock {
+        TimerClock {
+            bus_cycle_ns: u32::try_from(self.bus_cycle_ns).unwrap_or(u32::MAX),
+            tsc_hz: self.tsc_hz,
+        }
+    }
+
+    /// The configuration the rules are checked against.
+    fn config(&self, state: &LapicState) -> LapicConfig {
+        let mut cfg = state.implied_config();
+        if let Some(id) = self.apic_id {
+            cfg.apic_id = u32::try_from(id).unwrap_or(u32::MAX);
+        }
+        cfg.clock = self.clock();
+        cfg
+    }
+}
 
 /// Arguments of `vlapic inspect`.
 #[derive(Args, Debug)]
-pub struct InspectArgs {}
+#[command(
+    after_help = "Example:\n  vlapic inspect --format kvm --apic-base 0xFEE00900 cpu0.lapic\n  vlapic inspect --json cpu0.vlapic\n\nExit codes: 0 valid, 1 invalid or undecodable (every broken rule is listed), 3 I/O error."
+)]
+pub struct InspectArgs {
+    /// Input format (default: detected from the magic or the size).
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Print one JSON object (keys mode, id, tpr, ppr, isr, irr, tmr, timer, apic_base, ...).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    opts: StateOpts,
+    /// The state file.
+    file: PathBuf,
+}
 
 /// Arguments of `vlapic convert`.
 #[derive(Args, Debug)]
-pub struct ConvertArgs {}
+#[command(
+    after_help = "Example:\n  vlapic convert --from bhyve --to kvm --now 5000000 cpu0.bhyve cpu0.kvm\n\nThe input is validated as import does; invalid state is refused (exit 1, the rule named).\nExit codes: 0 converted, 1 invalid or undecodable input, 3 I/O error."
+)]
+pub struct ConvertArgs {
+    /// Input format.
+    #[arg(long, value_enum)]
+    from: Format,
+    /// Output format.
+    #[arg(long, value_enum)]
+    to: Format,
+    #[command(flatten)]
+    opts: StateOpts,
+    /// Input file.
+    input: PathBuf,
+    /// Output file.
+    output: PathBuf,
+}
 
 /// Arguments of `vlapic replay`.
 #[derive(Args, Debug)]
-pub struct ReplayArgs {}
-
-pub fn inspect(_a: InspectArgs) -> ExitCode {
-    eprintln!("vlapic inspect: not built yet");
-    ExitCode::from(2)
+#[command(
+    after_help = "Trace lines (numbers decimal or 0x-hex, `#` starts a comment):\n  time NS | mmio-read OFF | mmio-write OFF VALUE | msr-read MSR | msr-write MSR VALUE\n  irq VECTOR edge|level | ack | eoi | export kvm|bhyve|native FILE | import kvm|bhyve|native FILE\n\nExample trace:\n  mmio-write 0xF0 0x1FF   # software enable\n  irq 0x41 level\n  ack                     # prints 0x41\n  mmio-read 0xA0          # prints 0xa0 = 0x40 (PPR)\n  eoi                     # prints ioapic-eoi 0x41\n\nOne fresh APIC: ID 0, BSP, xAPIC mode at 0xFEE00000, verifier on. Reads print\n`OFF = VALUE` or `MSR = #GP`; faulting writes print `MSR <- #GP`; ack prints the vector\nor `none`. The last lines give the verifier's violations and deepest nesting.\nExit codes: 0 done, 1 bad trace line or refused import, 3 I/O error."
+)]
+pub struct ReplayArgs {
+    /// The trace file.
+    trace: PathBuf,
 }
 
-pub fn convert(_a: ConvertArgs) -> ExitCode {
-    eprintln!("vlapic convert: not built yet");
-    ExitCode::from(2)
+/// A failure with its exit code and one-line message.
+struct Failure {
+    code: u8,
+    msg: String,
 }
 
-pub fn replay(_a: ReplayArgs) -> ExitCode {
-    eprintln!("vlapic replay: not built yet");
-    ExitCode::from(2)
+impl Failure {
+    fn invalid(msg: String) -> Self {
+        Self {
+            code: EXIT_INVALID,
+            msg,
+        }
+    }
+
+    fn io(path: &Path, e: std::io::Error) -> Self {
+        Self {
+            code: EXIT_IO,
+            msg: format!("{}: {e}", path.display()),
+        }
+    }
+}
+
+fn finish(r: Result<ExitCode, Failure>) -> ExitCode {
+    match r {
+        Ok(c) => c,
+        Err(f) => {
+            eprintln!("vlapic: {}", f.msg);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn detect(bytes: &[u8]) -> Option<Format> {
+    if bytes.starts_with(&native::MAGIC) {
+        Some(Format::Native)
+    } else if bytes.len() == kvm::PAGE_SIZE {
+        Some(Format::Kvm)
+    } else if bytes.len() == bhyve::SIZE {
+        Some(Format::Bhyve)
+    } else if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        Some(Format::Json)
+    } else {
+        None
+    }
+}
+
+/// Decodes bytes in a format; the error is `field (byte N): reason`.
+fn decode(bytes: &[u8], fmt: Format, opts: &StateOpts) -> Result<LapicState, String> {
+    let r = match fmt {
+        Format::Native => native::decode_lapic(bytes),
+        Format::Kvm => kvm::decode(
+            bytes,
+            KvmExtra {
+                apic_base: opts.apic_base,
+                tsc_deadline: opts.tsc_deadline,
+            },
+            opts.now,
+            &opts.clock(),
+        ),
+        Format::Bhyve => bhyve::decode(bytes, opts.tsc_deadline),
+        Format::Json => {
+            return serde_json::from_slice::<LapicState>(bytes)
+                .map_err(|e| format!("json (line {}, column {}): {e}", e.line(), e.column()))
+        }
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn encode(state: &LapicState, fmt: Format, opts: &StateOpts) -> Vec<u8> {
+    match fmt {
+        Format::Native => native::encode_lapic(state),
+        Format::Kvm => kvm::encode(state, opts.now, &opts.clock()).0.to_vec(),
+        Format::Bhyve => bhyve::encode(state).to_vec(),
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(state).unwrap_or_default();
+            s.push('\n');
+            s.into_bytes()
+        }
+    }
+}
+
+/// `FILE: field (byte 0xNN): message` for a broken rule.
+fn rule_line(path: &Path, fmt: Format, state: &LapicState, e: &ImportError) -> String {
+    let field = e.field();
+    let msg = e.to_string();
+    let reason = msg
+        .strip_prefix(field.name())
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(&msg);
+    match fmt.offset(state, field) {
+        Some(off) => format!(
+            "{}: {field} (byte {off:#x}): {reason} [{}]",
+            path.display(),
+            e.rule()
+        ),
+        None => format!(
+            "{}: {field} ({} has no such field): {reason} [{}]",
+            path.display(),
+            fmt.name(),
+            e.rule()
+        ),
+    }
+}
+
+/// Largest input read (state files are at most a few KiB; traces can be long).
+const MAX_INPUT: u64 = 256 << 20;
+
+fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| Failure::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::io(path, e))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        return Err(Failure::invalid(format!(
+            "{}: file (byte {MAX_INPUT:#x}): larger than {} MiB",
+            path.display(),
+            MAX_INPUT >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Reads and decodes a state file.
+fn load(
+    path: &Path,
+    fmt: Option<Format>,
+    opts: &StateOpts,
+) -> Result<(LapicState, Format), Failure> {
+    let bytes = read(path)?;
+    let fmt = match fmt.or_else(|| detect(&bytes)) {
+        Some(f) => f,
+        None => {
+            return Err(Failure::invalid(format!(
+                "{}: format (byte 0x0): not recognised ({} bytes); use --format",
+                path.display(),
+                bytes.len()
+            )))
+        }
+    };
+    let state = decode(&bytes, fmt, opts)
+        .map_err(|e| Failure::invalid(format!("{}: {e}", path.display())))?;
+    Ok((state, fmt))
+}
+
+// ----- inspect ------------------------------------------------------------------
+
+fn mode_name(state: &LapicState) -> &'static str {
+    match state.mode() {
+        Some(ApicMode::Disabled) => "disabled",
+        Some(ApicMode::XApic) => "xapic",
+        Some(ApicMode::X2Apic) => "x2apic",
+        None => "invalid",
+    }
+}
+
+fn timer_mode_name(m: Option<TimerMode>) -> &'static str {
+    match m {
+        Some(TimerMode::OneShot) => "one-shot",
+        Some(TimerMode::Periodic) => "periodic",
+        Some(TimerMode::TscDeadline) => "tsc-deadline",
+        None => "reserved",
+    }
+}
+
+fn lvt_name(e: Lvt) -> &'static str {
+    match e {
+        Lvt::Cmci => "cmci",
+        Lvt::Timer => "timer",
+        Lvt::Thermal => "thermal",
+        Lvt::Perf => "perf",
+        Lvt::Lint0 => "lint0",
+        Lvt::Lint1 => "lint1",
+        Lvt::Error => "error",
+    }
+}
+
+fn lvt_json(e: Lvt, v: u32) -> Value {
+    let mode = e
+        .delivery_mode(v)
+        .map(|m| format!("{m:?}").to_lowercase())
+        .unwrap_or_else(|| "reserved".into());
+    let mut o = json!({
+        "value": v,
+        "vector": lvt::vector(v),
+        "masked": lvt::is_masked(v),
+        "delivery_mode": mode,
+    });
+    if matches!(e, Lvt::Lint0 | Lvt::Lint1) {
+        o["level_triggered"] = json!(v & lvt::LVT_LEVEL != 0);
+        o["active_low"] = json!(v & lvt::LVT_POLARITY_LOW != 0);
+        o["remote_irr"] = json!(v & lvt::LVT_REMOTE_IRR != 0);
+    }
+    if e == Lvt::Timer {
+        o["timer_mode"] = json!(timer_mode_name(TimerMode::from_lvt(v)));
+    }
+    o
+}
+
+fn view(
+    state: &LapicState,
+    fmt: Format,
+    path: &Path,
+    opts: &StateOpts,
+    errors: &[ImportError],
+) -> Value {
+    let clock = opts.clock();
+    let vecs = |ws: &[u32; 8]| -> Vec<u8> { vlapic::VectorSet::from_words(*ws).iter().collect() };
+    let mut lvts = serde_json::Map::new();
+    for e in Lvt::ALL {
+        lvts.insert(lvt_name(e).into(), lvt_json(e, state.lvt(e)));
+    }
+    let base = state.apic_base;
+    json!({
+        "file": path.display().to_string(),
+        "format": fmt.name(),
+        "mode": mode_name(state),
+        "id": state.id,
+        "version": state.version,
+        "tpr": state.tpr,
+        "ppr": state.ppr(),
+        "apr": state.apr,
+        "ldr": state.ldr,
+        "dfr": state.dfr,
+        "svr": state.svr,
+        "software_enabled": state.svr & vlapic::regs::SVR_ENABLE != 0,
+        "spurious_vector": state.svr & 0xFF,
+        "isr": vecs(&state.isr),
+        "irr": vecs(&state.irr),
+        "tmr": vecs(&state.tmr),
+        "esr": state.esr,
+        "esr_pending": state.esr_pending,
+        "icr": state.icr,
+        "lvt": lvts,
+        "timer": {
+            "mode": timer_mode_name(state.timer_mode()),
+            "initial_count": state.timer_initial,
+            "divide_config": state.timer_divide,
+            "divisor": vlapic::timer::divisor(state.timer_divide),
+            "armed": state.timer_deadline != 0,
+            "deadline_ns": state.timer_deadline,
+            "current_count": kvm::current_count(state, opts.now, &clock),
+            "now_ns": opts.now,
+            "tsc_deadline": state.tsc_deadline,
+        },
+        "apic_base": base,
+        "apic_base_decoded": {
+            "address": base & !0xFFF,
+            "enabled": base & vlapic::regs::APIC_BASE_EN != 0,
+            "x2apic": base & vlapic::regs::APIC_BASE_EXTD != 0,
+            "bsp": base & vlapic::regs::APIC_BASE_BSP != 0,
+        },
+        "valid": errors.is_empty(),
+        "violations": errors.iter().map(|e| json!({
+            "rule": e.rule(),
+            "field": e.field().name(),
+            "offset": fmt.offset(state, e.field()),
+            "message": e.to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn hexlist(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|n| format!("{n:#04x}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("[{}]", items.join(", "))
+}
+
+fn text(v: &Value, state: &LapicState, path: &Path, fmt: Format, errors: &[ImportError]) -> String {
+    let mut o = String::new();
+    let t = &v["timer"];
+    let b = &v["apic_base_decoded"];
+    let _ = writeln!(o, "{} ({})", path.display(), fmt.name());
+    let _ = writeln!(
+        o,
+        "mode       {}   id {:#x}   version {:#x}",
+        mode_name(state),
+        state.id,
+        state.version
+    );
+    let _ = writeln!(
+        o,
+        "apic_base  {:#x} (address {:#x}{}{}{})",
+        state.apic_base,
+        state.apic_base & !0xFFF,
+        if b["enabled"] == true { ", EN" } else { "" },
+        if b["x2apic"] == true { ", EXTD" } else { "" },
+        if b["bsp"] == true { ", BSP" } else { "" },
+    );
+    let _ = writeln!(
+        o,
+        "tpr {:#04x}   ppr {:#04x}   apr {:#04x}",
+        state.tpr,
+        state.ppr(),
+        state.apr
+    );
+    let _ = writeln!(
+        o,
+        "ldr {:#010x}   dfr {:#010x}   svr {:#x} ({}, spurious vector {:#04x})",
+        state.ldr,
+        state.dfr,
+        state.svr,
+        if state.svr & vlapic::regs::SVR_ENABLE != 0 {
+            "software-enabled"
+        } else {
+            "software-disabled"
+        },
+        state.svr & 0xFF
+    );
+    let _ = writeln!(o, "isr {}", hexlist(&v["isr"]));
+    let _ = writeln!(o, "irr {}", hexlist(&v["irr"]));
+    let _ = writeln!(o, "tmr {}", hexlist(&v["tmr"]));
+    let _ = writeln!(
+        o,
+        "esr {:#x}   esr_pending {:#x}   icr {:#x}",
+        state.esr, state.esr_pending, state.icr
+    );
+    for e in Lvt::ALL {
+        let l = &v["lvt"][lvt_name(e)];
+        let mut extra = String::new();
+        if e == Lvt::Timer {
+            extra = format!(" {}", l["timer_mode"].as_str().unwrap_or(""));
+        }
+        if matches!(e, Lvt::Lint0 | Lvt::Lint1) {
+            extra = format!(
+                " {}{}{}",
+                if l["level_triggered"] == true {
+                    "level"
+                } else {
+                    "edge"
+                },
+                if l["active_low"] == true {
+                    " active-low"
+                } else {
+                    ""
+                },
+                if l["remote_irr"] == true {
+                    " remote-irr"
+                } else {
+                    ""
+                },
+            );
+        }
+        let _ = writeln!(
+            o,
+            "lvt {:<8}{:#010x} {} vector {:#04x} {}{}",
+            lvt_name(e),
+            state.lvt(e),
+            if l["masked"] == true {
+                "masked  "
+            } else {
+                "unmasked"
+            },
+            state.lvt(e) & 0xFF,
+            l["delivery_mode"].as_str().unwrap_or(""),
+            extra
+        );
+    }
+    let _ = writeln!(
+        o,
+        "timer      {} initial {:#x} divide {:#x} (/{}) {} current count {:#x} at {} ns tsc_deadline {:#x}",
+        t["mode"].as_str().unwrap_or(""),
+        state.timer_initial,
+        state.timer_divide,
+        t["divisor"],
+        if state.timer_deadline == 0 { "not armed,".to_string() } else { format!("expires at {} ns,", state.timer_deadline) },
+        t["current_count"].as_u64().unwrap_or(0),
+        t["now_ns"],
+        state.tsc_deadline
+    );
+    if errors.is_empty() {
+        let _ = writeln!(o, "valid: every import rule holds");
+    } else {
+        let _ = writeln!(o, "INVALID: {} rule(s) broken", errors.len());
+        for e in errors {
+            let _ = writeln!(o, "  {}", rule_line(path, fmt, state, e));
+        }
+    }
+    o
+}
+
+fn inspect_inner(a: &InspectArgs) -> Result<ExitCode, Failure> {
+    let (state, fmt) = load(&a.file, a.format, &a.opts)?;
+    let errors = state.validate(&a.opts.config(&state));
+    let v = view(&state, fmt, &a.file, &a.opts, &errors);
+    if a.json {
+        println!("{v}");
+    } else {
+        print!("{}", text(&v, &state, &a.file, fmt, &errors));
+    }
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+/// `vlapic inspect`.
+pub fn inspect(a: InspectArgs) -> ExitCode {
+    finish(inspect_inner(&a))
+}
+
+// ----- convert ------------------------------------------------------------------
+
+fn convert_inner(a: &ConvertArgs) -> Result<ExitCode, Failure> {
+    let (state, fmt) = load(&a.input, Some(a.from), &a.opts)?;
+    if let Err(e) = state.check(&a.opts.config(&state)) {
+        return Err(Failure::invalid(rule_line(&a.input, fmt, &state, &e)));
+    }
+    let out = encode(&state, a.to, &a.opts);
+    std::fs::write(&a.output, out).map_err(|e| Failure::io(&a.output, e))?;
+    if a.to == Format::Kvm {
+        eprintln!(
+            "vlapic: {}: not in the KVM page: apic_base {:#x}, tsc_deadline {:#x}",
+            a.output.display(),
+            state.apic_base,
+            state.tsc_deadline
+        );
+        if state.esr_pending != 0 {
+            eprintln!(
+                "vlapic: {}: esr_pending {:#x} dropped (KVM has no such latch)",
+                a.output.display(),
+                state.esr_pending
+            );
+        }
+    }
+    if a.to == Format::Bhyve && state.tsc_deadline != 0 {
+        eprintln!(
+            "vlapic: {}: not in vdi_lapic_v1: tsc_deadline {:#x}",
+            a.output.display(),
+            state.tsc_deadline
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vlapic convert`.
+pub fn convert(a: ConvertArgs) -> ExitCode {
+    finish(convert_inner(&a))
+}
+
+// ----- replay -------------------------------------------------------------------
+
+fn state_format(word: &str) -> Option<Format> {
+    match word {
+        "kvm" => Some(Format::Kvm),
+        "bhyve" => Some(Format::Bhyve),
+        "native" => Some(Format::Native),
+        "json" => Some(Format::Json),
+        _ => None,
+    }
+}
+
+/// Runs a trace; output lines go to `out`.
+fn replay_trace(path: &Path, text: &str, out: &mut String) -> Result<(), Failure> {
+    let cfg = LapicConfig {
+        verify: true,
+        ..LapicConfig::default()
+    };
+    let mut apic = LocalApic::new(cfg);
+    let mut now: u64 = 0;
+    for (i, raw) in text.lines().enumerate() {
+        let lineno = i.saturating_add(1);
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad =
+            |msg: String| Failure::invalid(format!("{}:{lineno}: {msg}: `{line}`", path.display()));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |k: usize| -> Result<u64, Failure> {
+            let w = words.get(k).ok_or_else(|| bad("missing operand".into()))?;
+            parse_num(w).map_err(bad)
+        };
+        let arity = |n: usize| -> Result<(), Failure> {
+            if words.len() == n.saturating_add(1) {
+                Ok(())
+            } else {
+                Err(bad(format!("expected {n} operand(s)")))
+            }
+        };
+        let u32_of =
+            |v: u64| u32::try_from(v).map_err(|_| bad("value does not fit 32 bits".into()));
+        let op = words.first().copied().unwrap_or("");
+        let mut effects = vlapic::Effects::default();
+        match op {
+            "time" => {
+                arity(1)?;
+                let t = num(1)?;
+                if t > now {
+                    now = t;
+                }
+                if apic.advance(now) {
+                    let _ = writeln!(out, "timer-expired");
+                }
+            }
+            "mmio-read" => {
+                arity(1)?;
+                let off = num(1)?;
+                if off > 0xFFF {
+                    return Err(bad("offset beyond the 4 KiB page".into()));
+                }
+                let v = apic.read_register(off, now);
+                let _ = writeln!(out, "{off:#x} = {v:#x}");
+            }
+            "mmio-write" => {
+                arity(2)?;
+                let off = num(1)?;
+                if off > 0xFFF {
+                    return Err(bad("offset beyond the 4 KiB page".into()));
+                }
+                effects = apic.write_register(off, u32_of(num(2)?)?, now);
+            }
+            "msr-read" => {
+                arity(1)?;
+                let msr = u32_of(num(1)?)?;
+                match apic.read_msr(msr, now) {
+                    Ok(v) => {
+                        let _ = writeln!(out, "{msr:#x} = {v:#x}");
+                    }
+                    Err(_) => {
+                        let _ = writeln!(out, "{msr:#x} = #GP");
+                    }
+                }
+            }
+            "msr-write" => {
+                arity(2)?;
+                let msr = u32_of(num(1)?)?;
+                match apic.write_msr(msr, num(2)?, now) {
+                    Ok(fx) => effects = fx,
+                    Err(_) => {
+                        let _ = writeln!(out, "{msr:#x} <- #GP");
+                    }
+                }
+            }
+            "irq" => {
+                arity(2)?;
+                let v = u8::try_from(num(1)?).map_err(|_| bad("vector above 255".into()))?;
+                let d = match words.get(2).copied() {
+                    Some("edge") => Delivery::fixed(v),
+                    Some("level") => Delivery::fixed_level(v),
+                    _ => return Err(bad("trigger must be `edge` or `level`".into())),
+                };
+                apic.deliver(d, now);
+            }
+            "ack" => {
+                arity(0)?;
+                match apic.acknowledge() {
+                    Some(v) => {
+                        let _ = writeln!(out, "{v:#x}");
+                    }
+                    None => {
+                        let _ = writeln!(out, "none");
+                    }
+                }
+            }
+            "eoi" => {
+                arity(0)?;
+                effects = match apic.mode() {
+                    ApicMode::XApic => apic.write_register(0xB0, 0, now),
+                    ApicMode::X2Apic => apic.write_msr(0x80B, 0, now).unwrap_or_default(),
+                    ApicMode::Disabled => vlapic::Effects::default(),
+                };
+            }
+            "export" | "import" => {
+                arity(2)?;
+                let fmt = words
+                    .get(1)
+                    .copied()
+                    .and_then(state_format)
+                    .ok_or_else(|| bad("format must be kvm, bhyve or native".into()))?;
+                let file = PathBuf::from(words.get(2).copied().unwrap_or(""));
+                let opts = StateOpts {
+                    now,
+                    ..StateOpts::default()
+                };
+                if op == "export" {
+                    let state = apic.export();
+                    let opts = StateOpts {
+                        apic_base: state.apic_base,
+                        tsc_deadline: state.tsc_deadline,
+                        ..opts
+                    };
+                    std::fs::write(&file, encode(&state, fmt, &opts))
+                        .map_err(|e| Failure::io(&file, e))?;
+                } else {
+                    let cur = apic.export();
+                    let opts = StateOpts {
+                        apic_base: cur.apic_base,
+                        tsc_deadline: cur.tsc_deadline,
+                        ..opts
+                    };
+                    let (state, fmt) = load(&file, Some(fmt), &opts).map_err(|f| Failure {
+                        code: f.code,
+                        msg: format!("{}:{lineno}: {}", path.display(), f.msg),
+                    })?;
+                    apic.import(&state, now).map_err(|e| {
+                        Failure::invalid(format!(
+                            "{}:{lineno}: {}",
+                            path.display(),
+                            rule_line(&file, fmt, &state, &e)
+                        ))
+                    })?;
+                }
+            }
+            _ => return Err(bad(format!("unknown operation `{op}`"))),
+        }
+        if let Some(v) = effects.eoi {
+            let _ = writeln!(out, "ioapic-eoi {v:#x}");
+        }
+        if let Some(ipi) = effects.ipi {
+            let _ = writeln!(
+                out,
+                "ipi {:?} vector {:#x} dest {:#x} {:?} {:?}",
+                ipi.mode, ipi.vector, ipi.dest, ipi.dest_mode, ipi.shorthand
+            );
+        }
+    }
+    let ver = apic.verifier();
+    let _ = writeln!(out, "verifier violations {}", ver.violations());
+    if let Some(v) = ver.first_violation() {
+        let _ = writeln!(
+            out,
+            "verifier first {:?} at {:?} vector {:?}",
+            v.kind, v.at, v.vector
+        );
+    }
+    let _ = writeln!(out, "deepest nesting {}", ver.max_depth());
+    Ok(())
+}
+
+fn replay_inner(a: &ReplayArgs) -> Result<ExitCode, Failure> {
+    let bytes = read(&a.trace)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Failure::invalid(format!(
+            "{}: byte {:#x}: not UTF-8",
+            a.trace.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    let mut out = String::new();
+    let r = replay_trace(&a.trace, &text, &mut out);
+    print!("{out}");
+    r.map(|()| ExitCode::SUCCESS)
+}
+
+/// `vlapic replay`.
+pub fn replay(a: ReplayArgs) -> ExitCode {
+    finish(replay_inner(&a))
 }

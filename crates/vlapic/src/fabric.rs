@@ -71,6 +71,7 @@ use crate::ioapic::PinSet;
 use crate::lapic::{ApicMode, Effects, Events, GpFault, LapicConfig, LocalApic};
 use crate::msi::Msi;
 use crate::routing::{ApicView, Message, RouteMap};
+use crate::state::{FabricError, FabricState};
 use alloc::vec::Vec;
 
 /// Construction-time description of a VM's interrupt hardware.
@@ -545,10 +546,60 @@ impl Fabric {
         self.core.with(vcpu, |a| a.take_events())
     }
 
+    /// The architectural state of every APIC and the IOAPIC (issue: migration).
+    pub fn export(&self) -> FabricState {
+        FabricState {
+            apics: self.core.apics.iter().map(LocalApic::export).collect(),
+            ioapic: self.ioapic.export(),
+        }
+    }
+
+    /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
+    /// error nothing changes. Afterwards the routing map follows the imported IDs,
+    /// asserted level lines with remote IRR clear are re-delivered, and the returned
+    /// [`Wake`] names every vCPU with something to take.
+    pub fn import(&mut self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
+        let cfgs: Vec<LapicConfig> = self.core.apics.iter().map(|a| *a.config()).collect();
+        check_fabric_import(state, &cfgs, &self.ioapic)?;
+        for (i, s) in state.apics.iter().enumerate() {
+            let r = self.core.with(i, |a| a.import(s, now));
+            if let Some(Err(error)) = r {
+                return Err(FabricError::Apic { index: i, error });
+            }
+        }
+        self.ioapic
+            .import(&state.ioapic)
+            .map_err(FabricError::IoApic)?;
+        let mut wake = self.ioapic_service(now);
+        for i in 0..self.core.apics.len() {
+            if self.core.with(i, |a| a.has_work()) == Some(true) {
+                wake.push(i);
+            }
+        }
+        wake.normalize();
+        Ok(wake)
+    }
+
     /// The routing map currently in use (rebuilt first if stale).
     pub fn route_map(&mut self) -> &RouteMap {
         self.core.access().1
     }
+}
+
+/// Every rule of a fabric import, stopping at the first: the fabric's rules, then the
+/// IOAPIC's pin count.
+fn check_fabric_import(
+    state: &FabricState,
+    cfgs: &[LapicConfig],
+    io: &IoApic,
+) -> Result<(), FabricError> {
+    if let Some(e) = state.validate(cfgs).into_iter().next() {
+        return Err(e);
+    }
+    if let Some(e) = io.check_import(&state.ioapic).into_iter().next() {
+        return Err(FabricError::IoApic(e));
+    }
+    Ok(())
 }
 
 // ----- the shared fabric ---------------------------------------------------------
@@ -834,6 +885,47 @@ mod shared {
         /// Takes `vcpu`'s pending non-vectored events.
         pub fn take_events(&self, vcpu: usize) -> Option<Events> {
             self.locked(vcpu, |a| a.take_events())
+        }
+
+        /// The architectural state of every APIC and the IOAPIC. Each APIC is locked
+        /// in turn: pause the vCPUs first for a consistent snapshot.
+        pub fn export(&self) -> FabricState {
+            let apics = (0..self.apics.len())
+                .filter_map(|i| self.locked(i, |a| a.export()))
+                .collect();
+            FabricState {
+                apics,
+                ioapic: lock(&self.ioapic).export(),
+            }
+        }
+
+        /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
+        /// error nothing changes. The vCPUs must be paused. Returns the vCPUs with
+        /// something to take (after re-delivering asserted level lines).
+        pub fn import(&self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
+            let cfgs: Vec<LapicConfig> = (0..self.apics.len())
+                .filter_map(|i| self.locked(i, |a| *a.config()))
+                .collect();
+            {
+                let io = lock(&self.ioapic);
+                check_fabric_import(state, &cfgs, &io)?;
+            }
+            for (i, s) in state.apics.iter().enumerate() {
+                if let Some(Err(error)) = self.locked(i, |a| a.import(s, now)) {
+                    return Err(FabricError::Apic { index: i, error });
+                }
+            }
+            lock(&self.ioapic)
+                .import(&state.ioapic)
+                .map_err(FabricError::IoApic)?;
+            let mut wake = self.ioapic_service(now);
+            for i in 0..self.apics.len() {
+                if self.locked(i, |a| a.has_work()) == Some(true) {
+                    wake.push(i);
+                }
+            }
+            wake.normalize();
+            Ok(wake)
         }
 
         /// The routing map currently published (rebuilt first if stale).

@@ -1,0 +1,311 @@
+//! The `vlapic` tool's state subcommands, run as a user would: inspect, convert,
+//! replay, their error lines and exit codes (0 ok, 1 invalid, 2 usage, 3 I/O).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vlapic(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlapic"))
+        .args(args)
+        .output()
+        .expect("run vlapic")
+}
+
+fn golden(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../vlapic/tests/golden")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("state_cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn inspect_text_shows_the_golden_state() {
+    let o = vlapic(&["inspect", "--now", "2000", &golden("nested.kvm")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let s = stdout(&o);
+    for want in [
+        "mode       xapic",
+        "tpr 0x20   ppr 0x80",
+        "isr [0x41, 0x61, 0x81]",
+        "irr [0x35]",
+        "tmr [0x41]",
+        "lvt timer   0x000200ec unmasked vector 0xec fixed periodic",
+        "lvt lint0   0x00000700 unmasked vector 0x00 extint edge",
+        "expires at 6000 ns, current count 0xfa0",
+        "valid: every import rule holds",
+    ] {
+        assert!(s.contains(want), "missing `{want}` in\n{s}");
+    }
+}
+
+#[test]
+fn inspect_json_has_the_documented_keys() {
+    let o = vlapic(&["inspect", "--json", &golden("nested.native")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mode"], "xapic");
+    assert_eq!(v["id"], 0);
+    assert_eq!(v["tpr"], 0x20);
+    assert_eq!(v["ppr"], 0x80);
+    assert_eq!(v["isr"], serde_json::json!([0x41, 0x61, 0x81]));
+    assert_eq!(v["irr"], serde_json::json!([0x35]));
+    assert_eq!(v["tmr"], serde_json::json!([0x41]));
+    assert_eq!(v["timer"]["deadline_ns"], 6000);
+    assert_eq!(v["apic_base"], 0xFEE0_0900u64);
+    assert_eq!(v["apic_base_decoded"]["bsp"], true);
+    assert_eq!(v["esr_pending"], 0x20);
+}
+
+#[test]
+fn convert_round_trips_and_matches_golden_files() {
+    // bhyve -> native is lossless: it must reproduce the golden native file.
+    let out = tmp("from_bhyve.native");
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "bhyve",
+        "--to",
+        "native",
+        &golden("nested.bhyve"),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(golden("nested.native")).unwrap()
+    );
+    // native -> kvm at the golden time reproduces the golden KVM page.
+    let kvm = tmp("from_native.kvm");
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "native",
+        "--to",
+        "kvm",
+        "--now",
+        "2000",
+        &golden("nested.native"),
+        kvm.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&kvm).unwrap(),
+        std::fs::read(golden("nested.kvm")).unwrap()
+    );
+    assert!(
+        stderr(&o).contains("apic_base 0xfee00900"),
+        "KVM output names what the page lacks"
+    );
+    // json -> native.
+    let n = tmp("from_json.native");
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "json",
+        "--to",
+        "native",
+        &golden("nested.json"),
+        n.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&n).unwrap(),
+        std::fs::read(golden("nested.native")).unwrap()
+    );
+}
+
+fn broken_bhyve() -> PathBuf {
+    let mut b = std::fs::read(golden("nested.bhyve")).unwrap();
+    b[8..12].copy_from_slice(&0x100u32.to_le_bytes()); // vlp_tpr
+    b[28 + 8] |= 1 << 2; // vlp_isr[2]: 0x42 next to 0x41
+    let p = tmp("broken.bhyve");
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+// illumos VVE_BAD_TPR and VVE_ISR_PRIORITY: convert refuses naming the first rule
+// with its byte offset; inspect lists them all.
+#[test]
+fn convert_refuses_invalid_state_and_inspect_lists_every_rule() {
+    let bad = broken_bhyve();
+    let out = tmp("never.native");
+    let _ = std::fs::remove_file(&out);
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "bhyve",
+        "--to",
+        "native",
+        bad.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("broken.bhyve: tpr (byte 0x8): 0x100 is above 0xff [VVE_BAD_TPR]"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written");
+    let o = vlapic(&["inspect", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let s = stdout(&o);
+    assert!(s.contains("INVALID: 2 rule(s) broken"), "{s}");
+    assert!(
+        s.contains("isr (byte 0x1c): vectors 0x41 and 0x42 both in service in priority class 4"),
+        "{s}"
+    );
+    let o = vlapic(&["inspect", "--json", bad.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["violations"][1]["rule"], "VVE_ISR_PRIORITY");
+    assert_eq!(v["violations"][1]["offset"], 28);
+}
+
+#[test]
+fn decode_errors_and_exit_codes() {
+    let short = tmp("short.kvm");
+    std::fs::write(&short, [0u8; 100]).unwrap();
+    let o = vlapic(&["inspect", "--format", "kvm", short.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o)
+        .contains("short.kvm: page (byte 0x64): kvm_lapic_state must be exactly 1024 bytes"));
+    let o = vlapic(&["inspect", "/nonexistent/x.kvm"]);
+    assert_eq!(o.status.code(), Some(3));
+    let o = vlapic(&["convert", "--from", "nope", "--to", "kvm", "a", "b"]);
+    assert_eq!(o.status.code(), Some(2));
+    let mut n = std::fs::read(golden("nested.native")).unwrap();
+    let last = n.len() - 1;
+    n[last] ^= 0xFF;
+    let p = tmp("crc.native");
+    std::fs::write(&p, n).unwrap();
+    let o = vlapic(&["inspect", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("crc32 (byte 0x63): checksum mismatch"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+const TRACE: &str = "\
+# three nested handlers, exported mid-handler and imported back
+mmio-write 0xF0 0x1FF   # software enable
+mmio-write 0x80 0x20
+irq 0x41 level
+ack
+irq 0x61 edge
+ack
+irq 0x81 edge
+ack
+irq 0x35 edge
+mmio-read 0xA0
+msr-read 0x802          # x2APIC MSR in xAPIC mode
+msr-read 0x1B
+export EXPORT_FMT EXPORT_FILE
+eoi
+eoi
+eoi
+import EXPORT_FMT EXPORT_FILE
+mmio-read 0xA0
+ack
+eoi
+eoi
+eoi
+ack
+eoi
+time 100
+msr-write 0x1B 0xFEE00D00
+msr-read 0x802
+msr-write 0x80B 1
+eoi
+";
+
+const EXPECTED: &str = "\
+0x41
+0x61
+0x81
+0xa0 = 0x80
+0x802 = #GP
+0x1b = 0xfee00900
+ioapic-eoi 0x41
+0xa0 = 0x80
+none
+ioapic-eoi 0x41
+0x35
+0x80b <- #GP
+verifier violations 0
+deepest nesting 3
+";
+
+// The replay tool reproduces issue 4's acceptance scenario through every format.
+#[test]
+fn replay_prints_reads_acks_and_verifier_summary() {
+    for fmt in ["native", "kvm", "bhyve"] {
+        let state = tmp(&format!("replay.{fmt}"));
+        let trace = TRACE
+            .replace("EXPORT_FMT", fmt)
+            .replace("EXPORT_FILE", state.to_str().unwrap());
+        let p = tmp(&format!("replay-{fmt}.trace"));
+        std::fs::write(&p, trace).unwrap();
+        let o = vlapic(&["replay", p.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{fmt}: {}", stderr(&o));
+        let s = stdout(&o);
+        // After the x2APIC switch the ID MSR reads the ID.
+        let expected = EXPECTED.replace("0x80b <- #GP", "0x802 = 0x0\n0x80b <- #GP");
+        assert_eq!(s, expected, "{fmt}");
+    }
+}
+
+#[test]
+fn replay_errors_name_file_and_line() {
+    let p = tmp("bad.trace");
+    std::fs::write(&p, "ack\nirq 300 edge\n").unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.trace:2: vector above 255: `irq 300 edge`"),
+        "{}",
+        stderr(&o)
+    );
+    let bad = broken_bhyve();
+    std::fs::write(&p, format!("import bhyve {}\n", bad.display())).unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bad.trace:1: ") && stderr(&o).contains("tpr (byte 0x8)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn help_explains_subcommands_with_examples() {
+    let o = vlapic(&["--help"]);
+    let s = stdout(&o);
+    for want in [
+        "vlapic inspect",
+        "vlapic convert",
+        "vlapic replay",
+        "Exit codes",
+    ] {
+        assert!(s.contains(want), "{s}");
+    }
+    let o = vlapic(&["replay", "--help"]);
+    assert!(stdout(&o).contains("mmio-write 0xF0 0x1FF"));
+}
