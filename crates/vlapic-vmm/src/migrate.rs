@@ -2,16 +2,19 @@
 //! state and every APIC/IOAPIC, build a brand-new KVM VM from that state, resume.
 //!
 //! Guest RAM stays in the same host mapping (it is the VMM's memory, registered
-//! again in the new VM); everything KVM held is moved through [`VcpuState`], and
-//! the interrupt controllers are re-created from their saved state.
+//! again in the new VM); everything KVM held is moved through [`VcpuState`]; the
+//! APICs and IOAPIC go through `SharedFabric::export`, the library's binary
+//! encoding and `import` into a brand-new fabric.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vlapic::Effects;
+use vlapic::state::native;
+use vlapic::{Effects, Events};
 
+use crate::irqchip::Irqchip;
 use crate::kick::lock;
 use crate::snapshot::VcpuState;
 use crate::vcpu::{RunState, Shared};
@@ -36,12 +39,14 @@ pub struct MigrationGate {
     pub done: AtomicU64,
     /// Longest pause (all vCPUs stopped) in microseconds.
     pub max_downtime_us: AtomicU64,
+    /// Size of the encoded APIC/IOAPIC state (bytes, largest seen).
+    pub state_bytes: AtomicU64,
 }
 
 #[derive(Default)]
 struct Slots {
     paused: Vec<Option<PausedVcpu>>,
-    fresh: Vec<Option<VcpuFd>>,
+    fresh: Vec<Option<(VcpuFd, Events)>>,
     count: usize,
 }
 
@@ -64,14 +69,15 @@ impl MigrationGate {
     }
 
     /// vCPU side: park `me` with its state until the new VM's vCPU arrives.
-    /// Returns the new vCPU fd and the state to load into it, or `None` when the
-    /// run ends meanwhile.
+    /// Returns the new vCPU fd, the state to load into it and the APIC events
+    /// that were pending for it (not part of the exported APIC state), or `None`
+    /// when the run ends meanwhile.
     pub fn pause(
         &self,
         me: usize,
         state: PausedVcpu,
         stop: &AtomicBool,
-    ) -> Option<(VcpuFd, PausedVcpu)> {
+    ) -> Option<(VcpuFd, PausedVcpu, Events)> {
         let mut s = lock(&self.slots);
         if let Some(slot) = s.paused.get_mut(me) {
             *slot = Some(state);
@@ -82,9 +88,9 @@ impl MigrationGate {
             if stop.load(Ordering::SeqCst) {
                 return None;
             }
-            if let Some(fd) = s.fresh.get_mut(me).and_then(Option::take) {
+            if let Some((fd, ev)) = s.fresh.get_mut(me).and_then(Option::take) {
                 let st = s.paused.get_mut(me).and_then(Option::take)?;
-                return Some((fd, st));
+                return Some((fd, st, ev));
             }
             s = match self.cv.wait_timeout(s, Duration::from_millis(100)) {
                 Ok((g, _)) => g,
@@ -138,31 +144,49 @@ pub fn migrate(
     let paused_at = Instant::now();
 
     // Every vCPU is out of KVM_RUN and parked: the APIC/IOAPIC state is quiescent.
+    // Export it, through the library's binary encoding, into a fresh fabric.
     let now = sh.clock.now_ns();
-    let mut apics = Vec::with_capacity(n);
-    for i in 0..n {
-        let a = sh
-            .chip
-            .with_apic(i, now, |a| (a.clone(), Effects::default()))
-            .map(|(a, _)| a)
-            .ok_or_else(|| format!("no APIC {i}"))?;
-        apics.push(a);
+    let old = sh.chip();
+    let bytes = native::encode_fabric(&old.export());
+    let state =
+        native::decode_fabric(&bytes).map_err(|e| format!("decoding the fabric state: {e:?}"))?;
+    let fresh = Arc::new(Irqchip::new(sh.fabric_cfg.clone()));
+    let wake = fresh
+        .import(&state, now)
+        .map_err(|e| format!("importing the fabric state: {e:?}"))?;
+    {
+        // The verifier's history is not architectural state: carry its figures.
+        let mut carry = lock(&sh.verifier_carry);
+        for i in 0..n {
+            if let Some(((d, v), _)) = old.with_apic(i, now, |a| {
+                let ver = a.verifier();
+                ((ver.max_depth(), ver.violations()), Effects::default())
+            }) {
+                carry.0 = carry.0.max(d);
+                carry.1 = carry.1.saturating_add(v);
+            }
+        }
     }
-    let ioapic = sh.chip.with_ioapic(|io| io.clone());
-
-    // The interrupt controllers, from their saved state.
-    for (i, saved) in apics.into_iter().enumerate() {
-        sh.chip.with_apic(i, now, |a| {
-            *a = saved;
-            ((), Effects::default())
-        });
-    }
-    sh.chip.with_ioapic(|io| *io = ioapic);
+    // Pending NMI/SMI/INIT/SIPI/ExtINT are vCPU-side, not APIC registers (import
+    // keeps them out of the state): hand them to their vCPUs with the new fds.
+    let carried: Vec<Events> = (0..n)
+        .map(|i| {
+            old.with_apic(i, now, |a| (a.take_events(), Effects::default()))
+                .map(|(e, _)| e)
+                .unwrap_or_default()
+        })
+        .collect();
+    *sh.chip
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+    drop(old);
+    gate.state_bytes
+        .fetch_max(bytes.len() as u64, Ordering::Relaxed);
 
     {
         let mut s = lock(&gate.slots);
-        for (slot, fd) in s.fresh.iter_mut().zip(fds) {
-            *slot = Some(fd);
+        for ((slot, fd), ev) in s.fresh.iter_mut().zip(fds).zip(carried) {
+            *slot = Some((fd, ev));
         }
         s.count = 0;
         gate.requested.store(false, Ordering::SeqCst);
@@ -171,5 +195,10 @@ pub fn migrate(
     let down = u64::try_from(paused_at.elapsed().as_micros()).unwrap_or(u64::MAX);
     gate.max_downtime_us.fetch_max(down, Ordering::Relaxed);
     gate.done.fetch_add(1, Ordering::Relaxed);
+    for v in wake.iter() {
+        if let Some(k) = sh.kicks.get(v) {
+            k.kick();
+        }
+    }
     Ok(Some(vm))
 }

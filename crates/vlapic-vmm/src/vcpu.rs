@@ -2,7 +2,7 @@
 //! and at every exit the APIC's verdict applied (inject, NMI, INIT/SIPI, halt, CR8).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_interrupt, kvm_regs, kvm_sregs, KVMIO};
@@ -13,7 +13,7 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use crate::clock::VmClock;
 use crate::devices::IoBus;
-use crate::irqchip::{Irqchip, Wake};
+use crate::irqchip::{FabricConfig, Irqchip, Wake};
 use crate::kick::{lock, TimerService, VcpuKick};
 use crate::migrate::{MigrationGate, PausedVcpu};
 use crate::snapshot::VcpuState;
@@ -42,8 +42,13 @@ pub const DEFAULT_APIC_PAGE: u64 = 0xFEE0_0000;
 
 /// State shared by every vCPU thread and the main thread.
 pub struct Shared {
-    /// The interrupt fabric.
-    pub chip: Irqchip,
+    /// The interrupt fabric (replaced by a fresh one, imported from the old one's
+    /// exported state, at each migration).
+    pub chip: RwLock<Arc<Irqchip>>,
+    /// How the fabric was built (for the fresh one at migration).
+    pub fabric_cfg: FabricConfig,
+    /// Verifier figures of fabrics replaced by migration: (max depth, violations).
+    pub verifier_carry: Mutex<(u8, u64)>,
     /// Port-I/O devices.
     pub io: IoBus,
     /// Kick machinery, one per vCPU.
@@ -76,6 +81,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The current interrupt fabric.
+    pub fn chip(&self) -> Arc<Irqchip> {
+        self.chip
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Ends the run with `o` (if not already ended) and kicks every vCPU.
     pub fn finish(&self, o: Outcome) {
         {
@@ -111,7 +124,7 @@ impl Shared {
             // is already waiting for it: only a VM with none of those is stopped.
             let now = self.clock.now_ns();
             let waiting = (0..self.stuck.len()).any(|i| {
-                self.chip
+                self.chip()
                     .with_apic(i, now, |a| (a.events().any(), Effects::default()))
                     .is_some_and(|(e, _)| e)
             });
@@ -281,13 +294,14 @@ fn kernel_loop(
 
 /// Pauses this vCPU for a migration: saves its state, waits for its vCPU in the
 /// new VM, swaps it in (re-registering the kick target) and loads the state.
-/// Returns the run state to continue with, or `None` if the run ended.
+/// Returns the run state to continue with and the APIC events carried over,
+/// or `None` if the run ended.
 fn migrate_here(
     v: &mut Vcpu,
     sh: &Shared,
     kick: &VcpuKick,
     state: RunState,
-) -> Result<Option<RunState>, String> {
+) -> Result<Option<(RunState, Events)>, String> {
     // An I/O, MMIO or MSR exit is only complete (RIP advanced, IN/RDMSR data in the
     // registers) after the next KVM_RUN: re-enter once with immediate_exit set so
     // KVM finishes it without running guest code, then save.
@@ -302,7 +316,7 @@ fn migrate_here(
         kvm: VcpuState::save(&v.fd, &sh.msr_list)?,
         run: state,
     };
-    let Some((fd, st)) = sh.migration.pause(v.index, saved, &sh.stop) else {
+    let Some((fd, st, events)) = sh.migration.pause(v.index, saved, &sh.stop) else {
         return Ok(None);
     };
     kick.unregister();
@@ -313,7 +327,18 @@ fn migrate_here(
     // owned by `v.fd`, which outlives the registration.
     unsafe { kick.register(ie) };
     st.kvm.restore(&v.fd, sh.clock.guest_tsc())?;
-    Ok(Some(st.run))
+    Ok(Some((st.run, events)))
+}
+
+/// `a` then `b`: flags or'ed, the later SIPI vector wins.
+fn merge_events(a: Events, b: Events) -> Events {
+    Events {
+        nmi: a.nmi || b.nmi,
+        smi: a.smi || b.smi,
+        init: a.init || b.init,
+        sipi: b.sipi.or(a.sipi),
+        extint: a.extint || b.extint,
+    }
 }
 
 fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
@@ -326,11 +351,15 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
     let mut last_cr8: u64;
     let mut guest_cr8: Option<u64> = None;
     let mut armed: Option<u64> = None;
+    let mut carried = Events::default();
 
     while !sh.stop.load(Ordering::SeqCst) {
         if sh.migration.requested.load(Ordering::SeqCst) {
             match migrate_here(v, sh, kick, state) {
-                Ok(Some(s)) => state = s,
+                Ok(Some((s, ev))) => {
+                    state = s;
+                    carried = merge_events(carried, ev);
+                }
                 Ok(None) => break,
                 Err(e) => {
                     sh.finish(Outcome::VmmError(format!("vcpu{me}: migration: {e}")));
@@ -340,6 +369,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
             continue;
         }
         kick.clear_token();
+        let chip = sh.chip();
         let now = sh.clock.now_ns();
         let (ready, if_flag) = {
             let r = v.fd.get_kvm_run();
@@ -352,12 +382,12 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 RunState::WaitForSipi => false,
             };
         let cr8_in = guest_cr8.take();
-        let Some((vd, wake)) = sh.chip.with_apic(me, now, |a| {
+        let Some((vd, wake)) = chip.with_apic(me, now, |a| {
             a.advance(now);
             if let Some(c) = cr8_in {
                 let _ = a.set_cr8(c);
             }
-            let events = a.take_events();
+            let events = merge_events(std::mem::take(&mut carried), a.take_events());
             let injected = if can_inject && !events.init {
                 a.acknowledge()
             } else {
@@ -494,7 +524,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     why = ExitReason::IoOut;
                     let o = sh.io.port_out(port, data);
                     if let Some((pin, level)) = o.irq {
-                        wake = Some(sh.chip.set_irq_line(pin, level, now));
+                        wake = Some(chip.set_irq_line(pin, level, now));
                     }
                     if let Some(n) = o.exit {
                         end = Some(Outcome::DebugExit(n));
@@ -506,9 +536,9 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     let now = sh.clock.now_ns();
                     if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE)
                     {
-                        sh.chip.lapic_mmio_read(me, addr & 0xFFF, data, now);
+                        chip.lapic_mmio_read(me, addr & 0xFFF, data, now);
                     } else if page == IOAPIC_BASE {
-                        sh.chip.ioapic_mmio_read(addr & 0xFFF, data, now);
+                        chip.ioapic_mmio_read(addr & 0xFFF, data, now);
                     } else {
                         sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
                         data.fill(0xFF);
@@ -520,9 +550,9 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     let now = sh.clock.now_ns();
                     if Some(page) == mmio_base || (mmio_base.is_none() && page == DEFAULT_APIC_PAGE)
                     {
-                        wake = Some(sh.chip.lapic_mmio_write(me, addr & 0xFFF, data, now));
+                        wake = Some(chip.lapic_mmio_write(me, addr & 0xFFF, data, now));
                     } else if page == IOAPIC_BASE {
-                        wake = Some(sh.chip.ioapic_mmio_write(addr & 0xFFF, data, now));
+                        wake = Some(chip.ioapic_mmio_write(addr & 0xFFF, data, now));
                     } else {
                         sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
                     }
@@ -530,7 +560,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 VcpuExit::X86Rdmsr(m) => {
                     why = ExitReason::Rdmsr;
                     let now = sh.clock.now_ns();
-                    match is_apic_msr(m.index).then(|| sh.chip.lapic_msr_read(me, m.index, now)) {
+                    match is_apic_msr(m.index).then(|| chip.lapic_msr_read(me, m.index, now)) {
                         Some(Ok(val)) => *m.data = val,
                         _ => {
                             sh.msr_gp.fetch_add(1, Ordering::Relaxed);
@@ -542,7 +572,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     why = ExitReason::Wrmsr;
                     let now = sh.clock.now_ns();
                     match is_apic_msr(m.index)
-                        .then(|| sh.chip.lapic_msr_write(me, m.index, m.data, now))
+                        .then(|| chip.lapic_msr_write(me, m.index, m.data, now))
                     {
                         Some(Ok(w)) => wake = Some(w),
                         _ => {

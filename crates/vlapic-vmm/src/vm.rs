@@ -315,18 +315,21 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             ..LapicConfig::default()
         })
         .collect();
-    let chip = Irqchip::new(FabricConfig {
+    let fabric_cfg = FabricConfig {
         apics,
         ioapic_pins: 24,
         ioapic_id: n as u8,
-    });
+    };
+    let chip = Arc::new(Irqchip::new(fabric_cfg.clone()));
     let exits = Arc::new(ExitStats::new(n));
     let console = ConsoleOut::new(cfg.console, Some(exits.clone()));
     let io = IoBus::new(console.clone(), n as u16, ram.size());
     let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
     let timers = Arc::new(TimerService::new(n));
     let sh = Arc::new(Shared {
-        chip,
+        chip: std::sync::RwLock::new(chip),
+        fabric_cfg,
+        verifier_carry: Mutex::new((0, 0)),
         io,
         kicks: kicks.clone(),
         timers: timers.clone(),
@@ -441,10 +444,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(vm);
 
     let now = clock.now_ns();
-    let mut max_nesting = 0u8;
-    let mut violations = 0u64;
+    let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
+    let chip = sh.chip();
     for r in reports.iter_mut() {
-        if let Some(((depth, viol, line), _)) = sh.chip.with_apic(r.index, now, |a| {
+        if let Some(((depth, viol, line), _)) = chip.with_apic(r.index, now, |a| {
             let v = a.verifier();
             let line = format!(
                 "{:?} TPR={:#04x} PPR={:#04x} IRR^={} ISR^={} pending={} timer={}",
