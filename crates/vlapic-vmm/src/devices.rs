@@ -1,7 +1,6 @@
 //! Port-I/O platform devices: 16550 COM1, isa-debug-exit (0xF4), QEMU fw_cfg
 //! (0x510/0x511), port 0x80, pc-testdev-style IRQ lines (0x2000+N), 8259 ports ignored.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use vm_superio::serial::NoEvents;
@@ -9,6 +8,7 @@ use vm_superio::{Serial, Trigger};
 
 use crate::console::ConsoleOut;
 use crate::kick::lock;
+use crate::vcpu::Odd;
 
 /// COM1 base port.
 pub const COM1: u16 = 0x3F8;
@@ -64,10 +64,8 @@ pub struct IoOutcome {
 pub struct IoBus {
     serial: Mutex<Serial<NoIrq, NoEvents, ConsoleOut>>,
     fw_cfg: Mutex<FwCfg>,
-    /// Accesses to ports nothing claims (reads return all ones).
-    pub unknown_ports: AtomicU64,
-    /// The first unknown port seen (0 when none).
-    pub first_unknown_port: AtomicU64,
+    /// Accesses to ports nothing claims (reads return all ones), first port.
+    pub unknown_ports: Odd,
 }
 
 impl IoBus {
@@ -81,16 +79,12 @@ impl IoBus {
                 cpus,
                 ram,
             }),
-            unknown_ports: AtomicU64::new(0),
-            first_unknown_port: AtomicU64::new(0),
+            unknown_ports: Odd::default(),
         }
     }
 
     fn unknown(&self, port: u16) {
-        if self.unknown_ports.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.first_unknown_port
-                .store(u64::from(port), Ordering::Relaxed);
-        }
+        self.unknown_ports.hit(u64::from(port));
     }
 
     /// A guest IN.

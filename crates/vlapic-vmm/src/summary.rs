@@ -178,6 +178,8 @@ pub struct RunReport {
     pub wild_mmio: u64,
     /// RDMSR/WRMSR answered with #GP (non-APIC MSRs KVM refused, APIC #GP cases).
     pub msr_gp: u64,
+    /// The first unknown port, wild MMIO address and #GP MSR seen.
+    pub first_odd: [u64; 3],
     /// Wall-clock run time.
     pub elapsed: Duration,
     /// Guest TSC frequency used for VM time.
@@ -331,6 +333,18 @@ impl RunReport {
             "odd guest:    {} unknown-port, {} wild-MMIO, {} MSR #GP",
             self.unknown_ports, self.wild_mmio, self.msr_gp
         );
+        for ((n, what), first) in [
+            (self.unknown_ports, "unknown port"),
+            (self.wild_mmio, "wild MMIO address"),
+            (self.msr_gp, "#GP MSR"),
+        ]
+        .iter()
+        .zip(self.first_odd.iter())
+        {
+            if *n > 0 {
+                let _ = writeln!(s, "  first {what}: {first:#x}");
+            }
+        }
         if !matches!(self.outcome, Outcome::DebugExit(_)) {
             for v in &self.vcpus {
                 let _ = writeln!(
@@ -400,6 +414,9 @@ impl RunReport {
             "unknown_ports": self.unknown_ports,
             "wild_mmio": self.wild_mmio,
             "msr_gp": self.msr_gp,
+            "first_unknown_port": self.first_odd[0],
+            "first_wild_mmio": self.first_odd[1],
+            "first_gp_msr": self.first_odd[2],
             "elapsed_s": self.elapsed.as_secs_f64(),
             "tsc_hz": self.tsc_hz,
             "vcpus": vcpus,

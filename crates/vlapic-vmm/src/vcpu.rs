@@ -40,6 +40,30 @@ pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
 /// Default xAPIC page (used for routing while an APIC has no MMIO page).
 pub const DEFAULT_APIC_PAGE: u64 = 0xFEE0_0000;
 
+/// A count of odd guest accesses and the first address (port, MSR) seen.
+#[derive(Debug, Default)]
+pub struct Odd {
+    count: AtomicU64,
+    first: AtomicU64,
+}
+
+impl Odd {
+    /// Counts one access to `addr`.
+    pub fn hit(&self, addr: u64) {
+        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.first.store(addr, Ordering::Relaxed);
+        }
+    }
+
+    /// (count, first address).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.first.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// State shared by every vCPU thread and the main thread.
 pub struct Shared {
     /// The interrupt fabric (replaced by a fresh one, imported from the old one's
@@ -66,9 +90,9 @@ pub struct Shared {
     /// vCPUs that can never run again on their own (halted with IF=0, wait-for-SIPI).
     pub stuck: Vec<AtomicBool>,
     /// MMIO outside RAM, LAPIC and IOAPIC.
-    pub wild_mmio: AtomicU64,
+    pub wild_mmio: Odd,
     /// MSR accesses answered with #GP.
-    pub msr_gp: AtomicU64,
+    pub msr_gp: Odd,
     /// Exit counters.
     pub exits: Arc<ExitStats>,
     /// Live-migration rendezvous.
@@ -251,14 +275,14 @@ fn kernel_loop(
                         end = Some(Outcome::DebugExit(n));
                     }
                 }
-                VcpuExit::MmioRead(_, data) => {
+                VcpuExit::MmioRead(addr, data) => {
                     why = ExitReason::MmioRead;
-                    sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                    sh.wild_mmio.hit(addr);
                     data.fill(0xFF);
                 }
-                VcpuExit::MmioWrite(..) => {
+                VcpuExit::MmioWrite(addr, _) => {
                     why = ExitReason::MmioWrite;
-                    sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                    sh.wild_mmio.hit(addr);
                 }
                 VcpuExit::Hlt => why = ExitReason::Hlt,
                 VcpuExit::IrqWindowOpen => why = ExitReason::IrqWindow,
@@ -540,7 +564,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     } else if page == IOAPIC_BASE {
                         chip.ioapic_mmio_read(addr & 0xFFF, data, now);
                     } else {
-                        sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                        sh.wild_mmio.hit(addr);
                         data.fill(0xFF);
                     }
                 }
@@ -554,7 +578,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     } else if page == IOAPIC_BASE {
                         wake = Some(chip.ioapic_mmio_write(addr & 0xFFF, data, now));
                     } else {
-                        sh.wild_mmio.fetch_add(1, Ordering::Relaxed);
+                        sh.wild_mmio.hit(addr);
                     }
                 }
                 VcpuExit::X86Rdmsr(m) => {
@@ -563,7 +587,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     match is_apic_msr(m.index).then(|| chip.lapic_msr_read(me, m.index, now)) {
                         Some(Ok(val)) => *m.data = val,
                         _ => {
-                            sh.msr_gp.fetch_add(1, Ordering::Relaxed);
+                            sh.msr_gp.hit(u64::from(m.index));
                             *m.error = 1;
                         }
                     }
@@ -576,7 +600,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     {
                         Some(Ok(w)) => wake = Some(w),
                         _ => {
-                            sh.msr_gp.fetch_add(1, Ordering::Relaxed);
+                            sh.msr_gp.hit(u64::from(m.index));
                             *m.error = 1;
                         }
                     }

@@ -1,7 +1,7 @@
 //! KVM VM setup without an in-kernel irqchip (user-space MSR exits, MSR filter for
 //! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
 use crate::migrate::{self, MigrationGate};
 use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
-use crate::vcpu::{run_vcpu, Shared, Vcpu};
+use crate::vcpu::{run_vcpu, Odd, Shared, Vcpu};
 use crate::{cpuid, snapshot, VmmError};
 
 /// Everything needed to boot one guest.
@@ -338,8 +338,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         outcome: Mutex::new(None),
         done: Condvar::new(),
         stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        wild_mmio: AtomicU64::new(0),
-        msr_gp: AtomicU64::new(0),
+        wild_mmio: Odd::default(),
+        msr_gp: Odd::default(),
         exits,
         migration: MigrationGate::new(n),
         msr_list,
@@ -490,9 +490,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         violations,
         migrations: sh.migration.done.load(Ordering::Relaxed),
         max_downtime_us: sh.migration.max_downtime_us.load(Ordering::Relaxed),
-        unknown_ports: sh.io.unknown_ports.load(Ordering::Relaxed),
-        wild_mmio: sh.wild_mmio.load(Ordering::Relaxed),
-        msr_gp: sh.msr_gp.load(Ordering::Relaxed),
+        unknown_ports: sh.io.unknown_ports.get().0,
+        wild_mmio: sh.wild_mmio.get().0,
+        msr_gp: sh.msr_gp.get().0,
+        first_odd: [
+            sh.io.unknown_ports.get().1,
+            sh.wild_mmio.get().1,
+            sh.msr_gp.get().1,
+        ],
         elapsed,
         tsc_hz,
     })

@@ -48,6 +48,8 @@ pass: .asciz "PASS unknown_port\n"
     let rep = boot(g, 1, false, 20);
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{}", rep.text());
     assert_eq!(rep.unknown_ports, 2);
+    assert_eq!(rep.first_odd[0], 0x99);
+    assert!(rep.text().contains("first unknown port: 0x99"));
     assert_eq!(rep.passed(), 1);
     assert_eq!(rep.exit_code(), 0);
 }
@@ -73,6 +75,7 @@ pass: .asciz "PASS wild_mmio\n"
     let rep = boot(g, 1, false, 20);
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{}", rep.text());
     assert_eq!(rep.wild_mmio, 2);
+    assert_eq!(rep.first_odd[1], 0xD000_0000);
     assert_eq!(rep.passed(), 1);
 }
 
@@ -123,6 +126,7 @@ idt: .skip 256*8
     assert_eq!(rep.outcome, Outcome::DebugExit(0), "{}", rep.text());
     assert_eq!(rep.passed(), 1, "{}", rep.text());
     assert_eq!(rep.msr_gp, 1);
+    assert_eq!(rep.first_odd[2], 0x808);
 }
 
 #[test]
