@@ -1,11 +1,5 @@
 //! A KVM VMM whose guests' local APICs and IOAPIC are emulated in userspace by
 //! `vlapic` (no in-kernel irqchip). All of the project's `unsafe` lives here.
-//!
-//! Modules: [`vm`] (KVM setup and the run), [`vcpu`] (the run loop), [`kick`]
-//! (kicks, parking, timer thread), [`clock`] (VM time from the guest TSC),
-//! [`memory`] and [`loader`] (RAM, multiboot v1), [`devices`] and [`console`]
-//! (port I/O), [`cpuid`], [`irqchip`] (the fabric adapter), [`summary`],
-//! [`migrate`] and [`snapshot`] (live migration into a new KVM VM).
 
 pub mod clock;
 pub mod console;

@@ -1,8 +1,5 @@
-//! Multiboot v1 loader: ELF32 (and ELF64 with 32-bit load addresses) and a.out-kludge
-//! images, header flags honoured, command line, modules and memory map in the info block.
-//!
-//! Every offset taken from the image is checked; a malformed image yields one
-//! [`LoadError`] line, never a panic.
+//! Multiboot v1 loader (ELF32, ELF64 with 32-bit addresses, a.out kludge): checked
+//! offsets, header flags honoured, command line, modules and memory map passed.
 
 use std::fmt;
 

@@ -1,10 +1,5 @@
-//! Live migration inside one process: pause every vCPU at an exit, save its KVM
-//! state and every APIC/IOAPIC, build a brand-new KVM VM from that state, resume.
-//!
-//! Guest RAM stays in the same host mapping (it is the VMM's memory, registered
-//! again in the new VM); everything KVM held is moved through [`VcpuState`]; the
-//! APICs and IOAPIC go through `SharedFabric::export`, the library's binary
-//! encoding and `import` into a brand-new fabric.
+//! Live migration inside one process: pause every vCPU, save its KVM state and the
+//! APIC/IOAPIC state (export, encode, decode, import), resume in a brand-new VM.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -1,6 +1,5 @@
-//! A vCPU's KVM state for live migration: registers, special registers, XSAVE,
-//! XCRs, MSRs, pending events and debug registers, saved from one VM and loaded
-//! into a vCPU of a brand-new one.
+//! A vCPU's KVM state for live migration (regs, sregs, XSAVE, XCRs, MSRs, events,
+//! debug registers), saved from one VM and loaded into a vCPU of another.
 
 use kvm_bindings::{
     kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
