@@ -1,5 +1,5 @@
-//! `vlapic run`: boot a multiboot guest under KVM with every APIC access handled
-//! by vlapic in userspace, then print the summary. `vlapic bench`: not built yet.
+//! `vlapic run` boots a multiboot guest under KVM with its APICs in vlapic and prints
+//! the summary; `vlapic bench` compares vlapic with KVM's in-kernel irqchip.
 
 use clap::Args;
 use std::path::PathBuf;
