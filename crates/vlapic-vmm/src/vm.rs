@@ -202,12 +202,13 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         )));
     }
     let n = cfg.vcpus;
-    kvm_usable().map_err(VmmError::Setup)?;
-    let signal = kick_signal().map_err(VmmError::Setup)?;
-    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
+    // The image first: a malformed one is reported the same with or without KVM.
     let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
     let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
         .map_err(|e| VmmError::Load(e.0))?;
+    kvm_usable().map_err(VmmError::Setup)?;
+    let signal = kick_signal().map_err(VmmError::Setup)?;
+    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
     if cfg.kernel_irqchip && cfg.migrate_every.is_some() {
         return Err(VmmError::Setup(
             "--migrate-every needs the userspace irqchip (not --irqchip kernel)".into(),
