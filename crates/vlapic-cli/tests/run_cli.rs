@@ -22,18 +22,23 @@ fn kvm_ok() -> bool {
     }
 }
 
-/// The VMM's mini guest, assembled by its build script.
+/// The VMM's mini guest, assembled once by its build script.
 fn mini_guest() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("run-cli-mini-{}.elf", std::process::id()));
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlapic-vmm/tests/mini/build.sh");
-    let st = Command::new("sh")
-        .arg(script)
-        .arg(&out)
-        .status()
-        .expect("sh");
-    assert!(st.success(), "mini guest build failed");
-    out
+    static IMG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMG.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("run-cli-mini-{}.elf", std::process::id()));
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlapic-vmm/tests/mini/build.sh");
+        let st = Command::new("sh")
+            .arg(script)
+            .arg(&out)
+            .status()
+            .expect("sh");
+        assert!(st.success(), "mini guest build failed");
+        out
+    })
+    .clone()
 }
 
 #[test]
