@@ -239,7 +239,17 @@ fn start_at_sipi(v: &Vcpu, vector: u8) -> Result<(), String> {
         ..kvm_regs::default()
     };
     v.fd.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))
+        .map_err(|e| format!("KVM_SET_REGS (SIPI): {e}"))?;
+    // INIT also drops whatever KVM still had queued for the old context (an
+    // injected vector, a pending NMI or exception, an interrupt shadow).
+    let events = kvm_bindings::kvm_vcpu_events {
+        flags: kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW,
+        ..Default::default()
+    };
+    v.fd.set_vcpu_events(&events)
+        .map_err(|e| format!("KVM_SET_VCPU_EVENTS (SIPI): {e}"))?;
+    crate::vm::init_fpu(&v.fd).map_err(|e| e.to_string())
 }
 
 /// The loop for `--irqchip kernel`: KVM's LAPIC handles APIC accesses, HLT,

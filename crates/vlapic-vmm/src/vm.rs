@@ -115,7 +115,7 @@ fn flat_segment(code: bool) -> kvm_segment {
 
 /// x87/SSE power-up state as a real CPU (and QEMU) sets it: FCW 0x37F, MXCSR
 /// 0x1F80, XCR0 = x87 | SSE.
-fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
+pub(crate) fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
     let fpu = kvm_bindings::kvm_fpu {
         fcw: 0x37F,
         mxcsr: 0x1F80,
