@@ -1,22 +1,255 @@
-//! `vlapic run` and `vlapic bench` (issue 5: being built).
+//! `vlapic run` boots a multiboot guest under KVM with its APICs in vlapic and prints
+//! the summary; `vlapic bench` compares vlapic with KVM's in-kernel irqchip.
 
 use clap::Args;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use vlapic_vmm::{exit_code, run_vm, ConsoleSink, Module, VmConfig};
 
 /// Arguments of `vlapic run`.
 #[derive(Args, Debug)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// Multiboot v1 kernel (ELF32/ELF64 or a.out kludge); default: the built-in test guest.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub append: String,
+    /// Boot module (repeatable); its command line is the file name.
+    #[arg(long, value_name = "FILE")]
+    pub module: Vec<PathBuf>,
+    /// Number of vCPUs (1–64).
+    #[arg(long, default_value_t = 4)]
+    pub vcpus: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Start every local APIC in x2APIC mode.
+    #[arg(long)]
+    pub x2apic: bool,
+    /// Run the APIC nesting verifier (`--verify false` to turn it off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify: bool,
+    /// Wall-clock limit in seconds (0: none). On expiry each vCPU's state is printed.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Print the summary as one JSON object on stdout (guest console goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Do not copy the guest console to the terminal.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Interrupt controllers: `user` (vlapic, the default) or `kernel` (KVM's own, for comparison).
+    #[arg(long, value_enum, default_value = "user")]
+    pub irqchip: IrqchipArg,
+    /// Live-migrate the VM into a brand-new KVM VM every MS milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub migrate_every: Option<u64>,
+}
+
+/// Which interrupt controllers the VM uses.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqchipArg {
+    /// vlapic in userspace (no in-kernel irqchip).
+    User,
+    /// KVM's in-kernel LAPICs, IOAPIC and PIC (KVM_CREATE_IRQCHIP).
+    Kernel,
+}
 
 /// Arguments of `vlapic bench`.
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
-
-pub fn run(_a: RunArgs) -> ExitCode {
-    eprintln!("vlapic run: not built yet");
-    ExitCode::from(2)
+pub struct BenchArgs {
+    /// Multiboot kernel; default: the built-in test guest.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line (the test guest's benchmark mode is `bench`).
+    #[arg(long, default_value = "bench")]
+    pub append: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Start the APICs in x2APIC mode.
+    #[arg(long)]
+    pub x2apic: bool,
+    /// Wall-clock limit per run, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Print the comparison as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn bench(_a: BenchArgs) -> ExitCode {
-    eprintln!("vlapic bench: not built yet");
-    ExitCode::from(2)
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vlapic run: {msg}");
+    ExitCode::from(code)
+}
+
+/// The `--kernel` image, or the built-in test guest.
+fn load_kernel(path: &Option<PathBuf>) -> Result<Vec<u8>, ExitCode> {
+    match path {
+        Some(p) => std::fs::read(p).map_err(|e| {
+            fail(
+                exit_code::SETUP,
+                format!("cannot read {}: {e}", p.display()),
+            )
+        }),
+        None => vlapic_vmm::guest::test_guest()
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| {
+                fail(
+                    exit_code::SETUP,
+                    "no built-in test guest (it failed to build); pass --kernel FILE",
+                )
+            }),
+    }
+}
+
+/// `vlapic run`.
+pub fn run(a: RunArgs) -> ExitCode {
+    let kernel = match load_kernel(&a.kernel) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let mut modules = Vec::new();
+    for p in &a.module {
+        match std::fs::read(p) {
+            Ok(data) => modules.push(Module {
+                data,
+                cmdline: p.display().to_string(),
+            }),
+            Err(e) => {
+                return fail(
+                    exit_code::SETUP,
+                    format!("cannot read module {}: {e}", p.display()),
+                )
+            }
+        }
+    }
+    let cfg = VmConfig {
+        kernel,
+        cmdline: a.append.clone(),
+        modules,
+        vcpus: a.vcpus,
+        memory_mib: a.memory,
+        x2apic: a.x2apic,
+        verify: a.verify,
+        timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
+        migrate_every: a
+            .migrate_every
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
+        kernel_irqchip: a.irqchip == IrqchipArg::Kernel,
+        console: if a.quiet {
+            ConsoleSink::Quiet
+        } else if a.json {
+            ConsoleSink::Stderr
+        } else {
+            ConsoleSink::Stdout
+        },
+    };
+    match run_vm(&cfg) {
+        Ok(rep) => {
+            if a.json {
+                println!("{}", rep.json());
+            } else {
+                print!("{}", rep.text());
+            }
+            ExitCode::from(rep.exit_code())
+        }
+        Err(e) => fail(e.exit_code(), e),
+    }
+}
+
+/// `vlapic bench`: the same guest with vlapic in userspace and with KVM's
+/// in-kernel irqchip, side by side (BENCH lines, per-scenario time and exits).
+pub fn bench(a: BenchArgs) -> ExitCode {
+    let kernel = match load_kernel(&a.kernel) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let mut reports = Vec::new();
+    for kernel_irqchip in [false, true] {
+        let cfg = VmConfig {
+            kernel: kernel.clone(),
+            cmdline: a.append.clone(),
+            vcpus: a.vcpus,
+            x2apic: a.x2apic,
+            timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
+            console: ConsoleSink::Quiet,
+            kernel_irqchip,
+            ..VmConfig::default()
+        };
+        match run_vm(&cfg) {
+            Ok(r) => reports.push(r),
+            Err(e) => return fail(e.exit_code(), e),
+        }
+    }
+    let (user, kern) = (&reports[0], &reports[1]);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"user": user.json(), "kernel": kern.json()})
+        );
+    } else {
+        println!(
+            "{:<28} {:>16} {:>16}",
+            "benchmark (median cycles)", "vlapic (user)", "KVM (kernel)"
+        );
+        let mut names: Vec<&str> = user.console.bench.iter().map(|b| b.name.as_str()).collect();
+        for b in &kern.console.bench {
+            if !names.contains(&b.name.as_str()) {
+                names.push(&b.name);
+            }
+        }
+        let get = |r: &vlapic_vmm::RunReport, n: &str| {
+            r.console
+                .bench
+                .iter()
+                .find(|b| b.name == n)
+                .map_or("-".to_string(), |b| b.cycles.to_string())
+        };
+        for n in &names {
+            println!("{:<28} {:>16} {:>16}", n, get(user, n), get(kern, n));
+        }
+        println!();
+        println!(
+            "{:<28} {:>16} {:>16}",
+            "scenario (ms / exits)", "vlapic (user)", "KVM (kernel)"
+        );
+        for s in &user.console.scenarios {
+            let k = kern.console.scenarios.iter().find(|k| k.name == s.name);
+            let cell = |sc: &vlapic_vmm::console::Scenario| {
+                format!(
+                    "{} {:.1}/{}",
+                    &sc.status[..1],
+                    sc.elapsed.as_secs_f64() * 1e3,
+                    sc.exits.iter().sum::<u64>()
+                )
+            };
+            println!(
+                "{:<28} {:>16} {:>16}",
+                s.name,
+                cell(s),
+                k.map_or("-".to_string(), cell)
+            );
+        }
+        println!();
+        println!(
+            "{:<28} {:>16} {:>16}",
+            "total (s / exits)",
+            format!(
+                "{:.3}/{}",
+                user.elapsed.as_secs_f64(),
+                user.total_exits().iter().sum::<u64>()
+            ),
+            format!(
+                "{:.3}/{}",
+                kern.elapsed.as_secs_f64(),
+                kern.total_exits().iter().sum::<u64>()
+            )
+        );
+    }
+    ExitCode::from(user.exit_code().max(kern.exit_code()))
 }

@@ -1,3 +1,57 @@
 //! A KVM VMM whose guests' local APICs and IOAPIC are emulated in userspace by
 //! `vlapic` (no in-kernel irqchip). All of the project's `unsafe` lives here.
-//! (Issue 5: being built.)
+
+pub mod clock;
+pub mod console;
+pub mod cpuid;
+pub mod devices;
+pub mod guest;
+pub mod irqchip;
+pub mod kick;
+pub mod loader;
+pub mod memory;
+pub mod migrate;
+pub mod snapshot;
+pub mod summary;
+pub mod vcpu;
+pub mod vm;
+
+pub use console::ConsoleSink;
+pub use loader::Module;
+pub use summary::{exit_code, Outcome, RunReport};
+pub use vm::{kvm_usable, run_vm, VmConfig};
+
+use std::fmt;
+
+/// Why a run could not start or the VMM failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmError {
+    /// Bad configuration or unusable KVM.
+    Setup(String),
+    /// The kernel image could not be loaded.
+    Load(String),
+    /// The VMM failed.
+    Internal(String),
+}
+
+impl VmmError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmmError::Setup(_) | VmmError::Load(_) => exit_code::SETUP,
+            VmmError::Internal(_) => exit_code::VMM_ERROR,
+        }
+    }
+}
+
+impl fmt::Display for VmmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmmError::Setup(m) => write!(f, "setup: {m}"),
+            VmmError::Load(m) => write!(f, "kernel image: {m}"),
+            VmmError::Internal(m) => write!(f, "internal: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for VmmError {}

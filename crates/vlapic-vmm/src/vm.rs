@@ -1,0 +1,505 @@
+//! KVM VM setup without an in-kernel irqchip (user-space MSR exits, MSR filter for
+//! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+};
+use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use vlapic::{ApicMode, LapicConfig, TimerClock};
+
+use crate::clock::VmClock;
+use crate::console::{ConsoleOut, ConsoleSink};
+use crate::devices::IoBus;
+use crate::irqchip::{FabricConfig, Irqchip};
+use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
+use crate::loader::{self, Module, BOOT_MAGIC};
+use crate::memory::GuestRam;
+use crate::migrate::{self, MigrationGate};
+use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
+use crate::vcpu::{run_vcpu, Odd, Shared, Vcpu};
+use crate::{cpuid, snapshot, VmmError};
+
+/// Everything needed to boot one guest.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The multiboot v1 kernel image.
+    pub kernel: Vec<u8>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Boot modules.
+    pub modules: Vec<Module>,
+    /// Number of vCPUs (1–64).
+    pub vcpus: usize,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// Start every APIC in x2APIC mode.
+    pub x2apic: bool,
+    /// Run the APIC nesting verifier.
+    pub verify: bool,
+    /// Wall-clock limit.
+    pub timeout: Option<Duration>,
+    /// Where guest console output goes.
+    pub console: ConsoleSink,
+    /// Live-migrate the whole VM into a new KVM VM this often.
+    pub migrate_every: Option<Duration>,
+    /// Use KVM's in-kernel LAPICs/IOAPIC instead of vlapic (for comparison).
+    pub kernel_irqchip: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: Vec::new(),
+            cmdline: String::new(),
+            modules: Vec::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            x2apic: false,
+            verify: true,
+            timeout: Some(Duration::from_secs(60)),
+            console: ConsoleSink::Stdout,
+            migrate_every: None,
+            kernel_irqchip: false,
+        }
+    }
+}
+
+/// Highest vCPU count accepted.
+pub const MAX_VCPUS: usize = 64;
+const IA32_TSC: u32 = 0x10;
+const MSR_APIC_BASE: u32 = 0x1B;
+const MSR_TSC_DEADLINE: u32 = 0x6E0;
+
+fn setup(e: impl std::fmt::Display, what: &str) -> VmmError {
+    VmmError::Setup(format!("{what}: {e}"))
+}
+
+/// Checks that /dev/kvm can run our VMs; `Err` says why not.
+pub fn kvm_usable() -> Result<(), String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    for (cap, name) in [
+        (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+        (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(format!("KVM lacks {name}"));
+        }
+    }
+    Ok(())
+}
+
+fn flat_segment(code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector: if code { 0x08 } else { 0x10 },
+        type_: if code { 0xB } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// x87/SSE power-up state as a real CPU (and QEMU) sets it: FCW 0x37F, MXCSR
+/// 0x1F80, XCR0 = x87 | SSE.
+pub(crate) fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37F,
+        mxcsr: 0x1F80,
+        ..Default::default()
+    };
+    fd.set_fpu(&fpu).map_err(|e| setup(e, "KVM_SET_FPU"))?;
+    let mut xcrs = kvm_bindings::kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    if let Some(x) = xcrs.xcrs.first_mut() {
+        x.xcr = 0;
+        x.value = 3;
+    }
+    fd.set_xcrs(&xcrs).map_err(|e| setup(e, "KVM_SET_XCRS"))
+}
+
+fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
+    if kernel_irqchip {
+        vm.create_irq_chip()
+            .map_err(|e| setup(e, "KVM_CREATE_IRQCHIP"))?;
+    }
+    vm.set_tss_address(0xFFFB_D000)
+        .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
+    let _ = vm.set_identity_map_address(0xFFFB_C000);
+    let host = ram.host_base().map_err(VmmError::Setup)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the region maps `ram`, which outlives the VM (both live until the
+    // end of `run_vm`, and the VM fd is dropped first).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
+    if kernel_irqchip {
+        return Ok(vm);
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [
+            u64::from(
+                KVM_MSR_EXIT_REASON_INVAL
+                    | KVM_MSR_EXIT_REASON_UNKNOWN
+                    | KVM_MSR_EXIT_REASON_FILTER,
+            ),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| setup(e, "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+    let deny = [0u8; 1];
+    let ranges = [
+        MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: MSR_APIC_BASE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+        MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base: MSR_TSC_DEADLINE,
+            msr_count: 1,
+            bitmap: &deny,
+        },
+    ];
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(|e| setup(e, "KVM_X86_SET_MSR_FILTER"))?;
+    Ok(vm)
+}
+
+/// Boots the guest described by `cfg` and runs it to the end.
+pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmmError::Setup(format!(
+            "--vcpus {}: must be 1 to {MAX_VCPUS}",
+            cfg.vcpus
+        )));
+    }
+    let n = cfg.vcpus;
+    // The image first: a malformed one is reported the same with or without KVM.
+    let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
+    let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
+        .map_err(|e| VmmError::Load(e.0))?;
+    kvm_usable().map_err(VmmError::Setup)?;
+    let signal = kick_signal().map_err(VmmError::Setup)?;
+    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
+    if cfg.kernel_irqchip && cfg.migrate_every.is_some() {
+        return Err(VmmError::Setup(
+            "--migrate-every needs the userspace irqchip (not --irqchip kernel)".into(),
+        ));
+    }
+    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
+
+    let make_vcpu = |vm: &VmFd, i: usize| -> Result<kvm_ioctls::VcpuFd, String> {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
+        let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
+        fd.set_cpuid2(&c)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        Ok(fd)
+    };
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = make_vcpu(&vm, i).map_err(VmmError::Setup)?;
+        init_fpu(&fd)?;
+        let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
+        fds.push((fd, reset));
+    }
+    if cfg.kernel_irqchip && cfg.x2apic {
+        for (i, (fd, _)) in fds.iter().enumerate() {
+            let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
+            let m = Msrs::from_entries(&[kvm_msr_entry {
+                index: 0x1B,
+                data: base,
+                ..Default::default()
+            }])
+            .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+            fd.set_msrs(&m)
+                .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
+        }
+    }
+    let msr_list = if cfg.migrate_every.is_some() {
+        snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
+    } else {
+        Vec::new()
+    };
+    let Some((bsp, _)) = fds.first() else {
+        return Err(VmmError::Setup("no vCPU".into()));
+    };
+
+    // VM time from the guest TSC.
+    let tsc_khz = bsp.get_tsc_khz().map_err(|e| setup(e, "KVM_GET_TSC_KHZ"))?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+    let host0 = VmClock::host_tsc();
+    bsp.get_msrs(&mut msrs)
+        .map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
+    let guest0 = msrs.as_slice().first().map_or(0, |m| m.data);
+    let tsc_hz = u64::from(tsc_khz) * 1000;
+    let clock = VmClock::new(host0, guest0, tsc_hz);
+
+    // BSP: 32-bit protected mode, paging off, multiboot registers.
+    let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
+    sregs.cs = flat_segment(true);
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *s = flat_segment(false);
+    }
+    sregs.cr0 = 0x11;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    bsp.set_sregs(&sregs)
+        .map_err(|e| setup(e, "KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: u64::from(boot.entry),
+        rax: u64::from(BOOT_MAGIC),
+        rbx: u64::from(boot.info),
+        rflags: 2,
+        ..Default::default()
+    };
+    bsp.set_regs(&regs).map_err(|e| setup(e, "KVM_SET_REGS"))?;
+
+    let apics = (0..n)
+        .map(|i| LapicConfig {
+            apic_id: i as u32,
+            bsp: i == 0,
+            mode: if cfg.x2apic {
+                ApicMode::X2Apic
+            } else {
+                ApicMode::XApic
+            },
+            x2apic: true,
+            tsc_deadline: true,
+            verify: cfg.verify,
+            clock: TimerClock {
+                bus_cycle_ns: 1,
+                tsc_hz,
+            },
+            ..LapicConfig::default()
+        })
+        .collect();
+    let fabric_cfg = FabricConfig {
+        apics,
+        ioapic_pins: 24,
+        ioapic_id: n as u8,
+    };
+    let chip = Arc::new(Irqchip::new(fabric_cfg.clone()));
+    let exits = Arc::new(ExitStats::new(n));
+    let console = ConsoleOut::new(cfg.console, Some(exits.clone()));
+    let io = IoBus::new(console.clone(), n as u16, ram.size());
+    let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
+    let timers = Arc::new(TimerService::new(n));
+    let sh = Arc::new(Shared {
+        chip: std::sync::RwLock::new(chip),
+        fabric_cfg,
+        verifier_carry: Mutex::new((0, 0)),
+        io,
+        kicks: kicks.clone(),
+        timers: timers.clone(),
+        clock: clock.clone(),
+        stop: AtomicBool::new(false),
+        outcome: Mutex::new(None),
+        done: Condvar::new(),
+        stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        wild_mmio: Odd::default(),
+        msr_gp: Odd::default(),
+        exits,
+        migration: MigrationGate::new(n),
+        msr_list,
+        kernel_irqchip: cfg.kernel_irqchip.then(|| vm.clone()),
+    });
+
+    let start = Instant::now();
+    let timer_thread = {
+        let t = timers.clone();
+        let k = kicks.clone();
+        let clock = clock.clone();
+        std::thread::Builder::new()
+            .name("lapic-timer".into())
+            .spawn(move || t.run(clock, k))
+            .map_err(|e| VmmError::Internal(format!("cannot start the timer thread: {e}")))?
+    };
+    let mut handles = Vec::with_capacity(n);
+    for (i, (fd, reset_sregs)) in fds.into_iter().enumerate() {
+        let v = Vcpu {
+            index: i,
+            fd,
+            reset_sregs,
+            start_running: i == 0,
+        };
+        let s = sh.clone();
+        match std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || run_vcpu(v, s))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                sh.finish(Outcome::VmmError(format!(
+                    "cannot start vCPU thread {i}: {e}"
+                )));
+                break;
+            }
+        }
+    }
+
+    // Wait for the end or the deadline, migrating on the way if asked.
+    let mut vm = vm;
+    {
+        let deadline = cfg.timeout.map(|t| start + t);
+        let mut next_migration = cfg.migrate_every.map(|p| Instant::now() + p);
+        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false).map_err(|e| e.to_string());
+        let mut g = lock(&sh.outcome);
+        while g.is_none() {
+            let now = Instant::now();
+            if let (Some(t), Some(p)) = (next_migration, cfg.migrate_every) {
+                if now >= t {
+                    drop(g);
+                    match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
+                        Ok(Some(new_vm)) => vm = Arc::new(new_vm),
+                        Ok(None) => {}
+                        Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),
+                    }
+                    next_migration = Some(Instant::now() + p);
+                    g = lock(&sh.outcome);
+                    continue;
+                }
+            }
+            let mut wait = match deadline {
+                Some(d) => match d.checked_duration_since(now) {
+                    Some(w) if !w.is_zero() => w,
+                    _ => break,
+                },
+                None => Duration::from_secs(1),
+            };
+            if let Some(t) = next_migration {
+                wait = wait.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                );
+            }
+            g = match sh.done.wait_timeout(g, wait) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+    sh.finish(Outcome::Timeout);
+
+    let mut kept = Vec::new();
+    let mut reports: Vec<VcpuReport> = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok((v, r)) => {
+                kept.push(v);
+                reports.push(r);
+            }
+            Err(_) => reports.push(VcpuReport {
+                index: i,
+                state: "thread panicked".into(),
+                ..VcpuReport::default()
+            }),
+        }
+    }
+    timers.stop();
+    let _ = timer_thread.join();
+    let elapsed = start.elapsed();
+    drop(kept);
+    drop(vm);
+
+    let now = clock.now_ns();
+    let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
+    let chip = sh.chip();
+    for r in reports.iter_mut() {
+        if let Some(((depth, viol, line), _)) = chip.with_apic(r.index, now, |a| {
+            let v = a.verifier();
+            let line = format!(
+                "{:?} TPR={:#04x} PPR={:#04x} IRR^={} ISR^={} pending={} timer={}",
+                a.mode(),
+                a.tpr(),
+                a.ppr(),
+                a.irr()
+                    .highest()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.isr()
+                    .highest()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.pending_vector()
+                    .map_or("-".into(), |x| format!("{x:#04x}")),
+                a.next_timer_deadline().map_or("off".into(), |d| format!(
+                    "+{}ns",
+                    d.saturating_sub(now) as i64
+                )),
+            );
+            (
+                (v.max_depth(), v.violations(), line),
+                vlapic::Effects::default(),
+            )
+        }) {
+            if cfg.kernel_irqchip {
+                r.apic = "in-kernel (KVM's LAPIC)".into();
+                continue;
+            }
+            max_nesting = max_nesting.max(depth);
+            violations = violations.saturating_add(viol);
+            r.apic = line;
+        }
+    }
+    let outcome = lock(&sh.outcome).clone().unwrap_or(Outcome::Timeout);
+    Ok(RunReport {
+        outcome,
+        console: console.log(),
+        vcpus: reports,
+        max_nesting,
+        violations,
+        migrations: sh.migration.done.load(Ordering::Relaxed),
+        max_downtime_us: sh.migration.max_downtime_us.load(Ordering::Relaxed),
+        unknown_ports: sh.io.unknown_ports.get().0,
+        wild_mmio: sh.wild_mmio.get().0,
+        msr_gp: sh.msr_gp.get().0,
+        first_odd: [
+            sh.io.unknown_ports.get().1,
+            sh.wild_mmio.get().1,
+            sh.msr_gp.get().1,
+        ],
+        elapsed,
+        tsc_hz,
+    })
+}
