@@ -44,7 +44,9 @@ pub struct RunArgs {
     /// Interrupt controllers: `user` (vlapic, the default) or `kernel` (KVM's own, for comparison).
     #[arg(long, value_enum, default_value = "user")]
     pub irqchip: IrqchipArg,
-    /// Live-migrate the VM into a brand-new KVM VM every MS milliseconds.
+    /// Live-migrate the VM into a brand-new KVM VM every MS milliseconds (0: never).
+    /// Default: every 10 ms for the built-in test guest on vlapic (the main job), never
+    /// for a `--kernel` image or with `--irqchip kernel`.
     #[arg(long, value_name = "MS")]
     pub migrate_every: Option<u64>,
 }
@@ -138,6 +140,7 @@ pub fn run(a: RunArgs) -> ExitCode {
         timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
         migrate_every: a
             .migrate_every
+            .or((a.kernel.is_none() && a.irqchip == IrqchipArg::User).then_some(10))
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis),
         kernel_irqchip: a.irqchip == IrqchipArg::Kernel,

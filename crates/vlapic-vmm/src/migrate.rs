@@ -36,6 +36,10 @@ pub struct MigrationGate {
     pub max_downtime_us: AtomicU64,
     /// Size of the encoded APIC/IOAPIC state (bytes, largest seen).
     pub state_bytes: AtomicU64,
+    /// Most vectors in service on one APIC in any migrated state.
+    pub max_in_service: AtomicU64,
+    /// Migrations taken while some APIC had at least 3 vectors in service.
+    pub nested_migrations: AtomicU64,
 }
 
 #[derive(Default)]
@@ -145,6 +149,17 @@ pub fn migrate(
     let bytes = native::encode_fabric(&old.export());
     let state =
         native::decode_fabric(&bytes).map_err(|e| format!("decoding the fabric state: {e:?}"))?;
+    // Evidence for "migrated mid-handler": the deepest ISR in the state that moved.
+    let in_service = state
+        .apics
+        .iter()
+        .map(|a| a.isr.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    gate.max_in_service.fetch_max(in_service, Ordering::Relaxed);
+    if in_service >= 3 {
+        gate.nested_migrations.fetch_add(1, Ordering::Relaxed);
+    }
     let fresh = Arc::new(Irqchip::new(sh.fabric_cfg.clone()));
     let wake = fresh
         .import(&state, now)

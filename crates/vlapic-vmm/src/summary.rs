@@ -172,6 +172,10 @@ pub struct RunReport {
     pub migrations: u64,
     /// Longest migration pause (every vCPU stopped), microseconds.
     pub max_downtime_us: u64,
+    /// Migrations taken while some APIC had at least 3 vectors in service.
+    pub nested_migrations: u64,
+    /// Most vectors in service on one APIC in any migrated state.
+    pub max_in_service_migrated: u64,
     /// Accesses to unclaimed ports.
     pub unknown_ports: u64,
     /// MMIO accesses outside RAM, LAPIC and IOAPIC.
@@ -297,8 +301,11 @@ impl RunReport {
         if self.migrations > 0 {
             let _ = writeln!(
                 s,
-                "migrations:   {} (longest pause {} us)",
-                self.migrations, self.max_downtime_us
+                "migrations:   {} (longest pause {} us; {} with >= 3 interrupts in service, up to {})",
+                self.migrations,
+                self.max_downtime_us,
+                self.nested_migrations,
+                self.max_in_service_migrated
             );
         } else {
             let _ = writeln!(s, "migrations:   0");
@@ -408,6 +415,8 @@ impl RunReport {
             "max_nesting": self.max_nesting,
             "migrations": self.migrations,
             "max_downtime_us": self.max_downtime_us,
+            "nested_migrations": self.nested_migrations,
+            "max_in_service_migrated": self.max_in_service_migrated,
             "violations": self.violations,
             "interrupts": self.vcpus.iter().map(|v| v.interrupts).collect::<Vec<_>>(),
             "exits": exits,

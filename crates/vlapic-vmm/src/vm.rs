@@ -491,6 +491,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         violations,
         migrations: sh.migration.done.load(Ordering::Relaxed),
         max_downtime_us: sh.migration.max_downtime_us.load(Ordering::Relaxed),
+        nested_migrations: sh.migration.nested_migrations.load(Ordering::Relaxed),
+        max_in_service_migrated: sh.migration.max_in_service.load(Ordering::Relaxed),
         unknown_ports: sh.io.unknown_ports.get().0,
         wild_mmio: sh.wild_mmio.get().0,
         msr_gp: sh.msr_gp.get().0,

@@ -407,7 +407,9 @@ pub fn logical_cluster_x2apic() -> Res {
 pub fn lowest_priority() -> Res {
     program_logical(apic::DFR_FLAT, flat_ldr)?;
     let (l, n) = cpu_list();
-    let m = n.min(8);
+    // At most 7 CPUs: with all 8 flat bits the destination would be 0xFF, which the
+    // flat model defines as broadcast to every APIC (SDM §11.6.2.2), LDR or not.
+    let m = n.min(7);
     const TPRS: [u32; 8] = [0x30, 0x20, 0x10, 0x00, 0x20, 0x10, 0x30, 0x00];
     for k in 0..m {
         on_cpu(
@@ -439,7 +441,7 @@ pub fn lowest_priority() -> Res {
         );
         // Nobody outside the destination set.
         for c in percpu::online() {
-            if pos(c) >= 8 {
+            if pos(c) >= m {
                 ensure!(
                     crate::percpu::CPUS[c].count(V) == before[c],
                     "cpu {} outside the destination got it",
