@@ -240,7 +240,9 @@ impl RunReport {
             Outcome::GuestCrash(_) => exit_code::GUEST_CRASH,
             Outcome::VmmError(_) => exit_code::VMM_ERROR,
             Outcome::DebugExit(_) | Outcome::AllStopped => {
-                if self.failed() == 0 && self.passed() > 0 {
+                // Success: nothing failed and something ran — scenarios, or (bench
+                // mode) benchmark figures.
+                if self.failed() == 0 && (self.passed() > 0 || !self.console.bench.is_empty()) {
                     exit_code::PASS
                 } else {
                     exit_code::FAIL
