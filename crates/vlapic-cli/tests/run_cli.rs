@@ -1,6 +1,9 @@
 //! `vlapic run` as a user runs it: the summary, `--json` with its keys, exit codes
 //! for a passing guest, a failing image and a timeout.
 
+// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
+use std::io::Write as _;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -16,7 +19,10 @@ fn kvm_ok() -> bool {
     match vlapic_vmm::kvm_usable() {
         Ok(()) => true,
         Err(reason) => {
-            println!("SKIPPED: /dev/kvm not available: {reason}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: /dev/kvm not available: {reason}"
+            );
             false
         }
     }

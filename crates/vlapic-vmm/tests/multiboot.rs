@@ -2,6 +2,9 @@
 //! scripts/build-mb-kernels.sh): ELF32 and a.out kludge, command line, modules,
 //! memory information and map, as the kernel itself reports them on COM1.
 
+// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
+use std::io::Write as _;
+
 mod common;
 
 use std::path::Path;
@@ -24,14 +27,18 @@ fn kernels() -> Option<std::path::PathBuf> {
         Ok(o) if o.status.success() => Some(out),
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
-            println!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: cannot build the multiboot test kernels: {}",
                 err.lines().next().unwrap_or("build-mb-kernels.sh failed")
             );
             None
         }
         Err(e) => {
-            println!("SKIPPED: cannot build the multiboot test kernels: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: cannot build the multiboot test kernels: {e}"
+            );
             None
         }
     }

@@ -4,6 +4,9 @@
 //! and are the only disagreements tolerated; scenarios QEMU skips (its CPU model
 //! lacks x2APIC/TSC-deadline, its LAPIC lacks directed EOI) are reported as not compared.
 
+// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
+use std::io::Write as _;
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -35,7 +38,10 @@ fn qemu() -> Option<String> {
     match Command::new(bin).arg("--version").output() {
         Ok(o) if o.status.success() => Some(bin.to_string()),
         _ => {
-            println!("SKIPPED: {bin} not installed (CI installs qemu-system-x86 with apt)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: {bin} not installed (CI installs qemu-system-x86 with apt)"
+            );
             None
         }
     }
@@ -63,7 +69,7 @@ fn cross_check(vcpus: usize) {
     }
     let Some(qemu) = qemu() else { return };
     let Some(image) = vlapic_vmm::guest::test_guest() else {
-        println!("SKIPPED: test guest image not built");
+        let _ = writeln!(std::io::stderr(), "SKIPPED: test guest image not built");
         return;
     };
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

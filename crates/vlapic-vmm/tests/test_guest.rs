@@ -3,6 +3,9 @@
 //! the LAPICs and IOAPIC in vlapic (and twice while live-migrating every 5 ms),
 //! and requires every scenario to pass.
 
+// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
+use std::io::Write as _;
+
 mod common;
 
 use std::time::Duration;
@@ -16,7 +19,10 @@ fn guest() -> Option<Vec<u8>> {
     }
     let g = vlapic_vmm::guest::test_guest().map(<[u8]>::to_vec);
     if g.is_none() {
-        println!("SKIPPED: test guest image not built (scripts/build-guest.sh missing or failed)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: test guest image not built (scripts/build-guest.sh missing or failed)"
+        );
     }
     g
 }

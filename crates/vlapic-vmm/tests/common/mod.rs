@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
+use std::io::Write as _;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -14,7 +17,10 @@ pub fn kvm_ok() -> bool {
     match vlapic_vmm::kvm_usable() {
         Ok(()) => true,
         Err(reason) => {
-            println!("SKIPPED: /dev/kvm not available: {reason}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: /dev/kvm not available: {reason}"
+            );
             false
         }
     }
