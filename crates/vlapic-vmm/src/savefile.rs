@@ -329,6 +329,20 @@ pub struct SaveFile {
     pub devices: Devices,
 }
 
+impl std::fmt::Debug for SaveFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveFile")
+            .field("header", &self.header)
+            .field("fabric_bytes", &self.fabric.len())
+            .field("vcpus", &self.vcpus.len())
+            .field("pages", &self.memory.index.len())
+            .field("scenarios", &self.console.scenarios.len())
+            .field("stats", &self.stats)
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
 fn run_code(r: RunState) -> u8 {
     match r {
         RunState::Running => 0,
@@ -778,6 +792,144 @@ mod tests {
         assert!(r.finish().is_ok());
         let mut r = Reader::new(&[0xFF, 0xFF, 0xFF, 0xFF], "T");
         assert!(r.bytes(10).is_err());
+    }
+
+    fn sample() -> SaveFile {
+        let fab = crate::irqchip::Irqchip::new(crate::irqchip::FabricConfig::with_vcpus(2));
+        let mut console = ConsoleLog::default();
+        console.bytes = 42;
+        console.tail.push("PASS a".into());
+        console.scenarios.push(crate::console::Scenario {
+            name: "a".into(),
+            status: "PASS".into(),
+            detail: String::new(),
+            exits: [1; EXIT_REASONS],
+            elapsed: std::time::Duration::from_millis(3),
+        });
+        let v = SavedVcpu {
+            run: RunState::Halted(true),
+            events: Events {
+                nmi: true,
+                sipi: Some(0x9),
+                ..Events::default()
+            },
+            interrupts: 7,
+            nmis: 1,
+            sipis: 1,
+            exits: [2; EXIT_REASONS],
+            kvm: VcpuState::blank(),
+        };
+        let mut page = vec![0u8; PAGE];
+        page[5] = 0xAA;
+        SaveFile {
+            header: Header {
+                vcpus: 2,
+                memory_mib: 4,
+                flags: FLAG_VERIFY,
+                tsc_hz: 2_000_000_000,
+                vm_ns: 5,
+                guest_tsc: 10,
+                migrate_every_us: 10_000,
+                elapsed_ns: 1_000_000,
+            },
+            fabric: native::encode_fabric(&fab.export()),
+            vcpus: vec![
+                v.clone(),
+                SavedVcpu {
+                    run: RunState::WaitForSipi,
+                    ..v
+                },
+            ],
+            memory: Memory {
+                index: vec![3],
+                data: page,
+            },
+            console,
+            stats: Stats {
+                max_nesting: 4,
+                violations: 0,
+                odd: [(1, 0x99), (0, 0), (6, 0x80e)],
+                ..Stats::default()
+            },
+            devices: Devices {
+                serial_regs: [1, 0, 0, 1, 3, 0x60, 8, 0xB0, 0],
+                serial_in: vec![],
+                fw_key: 5,
+                fw_pos: 2,
+            },
+        }
+    }
+
+    /// Recomputes the length field and the checksum after an edit.
+    fn reseal(f: &mut Vec<u8>) {
+        let n = f.len();
+        f[16..24].copy_from_slice(&(n as u64).to_le_bytes());
+        let crc = crc32(&f[..n - 4]);
+        f[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        let bytes = s.encode();
+        let d = SaveFile::decode(&bytes).expect("decodes");
+        assert_eq!(d.header, s.header);
+        assert_eq!(d.fabric, s.fabric);
+        assert_eq!(d.memory, s.memory);
+        assert_eq!(d.stats, s.stats);
+        assert_eq!(d.devices, s.devices);
+        assert_eq!(d.console.scenarios, s.console.scenarios);
+        assert_eq!(d.console.tail, s.console.tail);
+        assert_eq!(d.vcpus.len(), 2);
+        assert_eq!(d.vcpus[0].run, RunState::Halted(true));
+        assert_eq!(d.vcpus[0].events, s.vcpus[0].events);
+        assert_eq!(d.vcpus[1].run, RunState::WaitForSipi);
+        assert_eq!(d.vcpus[0].kvm.tsc(), Some(1234));
+        assert_eq!(d.encode(), bytes, "re-encoding is identical");
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error_not_a_panic() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut f = bytes.clone();
+            f[i] ^= 0x20;
+            let e = SaveFile::decode(&f).err().unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains('\n'), "byte {i}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn resealed_edits_never_panic() {
+        // A flipped byte with the length and checksum made to match again reaches
+        // the structural checks: an error or a (different) valid file, never a panic.
+        let bytes = sample().encode();
+        for i in 24..bytes.len() - 4 {
+            for x in [0x01u8, 0x80, 0xFF] {
+                let mut f = bytes.clone();
+                f[i] ^= x;
+                reseal(&mut f);
+                if let Err(e) = SaveFile::decode(&f) {
+                    assert!(!e.contains('\n'), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            assert!(SaveFile::decode(&bytes[..n]).is_err(), "{n} bytes accepted");
+            let mut f = bytes[..n.max(28)].to_vec();
+            if f.len() >= 28 && f.len() < bytes.len() {
+                reseal(&mut f);
+                assert!(SaveFile::decode(&f).is_err(), "resealed {n} bytes accepted");
+            }
+        }
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(SaveFile::decode(&long).unwrap_err().contains("trailing"));
     }
 
     #[test]

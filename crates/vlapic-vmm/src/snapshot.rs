@@ -204,6 +204,31 @@ impl VcpuState {
         })
     }
 
+    /// An all-zero state with a few MSRs (for format tests).
+    #[cfg(test)]
+    pub(crate) fn blank() -> Self {
+        Self {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            events: kvm_vcpu_events::default(),
+            debugregs: kvm_debugregs::default(),
+            msrs: vec![
+                kvm_msr_entry {
+                    index: MSR_IA32_TSC,
+                    data: 1234,
+                    ..Default::default()
+                },
+                kvm_msr_entry {
+                    index: 0xC000_0080,
+                    data: 0x500,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
     /// The guest TSC (IA32_TSC) when saved, if KVM gave it.
     pub fn tsc(&self) -> Option<u64> {
         self.msrs
