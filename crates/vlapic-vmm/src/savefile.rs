@@ -861,7 +861,7 @@ mod tests {
     }
 
     /// Recomputes the length field and the checksum after an edit.
-    fn reseal(f: &mut Vec<u8>) {
+    fn reseal(f: &mut [u8]) {
         let n = f.len();
         f[16..24].copy_from_slice(&(n as u64).to_le_bytes());
         let crc = crc32(&f[..n - 4]);
