@@ -217,6 +217,10 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
     /// Everything not read yet.
     pub fn rest(&mut self) -> &'a [u8] {
         let s = self.buf.get(self.pos..).unwrap_or(&[]);
@@ -613,6 +617,10 @@ impl SaveFile {
             )));
         }
         let n = r.count(want as usize, "stored pages")?;
+        let room = r.remaining() / (PAGE + 4);
+        if n > room {
+            return Err(r.err(format!("{n} pages announced, room for {room}")));
+        }
         let mut memory = Memory {
             index: Vec::with_capacity(n),
             data: Vec::with_capacity(n.saturating_mul(PAGE)),

@@ -253,6 +253,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
         None => None,
     };
+    // Later problems with the file's contents (refused by KVM or the library).
+    let bad = |m: String| {
+        VmmError::SaveFile(format!(
+            "{}: {m}",
+            cfg.restore
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ))
+    };
     let (n, memory_mib, x2apic, verify) = match &restore {
         Some(f) => (
             f.header.vcpus as usize,
@@ -297,8 +307,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ),
         Some(f) => {
             for (i, page) in f.memory.index.iter().zip(f.memory.data.chunks(PAGE)) {
-                ram.write(u64::from(*i) * PAGE as u64, page)
-                    .map_err(VmmError::SaveFile)?;
+                ram.write(u64::from(*i) * PAGE as u64, page).map_err(bad)?;
             }
             None
         }
@@ -377,7 +386,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             // it stopped; this one (kvm_pvm) ignores it and time has moved on.
             v.kvm
                 .restore(fd, f.header.guest_tsc)
-                .map_err(|e| VmmError::Setup(format!("restoring vCPU {i}: {e}")))?;
+                .map_err(|e| bad(format!("VCPU {i}: KVM refused the state: {e}")))?;
         }
     }
     let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
@@ -432,15 +441,15 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             // The APICs and the IOAPIC through the library's import, against VM
             // time now (timers that expired meanwhile fire at once).
             let state = vlapic::state::native::decode_fabric(&f.fabric)
-                .map_err(|e| VmmError::SaveFile(format!("FABR: {e:?}")))?;
+                .map_err(|e| bad(format!("FABR: {e:?}")))?;
             chip.import(&state, clock.now_ns())
-                .map_err(|e| VmmError::SaveFile(format!("FABR: import refused: {e:?}")))?;
+                .map_err(|e| bad(format!("FABR: import refused: {e:?}")))?;
             for (i, v) in f.vcpus.iter().enumerate() {
                 exits.seed(i, &v.exits);
             }
             let console = ConsoleOut::with_log(cfg.console, Some(exits.clone()), f.console.clone());
-            let io = IoBus::restore(console.clone(), n as u16, ram.size(), &f.devices)
-                .map_err(VmmError::SaveFile)?;
+            let io =
+                IoBus::restore(console.clone(), n as u16, ram.size(), &f.devices).map_err(bad)?;
             let (c, first) = f.stats.odd[0];
             io.unknown_ports.set(c, first);
             (console, io)
