@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use vlapic_vmm::{exit_code, run_vm, ConsoleSink, Module, VmConfig};
+use vlapic_vmm::{exit_code, run_vm, ConsoleSink, Module, Outcome, SaveTo, VmConfig};
 
 /// Arguments of `vlapic run`.
 #[derive(Args, Debug)]
@@ -49,6 +49,21 @@ pub struct RunArgs {
     /// for a `--kernel` image or with `--irqchip kernel`.
     #[arg(long, value_name = "MS")]
     pub migrate_every: Option<u64>,
+    /// After `--save-after` ms, pause every vCPU, write the whole VM to FILE and exit
+    /// (0 = saved). If the guest ends first, the run is reported as usual and nothing is saved.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+    /// When `--save` pauses the VM: milliseconds of wall time after the start.
+    #[arg(long, value_name = "MS", default_value_t = 500, requires = "save")]
+    pub save_after: u64,
+    /// Start from a save file written by `--save` (in this or another process)
+    /// instead of booting; vCPUs, memory, x2APIC and verifier settings come from it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "irqchip"]
+    )]
+    pub restore: Option<PathBuf>,
 }
 
 /// Which interrupt controllers the VM uses.
@@ -110,9 +125,13 @@ fn load_kernel(path: &Option<PathBuf>) -> Result<Vec<u8>, ExitCode> {
 
 /// `vlapic run`.
 pub fn run(a: RunArgs) -> ExitCode {
-    let kernel = match load_kernel(&a.kernel) {
-        Ok(k) => k,
-        Err(code) => return code,
+    let kernel = if a.restore.is_some() {
+        Vec::new()
+    } else {
+        match load_kernel(&a.kernel) {
+            Ok(k) => k,
+            Err(code) => return code,
+        }
     };
     let mut modules = Vec::new();
     for p in &a.module {
@@ -138,11 +157,19 @@ pub fn run(a: RunArgs) -> ExitCode {
         x2apic: a.x2apic,
         verify: a.verify,
         timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
-        migrate_every: a
-            .migrate_every
-            .or((a.kernel.is_none() && a.irqchip == IrqchipArg::User).then_some(10))
-            .filter(|ms| *ms > 0)
-            .map(Duration::from_millis),
+        // 0 = never (the VMM drops a zero period). A restored run without
+        // --migrate-every keeps the saved run's period.
+        migrate_every: match (a.migrate_every, a.restore.is_some()) {
+            (Some(ms), _) => Some(Duration::from_millis(ms)),
+            (None, true) => None,
+            (None, false) => (a.kernel.is_none() && a.irqchip == IrqchipArg::User)
+                .then(|| Duration::from_millis(10)),
+        },
+        save: a.save.clone().map(|path| SaveTo {
+            path,
+            after: Duration::from_millis(a.save_after),
+        }),
+        restore: a.restore.clone(),
         kernel_irqchip: a.irqchip == IrqchipArg::Kernel,
         console: if a.quiet {
             ConsoleSink::Quiet
@@ -158,6 +185,13 @@ pub fn run(a: RunArgs) -> ExitCode {
                 println!("{}", rep.json());
             } else {
                 print!("{}", rep.text());
+            }
+            if let (Some(s), false) = (&a.save, matches!(rep.outcome, Outcome::Saved(_))) {
+                eprintln!(
+                    "vlapic run: no state saved to {}: the run ended before the save point ({} ms)",
+                    s.display(),
+                    a.save_after
+                );
             }
             ExitCode::from(rep.exit_code())
         }

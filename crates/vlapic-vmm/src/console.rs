@@ -121,6 +121,88 @@ impl ConsoleLog {
         }
     }
 
+    /// Appends the save-file form (scenarios, DONE, BENCH, tail, the partial line,
+    /// the exit counts and time since the last report line).
+    pub(crate) fn encode(&self, w: &mut crate::savefile::Writer) {
+        w.u64(self.bytes);
+        w.u32(self.scenarios.len() as u32);
+        for s in &self.scenarios {
+            w.str(&s.name);
+            w.str(&s.status);
+            w.str(&s.detail);
+            w.u64(u64::try_from(s.elapsed.as_nanos()).unwrap_or(u64::MAX));
+            w.exits(&s.exits);
+        }
+        w.u8(u8::from(self.done.is_some()));
+        w.str(self.done.as_deref().unwrap_or(""));
+        w.u32(self.bench.len() as u32);
+        for b in &self.bench {
+            w.str(&b.name);
+            w.u64(b.cycles);
+            w.u64(b.iters);
+        }
+        w.u32(self.tail.len() as u32);
+        for t in &self.tail {
+            w.str(t);
+        }
+        w.bytes(&self.partial);
+        w.exits(&self.last_exits);
+        w.u64(self.last_time.map_or(u64::MAX, |t| {
+            u64::try_from(t.elapsed().as_nanos()).unwrap_or(0)
+        }));
+    }
+
+    /// Reads what [`ConsoleLog::encode`] wrote.
+    pub(crate) fn decode(r: &mut crate::savefile::Reader<'_>) -> Result<Self, String> {
+        let mut l = ConsoleLog {
+            bytes: r.u64()?,
+            ..ConsoleLog::default()
+        };
+        let n = r.count(1 << 20, "scenarios")?;
+        for _ in 0..n {
+            let name = r.str()?;
+            let status = r.str()?;
+            if !["PASS", "FAIL", "SKIP"].contains(&status.as_str()) {
+                return Err(r.err(format!("scenario status {status:?}")));
+            }
+            l.scenarios.push(Scenario {
+                name,
+                status,
+                detail: r.str()?,
+                elapsed: std::time::Duration::from_nanos(r.u64()?),
+                exits: r.exits()?,
+            });
+        }
+        let has_done = r.u8()?;
+        let done = r.str()?;
+        l.done = match has_done {
+            0 => None,
+            1 => Some(done),
+            x => return Err(r.err(format!("DONE flag {x}"))),
+        };
+        let n = r.count(1 << 20, "BENCH lines")?;
+        for _ in 0..n {
+            l.bench.push(BenchLine {
+                name: r.str()?,
+                cycles: r.u64()?,
+                iters: r.u64()?,
+            });
+        }
+        let n = r.count(20, "tail lines")?;
+        for _ in 0..n {
+            l.tail.push(r.str()?);
+        }
+        l.partial = r.bytes(4096)?.to_vec();
+        l.last_exits = r.exits()?;
+        let since = r.u64()?;
+        l.last_time = (since != u64::MAX).then(|| {
+            let now = std::time::Instant::now();
+            now.checked_sub(std::time::Duration::from_nanos(since))
+                .unwrap_or(now)
+        });
+        Ok(l)
+    }
+
     /// Scenarios with the given status.
     pub fn count(&self, status: &str) -> usize {
         self.scenarios.iter().filter(|s| s.status == status).count()
@@ -144,6 +226,20 @@ impl ConsoleOut {
             log: Arc::new(Mutex::new(ConsoleLog::default())),
             stats,
         }
+    }
+
+    /// Like [`ConsoleOut::new`], continuing `log` (a restored run's transcript).
+    pub fn with_log(sink: ConsoleSink, stats: Option<Arc<ExitStats>>, log: ConsoleLog) -> Self {
+        Self {
+            sink,
+            log: Arc::new(Mutex::new(log)),
+            stats,
+        }
+    }
+
+    /// The log as it stands, the partial line kept partial (for a save file).
+    pub fn raw_log(&self) -> ConsoleLog {
+        lock(&self.log).clone()
     }
 
     /// A snapshot of what was parsed so far (a trailing partial line included).

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::console::ConsoleOut;
@@ -80,6 +80,62 @@ impl IoBus {
                 ram,
             }),
             unknown_ports: Odd::default(),
+        }
+    }
+
+    /// A bus continuing saved device state (a restored run).
+    pub fn restore(
+        out: ConsoleOut,
+        cpus: u16,
+        ram: u64,
+        d: &crate::savefile::Devices,
+    ) -> Result<Self, String> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = d.serial_regs;
+        let st = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: d.serial_in.clone(),
+        };
+        let serial = Serial::from_state(&st, NoIrq, NoEvents, out)
+            .map_err(|e| format!("serial port state: {e:?}"))?;
+        Ok(Self {
+            serial: Mutex::new(serial),
+            fw_cfg: Mutex::new(FwCfg {
+                key: d.fw_key,
+                pos: usize::try_from(d.fw_pos).unwrap_or(usize::MAX),
+                cpus,
+                ram,
+            }),
+            unknown_ports: Odd::default(),
+        })
+    }
+
+    /// The devices' state for a save file.
+    pub fn save(&self) -> crate::savefile::Devices {
+        let s = lock(&self.serial).state();
+        let f = lock(&self.fw_cfg);
+        crate::savefile::Devices {
+            serial_regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            serial_in: s.in_buffer,
+            fw_key: f.key,
+            fw_pos: f.pos as u64,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod kick;
 pub mod loader;
 pub mod memory;
 pub mod migrate;
+pub mod savefile;
 pub mod snapshot;
 pub mod summary;
 pub mod vcpu;
@@ -19,7 +20,7 @@ pub mod vm;
 pub use console::ConsoleSink;
 pub use loader::Module;
 pub use summary::{exit_code, Outcome, RunReport};
-pub use vm::{kvm_usable, run_vm, VmConfig};
+pub use vm::{kvm_usable, run_vm, SaveTo, VmConfig};
 
 use std::fmt;
 
@@ -32,13 +33,15 @@ pub enum VmmError {
     Load(String),
     /// The VMM failed.
     Internal(String),
+    /// A save file given to `--restore` cannot be read or is malformed.
+    SaveFile(String),
 }
 
 impl VmmError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmmError::Setup(_) | VmmError::Load(_) => exit_code::SETUP,
+            VmmError::Setup(_) | VmmError::Load(_) | VmmError::SaveFile(_) => exit_code::SETUP,
             VmmError::Internal(_) => exit_code::VMM_ERROR,
         }
     }
@@ -50,6 +53,7 @@ impl fmt::Display for VmmError {
             VmmError::Setup(m) => write!(f, "setup: {m}"),
             VmmError::Load(m) => write!(f, "kernel image: {m}"),
             VmmError::Internal(m) => write!(f, "internal: {m}"),
+            VmmError::SaveFile(m) => write!(f, "save file {m}"),
         }
     }
 }

@@ -16,11 +16,16 @@ use crate::vcpu::{RunState, Shared};
 
 /// What a paused vCPU hands over: its KVM state and the VMM-side run state
 /// (halted, waiting for SIPI) that KVM does not hold without an in-kernel APIC.
+#[derive(Clone)]
 pub struct PausedVcpu {
     /// KVM's state of the vCPU.
     pub kvm: VcpuState,
     /// Halted / wait-for-SIPI / running.
     pub run: RunState,
+    /// Events the vCPU had already taken from its APIC but not yet acted on.
+    pub events: Events,
+    /// The vCPU's counters: interrupts, NMIs and SIPIs so far.
+    pub counters: [u64; 3],
 }
 
 /// Rendezvous between the migrating main thread and the vCPU threads.
@@ -59,6 +64,37 @@ impl MigrationGate {
             s.fresh = (0..n).map(|_| None).collect();
         }
         g
+    }
+
+    /// Main-thread side: asks every vCPU to pause and waits until all have.
+    /// `Ok(false)` when the run ended meanwhile (the request is withdrawn).
+    pub fn pause_all(&self, sh: &Shared) -> Result<bool, String> {
+        let n = sh.kicks.len();
+        self.requested.store(true, Ordering::SeqCst);
+        for k in &sh.kicks {
+            k.kick();
+        }
+        let t0 = Instant::now();
+        let mut s = lock(&self.slots);
+        while s.count < n {
+            if sh.stop.load(Ordering::SeqCst) {
+                self.requested.store(false, Ordering::SeqCst);
+                return Ok(false);
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!("only {} of {n} vCPUs paused", s.count));
+            }
+            s = match self.cv.wait_timeout(s, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        Ok(true)
+    }
+
+    /// Copies of the paused vCPUs' states (after [`MigrationGate::pause_all`]).
+    pub fn paused(&self) -> Vec<Option<PausedVcpu>> {
+        lock(&self.slots).paused.clone()
     }
 
     /// Wakes everything waiting at the gate (the run is ending).
@@ -116,29 +152,8 @@ pub fn migrate(
     for i in 0..n {
         fds.push(make_vcpu(&vm, i)?);
     }
-    gate.requested.store(true, Ordering::SeqCst);
-    for k in &sh.kicks {
-        k.kick();
-    }
-    let t0 = Instant::now();
-    {
-        let mut s = lock(&gate.slots);
-        while s.count < n {
-            if sh.stop.load(Ordering::SeqCst) {
-                gate.requested.store(false, Ordering::SeqCst);
-                return Ok(None);
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                return Err(format!(
-                    "only {} of {n} vCPUs paused for migration",
-                    s.count
-                ));
-            }
-            s = match gate.cv.wait_timeout(s, Duration::from_millis(50)) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-        }
+    if !gate.pause_all(sh)? {
+        return Ok(None);
     }
     let paused_at = Instant::now();
 

@@ -5,6 +5,28 @@ use kvm_bindings::{
     kvm_debugregs, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::savefile::{Reader, Writer};
+
+/// Most MSRs accepted in a save file.
+const MAX_MSRS: usize = 4096;
+
+fn put<T: IntoBytes + Immutable>(w: &mut Writer, v: &T) {
+    w.bytes(v.as_bytes());
+}
+
+fn get<T: FromBytes>(r: &mut Reader<'_>, name: &str) -> Result<T, String> {
+    let want = std::mem::size_of::<T>();
+    let b = r.bytes(1 << 20)?;
+    if b.len() != want {
+        return Err(r.err(format!(
+            "{name} is {} bytes, this build's is {want}",
+            b.len()
+        )));
+    }
+    T::read_from_bytes(b).map_err(|_| r.err(format!("{name}: bad size")))
+}
 
 /// IA32_TSC: rewritten at restore so the guest TSC runs on without a jump.
 pub const MSR_IA32_TSC: u32 = 0x10;
@@ -40,6 +62,23 @@ pub struct VcpuState {
     events: kvm_vcpu_events,
     debugregs: kvm_debugregs,
     msrs: Vec<kvm_msr_entry>,
+}
+
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        // kvm_xsave is not Clone (its flexible array member); its bytes are all of it.
+        let mut xsave = kvm_xsave::default();
+        xsave.region = self.xsave.region;
+        Self {
+            regs: self.regs,
+            sregs: self.sregs,
+            xsave,
+            xcrs: self.xcrs,
+            events: self.events,
+            debugregs: self.debugregs,
+            msrs: self.msrs.clone(),
+        }
+    }
 }
 
 fn e(what: &str) -> impl Fn(kvm_ioctls::Error) -> String + '_ {
@@ -116,6 +155,86 @@ impl VcpuState {
         fd.set_vcpu_events(&self.events)
             .map_err(e("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
+    }
+
+    /// Appends the save-file form: each KVM structure as its raw bytes (u32 length
+    /// first, checked against this build's size at decode), then the MSRs.
+    pub fn encode(&self, w: &mut Writer) {
+        put(w, &self.regs);
+        put(w, &self.sregs);
+        put(w, &self.xsave);
+        put(w, &self.xcrs);
+        put(w, &self.events);
+        put(w, &self.debugregs);
+        w.u32(self.msrs.len() as u32);
+        for m in &self.msrs {
+            w.u32(m.index);
+            w.u64(m.data);
+        }
+    }
+
+    /// Reads what [`VcpuState::encode`] wrote.
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
+        let regs = get(r, "kvm_regs")?;
+        let sregs = get(r, "kvm_sregs")?;
+        let xsave = get(r, "kvm_xsave")?;
+        let xcrs: kvm_xcrs = get(r, "kvm_xcrs")?;
+        if xcrs.nr_xcrs as usize > xcrs.xcrs.len() {
+            return Err(r.err(format!("kvm_xcrs: {} XCRs", xcrs.nr_xcrs)));
+        }
+        let events = get(r, "kvm_vcpu_events")?;
+        let debugregs = get(r, "kvm_debugregs")?;
+        let n = r.count(MAX_MSRS, "MSRs")?;
+        let mut msrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            msrs.push(kvm_msr_entry {
+                index: r.u32()?,
+                data: r.u64()?,
+                ..Default::default()
+            });
+        }
+        Ok(Self {
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            events,
+            debugregs,
+            msrs,
+        })
+    }
+
+    /// An all-zero state with a few MSRs (for format tests).
+    #[cfg(test)]
+    pub(crate) fn blank() -> Self {
+        Self {
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            events: kvm_vcpu_events::default(),
+            debugregs: kvm_debugregs::default(),
+            msrs: vec![
+                kvm_msr_entry {
+                    index: MSR_IA32_TSC,
+                    data: 1234,
+                    ..Default::default()
+                },
+                kvm_msr_entry {
+                    index: 0xC000_0080,
+                    data: 0x500,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    /// The guest TSC (IA32_TSC) when saved, if KVM gave it.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .iter()
+            .find(|m| m.index == MSR_IA32_TSC)
+            .map(|m| m.data)
     }
 
     /// RIP (for reports).

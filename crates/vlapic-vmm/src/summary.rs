@@ -76,6 +76,15 @@ impl ExitStats {
         }
     }
 
+    /// Sets one vCPU's counts (a restored run continues the saved ones).
+    pub fn seed(&self, vcpu: usize, c: &ExitCounts) {
+        if let Some(row) = self.rows.get(vcpu) {
+            for (a, v) in row.iter().zip(c.iter()) {
+                a.store(*v, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// One vCPU's counts.
     pub fn vcpu(&self, vcpu: usize) -> ExitCounts {
         let mut t = [0u64; EXIT_REASONS];
@@ -132,6 +141,9 @@ pub enum Outcome {
     GuestCrash(String),
     /// The VMM itself failed (an ioctl error).
     VmmError(String),
+    /// `--save`: every vCPU was paused and the VM written to a save file; the
+    /// text says what was saved.
+    Saved(String),
 }
 
 /// Where a vCPU was when the run ended.
@@ -204,6 +216,8 @@ pub mod exit_code {
     pub const GUEST_CRASH: u8 = 4;
     /// The VMM failed (unexpected ioctl error).
     pub const VMM_ERROR: u8 = 5;
+    /// `--save`: the state was written (the same value as [`PASS`]).
+    pub const SAVED: u8 = 0;
 }
 
 impl RunReport {
@@ -239,6 +253,7 @@ impl RunReport {
             Outcome::Timeout => exit_code::TIMEOUT,
             Outcome::GuestCrash(_) => exit_code::GUEST_CRASH,
             Outcome::VmmError(_) => exit_code::VMM_ERROR,
+            Outcome::Saved(_) => exit_code::SAVED,
             Outcome::DebugExit(_) | Outcome::AllStopped => {
                 // Success: nothing failed and something ran — scenarios, or (bench
                 // mode) benchmark figures.
@@ -262,12 +277,18 @@ impl RunReport {
             Outcome::Timeout => "timeout".into(),
             Outcome::GuestCrash(m) => format!("guest crash: {m}"),
             Outcome::VmmError(m) => format!("VMM error: {m}"),
+            Outcome::Saved(m) => format!("saved {m}"),
         }
     }
 
-    /// The human-readable summary.
+    /// The human-readable summary (for a `--save` run, the one line saying what
+    /// was saved).
     pub fn text(&self) -> String {
         let mut s = String::new();
+        if let Outcome::Saved(_) = self.outcome {
+            let _ = writeln!(s, "vlapic run: {}", self.outcome_text());
+            return s;
+        }
         let _ = writeln!(s, "== vlapic run summary ==");
         let _ = writeln!(s, "outcome:      {}", self.outcome_text());
         let _ = writeln!(

@@ -55,6 +55,12 @@ impl Odd {
         }
     }
 
+    /// Sets the count and first address (a restored run continues the saved ones).
+    pub fn set(&self, count: u64, first: u64) {
+        self.count.store(count, Ordering::Relaxed);
+        self.first.store(first, Ordering::Relaxed);
+    }
+
     /// (count, first address).
     pub fn get(&self) -> (u64, u64) {
         (
@@ -190,8 +196,13 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Reset-state special registers (real mode), the template for SIPI.
     pub reset_sregs: kvm_sregs,
-    /// Whether the vCPU starts running (BSP) or in wait-for-SIPI (APs).
-    pub start_running: bool,
+    /// The run state to start in: running (BSP), wait-for-SIPI (APs at boot), or
+    /// whatever a restored vCPU was in.
+    pub start: RunState,
+    /// Events already taken from the APIC, to act on first (a restored vCPU's).
+    pub carried: Events,
+    /// Counters to continue from (interrupts, NMIs, SIPIs; a restored vCPU's).
+    pub counters: [u64; 3],
 }
 
 /// Runs a vCPU until the run ends; returns the vCPU (so its `kvm_run` mapping
@@ -201,6 +212,9 @@ pub fn run_vcpu(mut v: Vcpu, sh: Arc<Shared>) -> (Vcpu, VcpuReport) {
     let kick = sh.kicks.get(me).cloned();
     let mut rep = VcpuReport {
         index: me,
+        interrupts: v.counters[0],
+        nmis: v.counters[1],
+        sipis: v.counters[2],
         ..VcpuReport::default()
     };
     let Some(kick) = kick else {
@@ -335,6 +349,8 @@ fn migrate_here(
     sh: &Shared,
     kick: &VcpuKick,
     state: RunState,
+    carried: Events,
+    rep: &VcpuReport,
 ) -> Result<Option<(RunState, Events)>, String> {
     // An I/O, MMIO or MSR exit is only complete (RIP advanced, IN/RDMSR data in the
     // registers) after the next KVM_RUN: re-enter once with immediate_exit set so
@@ -349,6 +365,8 @@ fn migrate_here(
     let saved = PausedVcpu {
         kvm: VcpuState::save(&v.fd, &sh.msr_list)?,
         run: state,
+        events: carried,
+        counters: [rep.interrupts, rep.nmis, rep.sipis],
     };
     let Some((fd, st, events)) = sh.migration.pause(v.index, saved, &sh.stop) else {
         return Ok(None);
@@ -361,7 +379,7 @@ fn migrate_here(
     // owned by `v.fd`, which outlives the registration.
     unsafe { kick.register(ie) };
     st.kvm.restore(&v.fd, sh.clock.guest_tsc())?;
-    Ok(Some((st.run, events)))
+    Ok(Some((st.run, merge_events(st.events, events))))
 }
 
 /// `a` then `b`: flags or'ed, the later SIPI vector wins.
@@ -377,19 +395,23 @@ fn merge_events(a: Events, b: Events) -> Events {
 
 fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -> RunState {
     let me = v.index;
-    let mut state = if v.start_running {
-        RunState::Running
-    } else {
-        RunState::WaitForSipi
-    };
+    let mut state = v.start;
     let mut last_cr8: u64;
     let mut guest_cr8: Option<u64> = None;
     let mut armed: Option<u64> = None;
-    let mut carried = Events::default();
+    let mut carried = std::mem::take(&mut v.carried);
 
     while !sh.stop.load(Ordering::SeqCst) {
         if sh.migration.requested.load(Ordering::SeqCst) {
-            match migrate_here(v, sh, kick, state) {
+            // A CR8 change seen after the last KVM_RUN belongs in the saved TPR.
+            if let Some(c) = guest_cr8.take() {
+                let now = sh.clock.now_ns();
+                let _ = sh.chip().with_apic(me, now, |a| {
+                    let _ = a.set_cr8(c);
+                    ((), Effects::default())
+                });
+            }
+            match migrate_here(v, sh, kick, state, std::mem::take(&mut carried), rep) {
                 Ok(Some((s, ev))) => {
                     state = s;
                     carried = merge_events(carried, ev);

@@ -1,6 +1,7 @@
 //! KVM VM setup without an in-kernel irqchip (user-space MSR exits, MSR filter for
 //! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -21,8 +22,9 @@ use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
 use crate::migrate::{self, MigrationGate};
+use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC, PAGE};
 use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
-use crate::vcpu::{run_vcpu, Odd, Shared, Vcpu};
+use crate::vcpu::{run_vcpu, Odd, RunState, Shared, Vcpu};
 use crate::{cpuid, snapshot, VmmError};
 
 /// Everything needed to boot one guest.
@@ -50,6 +52,21 @@ pub struct VmConfig {
     pub migrate_every: Option<Duration>,
     /// Use KVM's in-kernel LAPICs/IOAPIC instead of vlapic (for comparison).
     pub kernel_irqchip: bool,
+    /// Pause the VM after a while, write it to a save file and end the run.
+    pub save: Option<SaveTo>,
+    /// Start from this save file instead of booting `kernel` (vCPUs, memory,
+    /// x2APIC and verifier settings come from the file; `migrate_every: None`
+    /// then means the saved run's period).
+    pub restore: Option<PathBuf>,
+}
+
+/// Where and when `--save` writes the VM.
+#[derive(Clone, Debug)]
+pub struct SaveTo {
+    /// The save file.
+    pub path: PathBuf,
+    /// Wall time after the start (of this process's run) at which to save.
+    pub after: Duration,
 }
 
 impl Default for VmConfig {
@@ -66,6 +83,8 @@ impl Default for VmConfig {
             console: ConsoleSink::Stdout,
             migrate_every: None,
             kernel_irqchip: false,
+            save: None,
+            restore: None,
         }
     }
 }
@@ -193,85 +212,8 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, Vm
     Ok(vm)
 }
 
-/// Boots the guest described by `cfg` and runs it to the end.
-pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
-    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(VmmError::Setup(format!(
-            "--vcpus {}: must be 1 to {MAX_VCPUS}",
-            cfg.vcpus
-        )));
-    }
-    let n = cfg.vcpus;
-    // The image first: a malformed one is reported the same with or without KVM.
-    let ram = GuestRam::new(cfg.memory_mib).map_err(VmmError::Setup)?;
-    let boot = loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
-        .map_err(|e| VmmError::Load(e.0))?;
-    kvm_usable().map_err(VmmError::Setup)?;
-    let signal = kick_signal().map_err(VmmError::Setup)?;
-    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
-    if cfg.kernel_irqchip && cfg.migrate_every.is_some() {
-        return Err(VmmError::Setup(
-            "--migrate-every needs the userspace irqchip (not --irqchip kernel)".into(),
-        ));
-    }
-    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
-    let base_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
-
-    let make_vcpu = |vm: &VmFd, i: usize| -> Result<kvm_ioctls::VcpuFd, String> {
-        let fd = vm
-            .create_vcpu(i as u64)
-            .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
-        let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
-        fd.set_cpuid2(&c)
-            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        Ok(fd)
-    };
-    let mut fds = Vec::with_capacity(n);
-    for i in 0..n {
-        let fd = make_vcpu(&vm, i).map_err(VmmError::Setup)?;
-        init_fpu(&fd)?;
-        let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
-        fds.push((fd, reset));
-    }
-    if cfg.kernel_irqchip && cfg.x2apic {
-        for (i, (fd, _)) in fds.iter().enumerate() {
-            let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
-            let m = Msrs::from_entries(&[kvm_msr_entry {
-                index: 0x1B,
-                data: base,
-                ..Default::default()
-            }])
-            .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
-            fd.set_msrs(&m)
-                .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
-        }
-    }
-    let msr_list = if cfg.migrate_every.is_some() {
-        snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
-    } else {
-        Vec::new()
-    };
-    let Some((bsp, _)) = fds.first() else {
-        return Err(VmmError::Setup("no vCPU".into()));
-    };
-
-    // VM time from the guest TSC.
-    let tsc_khz = bsp.get_tsc_khz().map_err(|e| setup(e, "KVM_GET_TSC_KHZ"))?;
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: IA32_TSC,
-        ..Default::default()
-    }])
-    .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
-    let host0 = VmClock::host_tsc();
-    bsp.get_msrs(&mut msrs)
-        .map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
-    let guest0 = msrs.as_slice().first().map_or(0, |m| m.data);
-    let tsc_hz = u64::from(tsc_khz) * 1000;
-    let clock = VmClock::new(host0, guest0, tsc_hz);
-
-    // BSP: 32-bit protected mode, paging off, multiboot registers.
+/// BSP: 32-bit protected mode, paging off, multiboot registers.
+fn boot_bsp(bsp: &kvm_ioctls::VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
     let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
     sregs.cs = flat_segment(true);
     for s in [
@@ -296,19 +238,185 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ..Default::default()
     };
     bsp.set_regs(&regs).map_err(|e| setup(e, "KVM_SET_REGS"))?;
+    Ok(())
+}
+
+/// Boots the guest described by `cfg` (or restores `cfg.restore`) and runs it to
+/// the end (or, with `cfg.save`, to the save).
+pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
+    // A save file is read and checked completely before anything else.
+    let restore = match &cfg.restore {
+        Some(p) => {
+            let what = |e: String| VmmError::SaveFile(format!("{}: {e}", p.display()));
+            let bytes = std::fs::read(p).map_err(|e| what(format!("cannot read: {e}")))?;
+            Some(SaveFile::decode(&bytes).map_err(what)?)
+        }
+        None => None,
+    };
+    // Later problems with the file's contents (refused by KVM or the library).
+    let bad = |m: String| {
+        VmmError::SaveFile(format!(
+            "{}: {m}",
+            cfg.restore
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ))
+    };
+    let (n, memory_mib, x2apic, verify) = match &restore {
+        Some(f) => (
+            f.header.vcpus as usize,
+            f.header.memory_mib,
+            f.header.flags & FLAG_X2APIC != 0,
+            f.header.flags & FLAG_VERIFY != 0,
+        ),
+        None => (cfg.vcpus, cfg.memory_mib, cfg.x2apic, cfg.verify),
+    };
+    let migrate_every = match &restore {
+        Some(f) if cfg.migrate_every.is_none() && f.header.migrate_every_us > 0 => {
+            Some(Duration::from_micros(f.header.migrate_every_us))
+        }
+        _ => cfg.migrate_every,
+    }
+    .filter(|d| !d.is_zero());
+    if n == 0 || n > MAX_VCPUS {
+        return Err(VmmError::Setup(format!(
+            "--vcpus {n}: must be 1 to {MAX_VCPUS}"
+        )));
+    }
+    if let Some(s) = &cfg.save {
+        let dir = s
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(VmmError::Setup(format!(
+                "--save {}: directory {} does not exist",
+                s.path.display(),
+                dir.display()
+            )));
+        }
+    }
+    // The image first: a malformed one is reported the same with or without KVM.
+    let ram = GuestRam::new(memory_mib).map_err(VmmError::Setup)?;
+    let boot = match &restore {
+        None => Some(
+            loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
+                .map_err(|e| VmmError::Load(e.0))?,
+        ),
+        Some(f) => {
+            for (i, page) in f.memory.index.iter().zip(f.memory.data.chunks(PAGE)) {
+                ram.write(u64::from(*i) * PAGE as u64, page).map_err(bad)?;
+            }
+            None
+        }
+    };
+    kvm_usable().map_err(VmmError::Setup)?;
+    let signal = kick_signal().map_err(VmmError::Setup)?;
+    let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
+    if cfg.kernel_irqchip && (migrate_every.is_some() || cfg.save.is_some() || restore.is_some()) {
+        return Err(VmmError::Setup(
+            "--migrate-every, --save and --restore need the userspace irqchip (not --irqchip kernel)"
+                .into(),
+        ));
+    }
+    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
+
+    let make_vcpu = |vm: &VmFd, i: usize| -> Result<kvm_ioctls::VcpuFd, String> {
+        let fd = vm
+            .create_vcpu(i as u64)
+            .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
+        let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
+        fd.set_cpuid2(&c)
+            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
+        Ok(fd)
+    };
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd = make_vcpu(&vm, i).map_err(VmmError::Setup)?;
+        init_fpu(&fd)?;
+        let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
+        fds.push((fd, reset));
+    }
+    if cfg.kernel_irqchip && x2apic {
+        for (i, (fd, _)) in fds.iter().enumerate() {
+            let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
+            let m = Msrs::from_entries(&[kvm_msr_entry {
+                index: 0x1B,
+                data: base,
+                ..Default::default()
+            }])
+            .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+            fd.set_msrs(&m)
+                .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
+        }
+    }
+    let msr_list = if migrate_every.is_some() || cfg.save.is_some() {
+        snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
+    } else {
+        Vec::new()
+    };
+    let Some((bsp, _)) = fds.first() else {
+        return Err(VmmError::Setup("no vCPU".into()));
+    };
+
+    // VM time from the guest TSC.
+    let mut tsc_khz = bsp.get_tsc_khz().map_err(|e| setup(e, "KVM_GET_TSC_KHZ"))?;
+    if let Some(f) = &restore {
+        // The guest keeps the TSC rate it was saved with (KVM scales it if the
+        // host's differs and can), then every vCPU gets its saved state.
+        let want = u32::try_from(f.header.tsc_hz / 1000).unwrap_or(u32::MAX);
+        if want != tsc_khz {
+            for (fd, _) in &fds {
+                fd.set_tsc_khz(want).map_err(|e| {
+                    VmmError::Setup(format!(
+                        "the saved guest TSC ran at {want} kHz, this host's at {tsc_khz} kHz, \
+                         and KVM_SET_TSC_KHZ failed: {e}"
+                    ))
+                })?;
+            }
+            tsc_khz = want;
+        }
+        for (i, ((fd, _), v)) in fds.iter().zip(&f.vcpus).enumerate() {
+            // IA32_TSC as saved: hosts that honour the write resume VM time where
+            // it stopped; this one (kvm_pvm) ignores it and time has moved on.
+            v.kvm
+                .restore(fd, f.header.guest_tsc)
+                .map_err(|e| bad(format!("VCPU {i}: KVM refused the state: {e}")))?;
+        }
+    }
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|e| setup(format!("{e:?}"), "MSR list"))?;
+    let host0 = VmClock::host_tsc();
+    bsp.get_msrs(&mut msrs)
+        .map_err(|e| setup(e, "KVM_GET_MSRS(IA32_TSC)"))?;
+    let guest0 = msrs.as_slice().first().map_or(0, |m| m.data);
+    let tsc_hz = u64::from(tsc_khz) * 1000;
+    let clock = VmClock::new(host0, guest0, tsc_hz);
+
+    if let Some(b) = &boot {
+        boot_bsp(bsp, b)?;
+    }
 
     let apics = (0..n)
         .map(|i| LapicConfig {
             apic_id: i as u32,
             bsp: i == 0,
-            mode: if cfg.x2apic {
+            mode: if x2apic {
                 ApicMode::X2Apic
             } else {
                 ApicMode::XApic
             },
             x2apic: true,
             tsc_deadline: true,
-            verify: cfg.verify,
+            verify,
             clock: TimerClock {
                 bus_cycle_ns: 1,
                 tsc_hz,
@@ -323,14 +431,39 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     };
     let chip = Arc::new(Irqchip::new(fabric_cfg.clone()));
     let exits = Arc::new(ExitStats::new(n));
-    let console = ConsoleOut::new(cfg.console, Some(exits.clone()));
-    let io = IoBus::new(console.clone(), n as u16, ram.size());
+    let (console, io) = match &restore {
+        None => {
+            let console = ConsoleOut::new(cfg.console, Some(exits.clone()));
+            let io = IoBus::new(console.clone(), n as u16, ram.size());
+            (console, io)
+        }
+        Some(f) => {
+            // The APICs and the IOAPIC through the library's import, against VM
+            // time now (timers that expired meanwhile fire at once).
+            let state = vlapic::state::native::decode_fabric(&f.fabric)
+                .map_err(|e| bad(format!("FABR: {e:?}")))?;
+            chip.import(&state, clock.now_ns())
+                .map_err(|e| bad(format!("FABR: import refused: {e:?}")))?;
+            for (i, v) in f.vcpus.iter().enumerate() {
+                exits.seed(i, &v.exits);
+            }
+            let console = ConsoleOut::with_log(cfg.console, Some(exits.clone()), f.console.clone());
+            let io =
+                IoBus::restore(console.clone(), n as u16, ram.size(), &f.devices).map_err(bad)?;
+            let (c, first) = f.stats.odd[0];
+            io.unknown_ports.set(c, first);
+            (console, io)
+        }
+    };
     let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
     let timers = Arc::new(TimerService::new(n));
+    let carry = restore
+        .as_ref()
+        .map_or((0, 0), |f| (f.stats.max_nesting, f.stats.violations));
     let sh = Arc::new(Shared {
         chip: std::sync::RwLock::new(chip),
         fabric_cfg,
-        verifier_carry: Mutex::new((0, 0)),
+        verifier_carry: Mutex::new(carry),
         io,
         kicks: kicks.clone(),
         timers: timers.clone(),
@@ -346,6 +479,21 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         msr_list,
         kernel_irqchip: cfg.kernel_irqchip.then(|| vm.clone()),
     });
+    let prior = restore.as_ref().map_or(Duration::ZERO, |f| {
+        Duration::from_nanos(f.header.elapsed_ns)
+    });
+    if let Some(f) = &restore {
+        let st = &f.stats;
+        sh.wild_mmio.set(st.odd[1].0, st.odd[1].1);
+        sh.msr_gp.set(st.odd[2].0, st.odd[2].1);
+        let g = &sh.migration;
+        g.done.store(st.migrations, Ordering::Relaxed);
+        g.max_downtime_us
+            .store(st.max_downtime_us, Ordering::Relaxed);
+        g.nested_migrations
+            .store(st.nested_migrations, Ordering::Relaxed);
+        g.max_in_service.store(st.max_in_service, Ordering::Relaxed);
+    }
 
     let start = Instant::now();
     let timer_thread = {
@@ -359,11 +507,18 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     };
     let mut handles = Vec::with_capacity(n);
     for (i, (fd, reset_sregs)) in fds.into_iter().enumerate() {
+        let saved = restore.as_ref().and_then(|f| f.vcpus.get(i));
         let v = Vcpu {
             index: i,
             fd,
             reset_sregs,
-            start_running: i == 0,
+            start: match saved {
+                Some(s) => s.run,
+                None if i == 0 => RunState::Running,
+                None => RunState::WaitForSipi,
+            },
+            carried: saved.map(|s| s.events).unwrap_or_default(),
+            counters: saved.map_or([0; 3], |s| [s.interrupts, s.nmis, s.sipis]),
         };
         let s = sh.clone();
         match std::thread::Builder::new()
@@ -384,12 +539,38 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let mut vm = vm;
     {
         let deadline = cfg.timeout.map(|t| start + t);
-        let mut next_migration = cfg.migrate_every.map(|p| Instant::now() + p);
+        let mut next_migration = migrate_every.map(|p| Instant::now() + p);
+        let mut next_save = cfg.save.as_ref().map(|s| (start + s.after, s.path.clone()));
         let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false).map_err(|e| e.to_string());
         let mut g = lock(&sh.outcome);
         while g.is_none() {
             let now = Instant::now();
-            if let (Some(t), Some(p)) = (next_migration, cfg.migrate_every) {
+            if let Some((t, path)) = next_save.clone() {
+                if now >= t {
+                    drop(g);
+                    next_save = None;
+                    let header = savefile::Header {
+                        vcpus: n as u32,
+                        memory_mib,
+                        flags: if x2apic { FLAG_X2APIC } else { 0 }
+                            | if verify { FLAG_VERIFY } else { 0 },
+                        tsc_hz,
+                        migrate_every_us: migrate_every
+                            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                        elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())
+                            .unwrap_or(u64::MAX),
+                        ..Default::default()
+                    };
+                    match save_now(&sh, &ram, &console, header, &path, start) {
+                        Ok(Some(line)) => sh.finish(Outcome::Saved(line)),
+                        Ok(None) => {}
+                        Err(e) => sh.finish(Outcome::VmmError(format!("save: {e}"))),
+                    }
+                    g = lock(&sh.outcome);
+                    continue;
+                }
+            }
+            if let (Some(t), Some(p)) = (next_migration, migrate_every) {
                 if now >= t {
                     drop(g);
                     match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
@@ -409,6 +590,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 },
                 None => Duration::from_secs(1),
             };
+            if let Some((t, _)) = &next_save {
+                wait = wait.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                );
+            }
             if let Some(t) = next_migration {
                 wait = wait.min(
                     t.saturating_duration_since(now)
@@ -440,7 +627,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
     timers.stop();
     let _ = timer_thread.join();
-    let elapsed = start.elapsed();
+    let elapsed = prior + start.elapsed();
     drop(kept);
     drop(vm);
 
@@ -504,4 +691,38 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         elapsed,
         tsc_hz,
     })
+}
+
+/// `--save`: pauses the VM, writes the file, and returns the line saying what was
+/// saved (`None` if the run ended before every vCPU paused).
+fn save_now(
+    sh: &Shared,
+    ram: &GuestRam,
+    console: &ConsoleOut,
+    header: savefile::Header,
+    path: &std::path::Path,
+    start: Instant,
+) -> Result<Option<String>, String> {
+    let at = start.elapsed();
+    let Some(file) = savefile::capture(sh, ram, console, header)? else {
+        return Ok(None);
+    };
+    let bytes = file.encode();
+    savefile::write_file(path, &bytes)?;
+    let scen = &file.console.scenarios;
+    let count = |st: &str| scen.iter().filter(|s| s.status == st).count();
+    Ok(Some(format!(
+        "{}: {} bytes, {} vCPUs, {} MiB RAM ({} non-zero pages), {} scenario results so far \
+         ({} passed, {} failed, {} skipped), after {} ms",
+        path.display(),
+        bytes.len(),
+        file.vcpus.len(),
+        file.header.memory_mib,
+        file.memory.index.len(),
+        scen.len(),
+        count("PASS"),
+        count("FAIL"),
+        count("SKIP"),
+        at.as_millis()
+    )))
 }

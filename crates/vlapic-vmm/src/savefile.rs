@@ -1,0 +1,954 @@
+//! The save file of `vlapic run --save` / `--restore`: one self-contained,
+//! versioned, checksummed file holding everything needed to rebuild a paused VM
+//! in another process (layout in docs/vmm.md, "Save files").
+//!
+//! All integers are little-endian. Decoding is strict: every length and offset is
+//! checked, every section must appear once in its place, nothing may follow the
+//! last one, and any problem is one message naming what is wrong (never a panic).
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use vlapic::state::native;
+use vlapic::{Effects, Events};
+
+use crate::console::{ConsoleLog, ConsoleOut};
+use crate::kick::lock;
+use crate::memory::GuestRam;
+use crate::snapshot::VcpuState;
+use crate::summary::{ExitCounts, EXIT_REASONS};
+use crate::vcpu::{RunState, Shared};
+
+/// First eight bytes of every save file.
+pub const MAGIC: [u8; 8] = *b"VLAPICSV";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Guest page size for the memory section.
+pub const PAGE: usize = 4096;
+/// Header flag: every APIC started in x2APIC mode (`--x2apic`).
+pub const FLAG_X2APIC: u32 = 1;
+/// Header flag: the APIC nesting verifier runs (`--verify true`).
+pub const FLAG_VERIFY: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY;
+/// Bytes before the first section: magic, version, reserved, file length.
+const PREFIX: usize = 24;
+/// Longest string stored (console lines, scenario names and details).
+const MAX_STR: usize = 64 * 1024;
+
+/// Section tags, in file order (`VCPU` once per vCPU).
+const SECTIONS: [[u8; 4]; 7] = [
+    *b"HEAD", *b"FABR", *b"VCPU", *b"MEM0", *b"CONS", *b"STAT", *b"DEVS",
+];
+
+/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as zlib and PNG use.
+pub fn crc32(data: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let t = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, e) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            *e = c;
+        }
+        t
+    });
+    let mut c = !0u32;
+    for &b in data {
+        c = t[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+    }
+    !c
+}
+
+/// Appends little-endian fields.
+#[derive(Default)]
+pub struct Writer {
+    /// The bytes so far.
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    /// One byte.
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    /// A u16.
+    pub fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A u32.
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A u64.
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    /// Raw bytes, no length.
+    pub fn raw(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    /// u32 length, then the bytes.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+        self.raw(b.get(..b.len().min(u32::MAX as usize)).unwrap_or(&[]));
+    }
+    /// A string (u32 length, UTF-8), cut at [`MAX_STR`] bytes on a char boundary.
+    pub fn str(&mut self, s: &str) {
+        let mut end = s.len().min(MAX_STR);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes(s.get(..end).unwrap_or("").as_bytes());
+    }
+    /// Exit counts: u32 count, then that many u64.
+    pub fn exits(&mut self, c: &ExitCounts) {
+        self.u32(EXIT_REASONS as u32);
+        for v in c {
+            self.u64(*v);
+        }
+    }
+    /// A section: tag, u64 length, body.
+    fn section(&mut self, tag: [u8; 4], body: &[u8]) {
+        self.raw(&tag);
+        self.u64(body.len() as u64);
+        self.raw(body);
+    }
+}
+
+/// Reads little-endian fields with every offset checked.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over `buf`; errors name `what` (the section).
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, pos: 0, what }
+    }
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "{}: ends early (offset {} of {}, {n} more bytes needed)",
+                    self.what,
+                    self.pos,
+                    self.buf.len()
+                )
+            })?;
+        let s = self.buf.get(self.pos..end).ok_or("offset")?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    /// One byte.
+    pub fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.arr::<1>()?[0])
+    }
+    /// A u16.
+    pub fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    /// A u32.
+    pub fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    /// A u64.
+    pub fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    /// A count of at most `max` items.
+    pub fn count(&mut self, max: usize, of: &str) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(format!("{}: {n} {of} (at most {max})", self.what));
+        }
+        Ok(n)
+    }
+    /// u32 length (at most `max`), then the bytes.
+    pub fn bytes(&mut self, max: usize) -> Result<&'a [u8], String> {
+        let n = self.count(max, "bytes")?;
+        self.take(n)
+    }
+    /// A string written by [`Writer::str`].
+    pub fn str(&mut self) -> Result<String, String> {
+        let b = self.bytes(MAX_STR)?;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("{}: a string is not UTF-8", self.what))
+    }
+    /// Exit counts written by [`Writer::exits`].
+    pub fn exits(&mut self) -> Result<ExitCounts, String> {
+        let n = self.u32()? as usize;
+        if n != EXIT_REASONS {
+            return Err(format!(
+                "{}: {n} exit reasons (this build counts {EXIT_REASONS})",
+                self.what
+            ));
+        }
+        let mut c = [0u64; EXIT_REASONS];
+        for v in c.iter_mut() {
+            *v = self.u64()?;
+        }
+        Ok(c)
+    }
+    /// Error unless every byte was read.
+    pub fn finish(&self) -> Result<(), String> {
+        if self.pos != self.buf.len() {
+            return Err(format!(
+                "{}: {} unexpected bytes after its end",
+                self.what,
+                self.buf.len() - self.pos
+            ));
+        }
+        Ok(())
+    }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+    /// Everything not read yet.
+    pub fn rest(&mut self) -> &'a [u8] {
+        let s = self.buf.get(self.pos..).unwrap_or(&[]);
+        self.pos = self.buf.len();
+        s
+    }
+    /// An error naming this section.
+    pub fn err(&self, msg: impl std::fmt::Display) -> String {
+        format!("{}: {msg}", self.what)
+    }
+}
+
+/// The fixed-size header.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// [`FLAG_X2APIC`], [`FLAG_VERIFY`].
+    pub flags: u32,
+    /// Guest TSC frequency (Hz).
+    pub tsc_hz: u64,
+    /// VM time (ns) at the save.
+    pub vm_ns: u64,
+    /// Guest TSC at the save.
+    pub guest_tsc: u64,
+    /// The saved run's `--migrate-every` in µs (0: none); the default for the restored run.
+    pub migrate_every_us: u64,
+    /// Wall time the run had taken up to the save (ns).
+    pub elapsed_ns: u64,
+}
+
+/// One vCPU: KVM's state, the VMM's run state, pending non-APIC events, counters.
+#[derive(Clone)]
+pub struct SavedVcpu {
+    /// Running, halted (IF at the HLT) or waiting for SIPI.
+    pub run: RunState,
+    /// NMI/SMI/INIT/SIPI/ExtINT taken from the APIC but not yet delivered.
+    pub events: Events,
+    /// KVM_INTERRUPTs so far.
+    pub interrupts: u64,
+    /// NMIs injected so far.
+    pub nmis: u64,
+    /// SIPIs taken so far.
+    pub sipis: u64,
+    /// Exits by reason so far.
+    pub exits: ExitCounts,
+    /// Registers, XSAVE, MSRs, events, debug registers.
+    pub kvm: VcpuState,
+}
+
+/// Run-wide figures carried so the final summary covers the whole run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Deepest nesting any verifier saw.
+    pub max_nesting: u8,
+    /// Verifier violations.
+    pub violations: u64,
+    /// Migrations done.
+    pub migrations: u64,
+    /// Longest migration pause (µs).
+    pub max_downtime_us: u64,
+    /// Migrations with >= 3 vectors in service.
+    pub nested_migrations: u64,
+    /// Most vectors in service in a migrated state.
+    pub max_in_service: u64,
+    /// (count, first) for unknown ports, wild MMIO, #GP MSRs.
+    pub odd: [(u64, u64); 3],
+}
+
+/// Port-device state: the 16550 registers and fw_cfg's cursor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub serial_regs: [u8; 9],
+    /// Receive FIFO.
+    pub serial_in: Vec<u8>,
+    /// fw_cfg selected key.
+    pub fw_key: u16,
+    /// fw_cfg read position.
+    pub fw_pos: u64,
+}
+
+/// Guest RAM without its all-zero pages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Page numbers (guest-physical address / 4096), ascending.
+    pub index: Vec<u32>,
+    /// The pages, 4096 bytes each, in `index` order.
+    pub data: Vec<u8>,
+}
+
+/// A whole save file.
+#[derive(Clone)]
+pub struct SaveFile {
+    /// The header.
+    pub header: Header,
+    /// `vlapic::state::native::encode_fabric` bytes, unchanged.
+    pub fabric: Vec<u8>,
+    /// One per vCPU, in index order.
+    pub vcpus: Vec<SavedVcpu>,
+    /// Non-zero pages of guest RAM.
+    pub memory: Memory,
+    /// The console transcript as parsed so far (scenarios, DONE, BENCH, tail).
+    pub console: ConsoleLog,
+    /// Run-wide figures.
+    pub stats: Stats,
+    /// Port devices.
+    pub devices: Devices,
+}
+
+impl std::fmt::Debug for SaveFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveFile")
+            .field("header", &self.header)
+            .field("fabric_bytes", &self.fabric.len())
+            .field("vcpus", &self.vcpus.len())
+            .field("pages", &self.memory.index.len())
+            .field("scenarios", &self.console.scenarios.len())
+            .field("stats", &self.stats)
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
+fn run_code(r: RunState) -> u8 {
+    match r {
+        RunState::Running => 0,
+        RunState::Halted(false) => 1,
+        RunState::Halted(true) => 2,
+        RunState::WaitForSipi => 3,
+    }
+}
+
+fn encode_vcpu(w: &mut Writer, index: u32, v: &SavedVcpu) {
+    w.u32(index);
+    w.u8(run_code(v.run));
+    let e = &v.events;
+    w.u8(u8::from(e.nmi)
+        | u8::from(e.smi) << 1
+        | u8::from(e.init) << 2
+        | u8::from(e.extint) << 3
+        | u8::from(e.sipi.is_some()) << 4);
+    w.u8(e.sipi.unwrap_or(0));
+    w.u8(0);
+    w.u64(v.interrupts);
+    w.u64(v.nmis);
+    w.u64(v.sipis);
+    w.exits(&v.exits);
+    v.kvm.encode(w);
+}
+
+fn decode_vcpu(r: &mut Reader<'_>, want: u32) -> Result<SavedVcpu, String> {
+    let index = r.u32()?;
+    if index != want {
+        return Err(r.err(format!("vCPU index {index} where {want} was expected")));
+    }
+    let run = match r.u8()? {
+        0 => RunState::Running,
+        1 => RunState::Halted(false),
+        2 => RunState::Halted(true),
+        3 => RunState::WaitForSipi,
+        x => return Err(r.err(format!("vCPU {index}: unknown run state {x}"))),
+    };
+    let bits = r.u8()?;
+    if bits & !0x1F != 0 {
+        return Err(r.err(format!("vCPU {index}: unknown event bits {bits:#x}")));
+    }
+    let vector = r.u8()?;
+    if r.u8()? != 0 {
+        return Err(r.err(format!("vCPU {index}: reserved byte not 0")));
+    }
+    let events = Events {
+        nmi: bits & 1 != 0,
+        smi: bits & 2 != 0,
+        init: bits & 4 != 0,
+        extint: bits & 8 != 0,
+        sipi: (bits & 16 != 0).then_some(vector),
+    };
+    Ok(SavedVcpu {
+        run,
+        events,
+        interrupts: r.u64()?,
+        nmis: r.u64()?,
+        sipis: r.u64()?,
+        exits: r.exits()?,
+        kvm: VcpuState::decode(r)?,
+    })
+}
+
+fn encode_stats(w: &mut Writer, s: &Stats) {
+    w.u8(s.max_nesting);
+    for v in [
+        s.violations,
+        s.migrations,
+        s.max_downtime_us,
+        s.nested_migrations,
+        s.max_in_service,
+    ] {
+        w.u64(v);
+    }
+    for (n, first) in s.odd {
+        w.u64(n);
+        w.u64(first);
+    }
+}
+
+fn decode_stats(r: &mut Reader<'_>) -> Result<Stats, String> {
+    let mut s = Stats {
+        max_nesting: r.u8()?,
+        violations: r.u64()?,
+        migrations: r.u64()?,
+        max_downtime_us: r.u64()?,
+        nested_migrations: r.u64()?,
+        max_in_service: r.u64()?,
+        odd: [(0, 0); 3],
+    };
+    for o in s.odd.iter_mut() {
+        *o = (r.u64()?, r.u64()?);
+    }
+    Ok(s)
+}
+
+impl SaveFile {
+    /// The whole file.
+    pub fn encode(&self) -> Vec<u8> {
+        let h = &self.header;
+        let mut head = Writer::default();
+        head.u32(h.vcpus);
+        head.u64(h.memory_mib);
+        head.u32(h.flags);
+        head.u64(h.tsc_hz);
+        head.u64(h.vm_ns);
+        head.u64(h.guest_tsc);
+        head.u64(h.migrate_every_us);
+        head.u64(h.elapsed_ns);
+
+        let mut w = Writer::default();
+        w.raw(&MAGIC);
+        w.u32(VERSION);
+        w.u32(0);
+        w.u64(0); // file length, patched below
+        w.section(SECTIONS[0], &head.buf);
+        w.section(SECTIONS[1], &self.fabric);
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let mut b = Writer::default();
+            encode_vcpu(&mut b, i as u32, v);
+            w.section(SECTIONS[2], &b.buf);
+        }
+        let mut m = Writer::default();
+        m.u64(h.memory_mib << 20 >> 12);
+        m.u32(self.memory.index.len() as u32);
+        for (i, page) in self.memory.index.iter().zip(self.memory.data.chunks(PAGE)) {
+            m.u32(*i);
+            m.raw(page);
+        }
+        w.section(SECTIONS[3], &m.buf);
+        let mut c = Writer::default();
+        self.console.encode(&mut c);
+        w.section(SECTIONS[4], &c.buf);
+        let mut s = Writer::default();
+        encode_stats(&mut s, &self.stats);
+        w.section(SECTIONS[5], &s.buf);
+        let mut d = Writer::default();
+        w.section(SECTIONS[6], &{
+            d.raw(&self.devices.serial_regs);
+            d.bytes(&self.devices.serial_in);
+            d.u16(self.devices.fw_key);
+            d.u64(self.devices.fw_pos);
+            d.buf
+        });
+        let total = (w.buf.len() + 4) as u64;
+        if let Some(len) = w.buf.get_mut(16..24) {
+            len.copy_from_slice(&total.to_le_bytes());
+        }
+        let crc = crc32(&w.buf);
+        w.u32(crc);
+        w.buf
+    }
+
+    /// Parses and checks a whole file; `Err` is one line saying what is wrong.
+    pub fn decode(file: &[u8]) -> Result<Self, String> {
+        if file.len() < MAGIC.len() || file.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+            return Err("not a vlapic save file (bad magic)".into());
+        }
+        let mut p = Reader::new(file, "file header");
+        p.take(MAGIC.len())?;
+        let version = p.u32()?;
+        if version != VERSION {
+            return Err(format!(
+                "format version {version} is not supported (this build reads version {VERSION})"
+            ));
+        }
+        if p.u32()? != 0 {
+            return Err("file header: reserved field not 0".into());
+        }
+        let total = p.u64()?;
+        if total != file.len() as u64 {
+            return Err(if total > file.len() as u64 {
+                format!("truncated: {} bytes, the header says {total}", file.len())
+            } else {
+                format!(
+                    "{} bytes, the header says {total} (trailing data)",
+                    file.len()
+                )
+            });
+        }
+        if file.len() < PREFIX + 4 {
+            return Err(format!("too short ({} bytes)", file.len()));
+        }
+        let (body, tail) = file.split_at(file.len() - 4);
+        let mut stored = [0u8; 4];
+        stored.copy_from_slice(tail);
+        let stored = u32::from_le_bytes(stored);
+        let computed = crc32(body);
+        if stored != computed {
+            return Err(format!(
+                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the file is corrupt"
+            ));
+        }
+        let body = body.get(PREFIX..).unwrap_or(&[]);
+        let mut secs = Reader::new(body, "section list");
+        let mut next = |want: [u8; 4], name: &'static str| -> Result<Reader<'_>, String> {
+            let at = secs.pos + PREFIX;
+            let tag = secs
+                .take(4)
+                .map_err(|_| format!("section {name} missing (file ends at offset {at})"))?;
+            if tag != want {
+                return Err(format!(
+                    "section {:?} at offset {at} where {name} was expected",
+                    String::from_utf8_lossy(tag)
+                ));
+            }
+            let len = secs.u64()?;
+            let len = usize::try_from(len)
+                .map_err(|_| format!("section {name}: length {len} too large"))?;
+            let b = secs.take(len).map_err(|_| {
+                format!("section {name} at offset {at}: length {len} runs past the end")
+            })?;
+            Ok(Reader::new(b, name))
+        };
+
+        let mut r = next(SECTIONS[0], "HEAD")?;
+        let header = Header {
+            vcpus: r.u32()?,
+            memory_mib: r.u64()?,
+            flags: r.u32()?,
+            tsc_hz: r.u64()?,
+            vm_ns: r.u64()?,
+            guest_tsc: r.u64()?,
+            migrate_every_us: r.u64()?,
+            elapsed_ns: r.u64()?,
+        };
+        r.finish()?;
+        if header.vcpus == 0 || header.vcpus as usize > crate::vm::MAX_VCPUS {
+            return Err(r.err(format!(
+                "{} vCPUs (must be 1 to {})",
+                header.vcpus,
+                crate::vm::MAX_VCPUS
+            )));
+        }
+        if !(crate::memory::MIN_MEMORY_MIB..=crate::memory::MAX_MEMORY_MIB)
+            .contains(&header.memory_mib)
+        {
+            return Err(r.err(format!("memory {} MiB out of range", header.memory_mib)));
+        }
+        if header.flags & !KNOWN_FLAGS != 0 {
+            return Err(r.err(format!("unknown flags {:#x}", header.flags)));
+        }
+        if header.tsc_hz == 0 {
+            return Err(r.err("TSC frequency 0"));
+        }
+
+        let mut r = next(SECTIONS[1], "FABR")?;
+        let fabric = r.rest().to_vec();
+        vlapic::state::native::decode_fabric(&fabric)
+            .map_err(|e| format!("FABR: the APIC/IOAPIC state does not decode: {e:?}"))?;
+
+        let mut vcpus = Vec::with_capacity(header.vcpus as usize);
+        for i in 0..header.vcpus {
+            let mut r = next(SECTIONS[2], "VCPU")?;
+            vcpus.push(decode_vcpu(&mut r, i)?);
+            r.finish()?;
+        }
+
+        let mut r = next(SECTIONS[3], "MEM0")?;
+        let pages = r.u64()?;
+        let want = header.memory_mib << 20 >> 12;
+        if pages != want {
+            return Err(r.err(format!(
+                "{pages} pages of RAM, the header's {} MiB has {want}",
+                header.memory_mib
+            )));
+        }
+        let n = r.count(want as usize, "stored pages")?;
+        let room = r.remaining() / (PAGE + 4);
+        if n > room {
+            return Err(r.err(format!("{n} pages announced, room for {room}")));
+        }
+        let mut memory = Memory {
+            index: Vec::with_capacity(n),
+            data: Vec::with_capacity(n.saturating_mul(PAGE)),
+        };
+        for _ in 0..n {
+            let i = r.u32()?;
+            if u64::from(i) >= want {
+                return Err(r.err(format!("page {i} is outside RAM ({want} pages)")));
+            }
+            if memory.index.last().is_some_and(|l| *l >= i) {
+                return Err(r.err(format!("page {i} out of order")));
+            }
+            memory.index.push(i);
+            memory.data.extend_from_slice(r.take(PAGE)?);
+        }
+        r.finish()?;
+
+        let mut r = next(SECTIONS[4], "CONS")?;
+        let console = ConsoleLog::decode(&mut r)?;
+        r.finish()?;
+
+        let mut r = next(SECTIONS[5], "STAT")?;
+        let stats = decode_stats(&mut r)?;
+        r.finish()?;
+
+        let mut r = next(SECTIONS[6], "DEVS")?;
+        let mut serial_regs = [0u8; 9];
+        serial_regs.copy_from_slice(r.take(9)?);
+        let devices = Devices {
+            serial_regs,
+            serial_in: r.bytes(64)?.to_vec(),
+            fw_key: r.u16()?,
+            fw_pos: r.u64()?,
+        };
+        r.finish()?;
+        secs.finish()
+            .map_err(|_| "data after the last section".to_string())?;
+        Ok(Self {
+            header,
+            fabric,
+            vcpus,
+            memory,
+            console,
+            stats,
+            devices,
+        })
+    }
+}
+
+/// Pauses every vCPU exactly as a migration does (the last exit completed, state
+/// saved, parked at the gate) and gathers the whole VM. `Ok(None)` when the run
+/// ended meanwhile. The vCPUs stay parked; the caller ends the run.
+pub(crate) fn capture(
+    sh: &Shared,
+    ram: &GuestRam,
+    console: &ConsoleOut,
+    mut header: Header,
+) -> Result<Option<SaveFile>, String> {
+    if !sh.migration.pause_all(sh)? {
+        return Ok(None);
+    }
+    let paused = sh.migration.paused();
+    let now = sh.clock.now_ns();
+    header.vm_ns = now;
+    header.guest_tsc = sh.clock.guest_tsc();
+    let chip = sh.chip();
+    let fabric = native::encode_fabric(&chip.export());
+    let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
+    let mut vcpus = Vec::with_capacity(paused.len());
+    for (i, p) in paused.into_iter().enumerate() {
+        let p = p.ok_or_else(|| format!("vCPU {i} did not pause"))?;
+        // Pending NMI/SMI/INIT/SIPI/ExtINT are not APIC registers: carried by hand.
+        let (ev, (d, v)) = chip
+            .with_apic(i, now, |a| {
+                let fig = (a.verifier().max_depth(), a.verifier().violations());
+                ((a.take_events(), fig), Effects::default())
+            })
+            .map(|(r, _)| r)
+            .ok_or_else(|| format!("vCPU {i} has no APIC"))?;
+        max_nesting = max_nesting.max(d);
+        violations = violations.saturating_add(v);
+        let events = Events {
+            nmi: p.events.nmi || ev.nmi,
+            smi: p.events.smi || ev.smi,
+            init: p.events.init || ev.init,
+            sipi: ev.sipi.or(p.events.sipi),
+            extint: p.events.extint || ev.extint,
+        };
+        vcpus.push(SavedVcpu {
+            run: p.run,
+            events,
+            interrupts: p.counters[0],
+            nmis: p.counters[1],
+            sipis: p.counters[2],
+            exits: sh.exits.vcpu(i),
+            kvm: p.kvm,
+        });
+    }
+    // Guest RAM, all-zero pages left out (read 1 MiB at a time).
+    let mut memory = Memory::default();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut addr = 0u64;
+    while addr < ram.size() {
+        let len = (ram.size() - addr).min(chunk.len() as u64) as usize;
+        let buf = chunk.get_mut(..len).ok_or("chunk")?;
+        ram.read(addr, buf)?;
+        for (k, page) in buf.chunks(PAGE).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                let index = (addr / PAGE as u64) as usize + k;
+                memory
+                    .index
+                    .push(u32::try_from(index).map_err(|_| "RAM too large")?);
+                memory.data.extend_from_slice(page);
+            }
+        }
+        addr += len as u64;
+    }
+    let g = &sh.migration;
+    let stats = Stats {
+        max_nesting,
+        violations,
+        migrations: g.done.load(Ordering::Relaxed),
+        max_downtime_us: g.max_downtime_us.load(Ordering::Relaxed),
+        nested_migrations: g.nested_migrations.load(Ordering::Relaxed),
+        max_in_service: g.max_in_service.load(Ordering::Relaxed),
+        odd: [
+            sh.io.unknown_ports.get(),
+            sh.wild_mmio.get(),
+            sh.msr_gp.get(),
+        ],
+    };
+    Ok(Some(SaveFile {
+        header,
+        fabric,
+        vcpus,
+        memory,
+        console: console.raw_log(),
+        stats,
+        devices: sh.io.save(),
+    }))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a
+/// rename, so a failed save never leaves a partial file under `path`.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn reader_checks_offsets() {
+        let mut r = Reader::new(&[1, 2, 3], "T");
+        assert_eq!(r.u16().ok(), Some(0x0201));
+        assert!(r.u32().unwrap_err().contains("ends early"));
+        assert_eq!(r.u8().ok(), Some(3));
+        assert!(r.finish().is_ok());
+        let mut r = Reader::new(&[0xFF, 0xFF, 0xFF, 0xFF], "T");
+        assert!(r.bytes(10).is_err());
+    }
+
+    fn sample() -> SaveFile {
+        let fab = crate::irqchip::Irqchip::new(crate::irqchip::FabricConfig::with_vcpus(2));
+        let mut console = ConsoleLog::default();
+        console.bytes = 42;
+        console.tail.push("PASS a".into());
+        console.scenarios.push(crate::console::Scenario {
+            name: "a".into(),
+            status: "PASS".into(),
+            detail: String::new(),
+            exits: [1; EXIT_REASONS],
+            elapsed: std::time::Duration::from_millis(3),
+        });
+        let v = SavedVcpu {
+            run: RunState::Halted(true),
+            events: Events {
+                nmi: true,
+                sipi: Some(0x9),
+                ..Events::default()
+            },
+            interrupts: 7,
+            nmis: 1,
+            sipis: 1,
+            exits: [2; EXIT_REASONS],
+            kvm: VcpuState::blank(),
+        };
+        let mut page = vec![0u8; PAGE];
+        page[5] = 0xAA;
+        SaveFile {
+            header: Header {
+                vcpus: 2,
+                memory_mib: 4,
+                flags: FLAG_VERIFY,
+                tsc_hz: 2_000_000_000,
+                vm_ns: 5,
+                guest_tsc: 10,
+                migrate_every_us: 10_000,
+                elapsed_ns: 1_000_000,
+            },
+            fabric: native::encode_fabric(&fab.export()),
+            vcpus: vec![
+                v.clone(),
+                SavedVcpu {
+                    run: RunState::WaitForSipi,
+                    ..v
+                },
+            ],
+            memory: Memory {
+                index: vec![3],
+                data: page,
+            },
+            console,
+            stats: Stats {
+                max_nesting: 4,
+                violations: 0,
+                odd: [(1, 0x99), (0, 0), (6, 0x80e)],
+                ..Stats::default()
+            },
+            devices: Devices {
+                serial_regs: [1, 0, 0, 1, 3, 0x60, 8, 0xB0, 0],
+                serial_in: vec![],
+                fw_key: 5,
+                fw_pos: 2,
+            },
+        }
+    }
+
+    /// Recomputes the length field and the checksum after an edit.
+    fn reseal(f: &mut [u8]) {
+        let n = f.len();
+        f[16..24].copy_from_slice(&(n as u64).to_le_bytes());
+        let crc = crc32(&f[..n - 4]);
+        f[n - 4..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        let bytes = s.encode();
+        let d = SaveFile::decode(&bytes).expect("decodes");
+        assert_eq!(d.header, s.header);
+        assert_eq!(d.fabric, s.fabric);
+        assert_eq!(d.memory, s.memory);
+        assert_eq!(d.stats, s.stats);
+        assert_eq!(d.devices, s.devices);
+        assert_eq!(d.console.scenarios, s.console.scenarios);
+        assert_eq!(d.console.tail, s.console.tail);
+        assert_eq!(d.vcpus.len(), 2);
+        assert_eq!(d.vcpus[0].run, RunState::Halted(true));
+        assert_eq!(d.vcpus[0].events, s.vcpus[0].events);
+        assert_eq!(d.vcpus[1].run, RunState::WaitForSipi);
+        assert_eq!(d.vcpus[0].kvm.tsc(), Some(1234));
+        assert_eq!(d.encode(), bytes, "re-encoding is identical");
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error_not_a_panic() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut f = bytes.clone();
+            f[i] ^= 0x20;
+            let e = SaveFile::decode(&f).err().unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains('\n'), "byte {i}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn resealed_edits_never_panic() {
+        // A flipped byte with the length and checksum made to match again reaches
+        // the structural checks: an error or a (different) valid file, never a panic.
+        let bytes = sample().encode();
+        for i in 24..bytes.len() - 4 {
+            for x in [0x01u8, 0x80, 0xFF] {
+                let mut f = bytes.clone();
+                f[i] ^= x;
+                reseal(&mut f);
+                if let Err(e) = SaveFile::decode(&f) {
+                    assert!(!e.contains('\n'), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            assert!(SaveFile::decode(&bytes[..n]).is_err(), "{n} bytes accepted");
+            let mut f = bytes[..n.max(28)].to_vec();
+            if f.len() >= 28 && f.len() < bytes.len() {
+                reseal(&mut f);
+                assert!(SaveFile::decode(&f).is_err(), "resealed {n} bytes accepted");
+            }
+        }
+        let mut long = bytes.clone();
+        long.extend_from_slice(&[0; 8]);
+        assert!(SaveFile::decode(&long).unwrap_err().contains("trailing"));
+    }
+
+    #[test]
+    fn foreign_and_short_files() {
+        assert!(SaveFile::decode(b"").unwrap_err().contains("magic"));
+        assert!(SaveFile::decode(b"\x7fELF....")
+            .unwrap_err()
+            .contains("magic"));
+        let mut f = MAGIC.to_vec();
+        assert!(SaveFile::decode(&f).unwrap_err().contains("ends early"));
+        f.extend_from_slice(&2u32.to_le_bytes());
+        assert!(SaveFile::decode(&f).unwrap_err().contains("version 2"));
+    }
+}
