@@ -59,3 +59,8 @@ pub use lvt::{Lvt, TimerMode};
 pub use timer::TimerClock;
 pub use vector_set::VectorSet;
 pub use x2apic::is_apic_msr;
+
+/// The README's Rust examples, compiled and run as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
