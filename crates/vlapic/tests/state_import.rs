@@ -334,3 +334,31 @@ fn power_on_state_is_valid_for_its_config() {
         assert_eq!(s.implied_config().version(), s.version);
     }
 }
+
+// kvm-unit-tests test_apic_disable: CR8 keeps working while the APIC is hardware-
+// disabled, so TPR is the one register a disabled APIC may hold away from its reset
+// value; such a state must export and import (the disabled-means-reset rule spares TPR).
+#[test]
+fn disabled_apic_with_cr8_written_migrates() {
+    let mut src = enabled(cfg());
+    let _ = src
+        .write_apic_base(DEFAULT_APIC_BASE | APIC_BASE_BSP, 0)
+        .unwrap();
+    src.set_cr8(0x9).unwrap();
+    let state = src.export();
+    assert_eq!(state.tpr, 0x90);
+    assert!(
+        state.validate(&cfg()).is_empty(),
+        "{:?}",
+        state.validate(&cfg())
+    );
+    let mut dst = LocalApic::new(cfg());
+    dst.import(&state, 0).unwrap();
+    assert_eq!(dst.mode(), ApicMode::Disabled);
+    assert_eq!(dst.cr8(), 0x9);
+    // Re-enabling keeps TPR = CR8 << 4, as the test expects.
+    let _ = dst
+        .write_apic_base(DEFAULT_APIC_BASE | APIC_BASE_BSP | APIC_BASE_EN, 0)
+        .unwrap();
+    assert_eq!(dst.read_register(0x80, 0), 0x90);
+}

@@ -19,7 +19,7 @@
 //! | VVE_BAD_ESR | esr, esr_pending | bits outside 0xEF |
 //! | ICR_RESERVED | icr | bits no ICR write can store |
 //! | LVT_RESERVED / LVT_TIMER_MODE / LVT_ABSENT / LVT_UNMASKED_DISABLED | lvt.* | reserved bits, timer mode 11, CMCI when absent, unmasked while disabled |
-//! | DISABLED_NOT_RESET | any register | EN = 0 with a register not at its power-up value |
+//! | DISABLED_NOT_RESET | any register but TPR | EN = 0 with a register not at its power-up value (TPR excepted: CR8 still writes it while the APIC is disabled) |
 //! | DCR_RESERVED | timer_divide | bits other than 0, 1, 3 |
 //! | VVE_TIMER_MISMATCH | timer_deadline | armed one-shot/periodic timer with initial count 0 |
 //! | TIMER_DEADLINE_RANGE | timer_deadline | expiry beyond `i64::MAX` ns |
@@ -233,7 +233,6 @@ impl LapicState {
                 ..*cfg
             });
             let same = [
-                (Field::Tpr, self.tpr == reset.tpr),
                 (Field::Apr, self.apr == reset.apr),
                 (Field::Ldr, self.ldr == reset.ldr),
                 (Field::Dfr, self.dfr == reset.dfr),
