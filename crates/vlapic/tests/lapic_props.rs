@@ -199,18 +199,26 @@ proptest! {
         id in any::<u32>(),
         traffic in proptest::collection::vec(guest(), 0..200),
     ) {
-        let mut a = LocalApic::new(LapicConfig {
+        let cfg = LapicConfig {
             apic_id: if x2 { id } else { id & 0xFF },
             mode: if x2 { ApicMode::X2Apic } else { ApicMode::XApic },
             verify: true,
             ..LapicConfig::default()
-        });
+        };
+        let mut a = LocalApic::new(cfg);
         let mut now = 0u64;
         for g in &traffic {
             drive(&mut a, g, &mut now);
             prop_assert!(!a.isr().has_illegal_vectors() && !a.irr().has_illegal_vectors());
             prop_assert!(one_per_class(a.isr()));
             prop_assert_eq!(a.ppr(), naive_ppr(a.tpr(), a.isr()));
+            // Every reachable state is legal state: it validates and re-imports exactly
+            // (what a guest can do, a migration must carry).
+            let st = a.export();
+            prop_assert!(st.validate(&cfg).is_empty(), "{:?} after {:?}", st.validate(&cfg), g);
+            let mut b = LocalApic::new(cfg);
+            prop_assert!(b.import(&st, a.now()).is_ok());
+            prop_assert_eq!(b.export(), st);
             // Every entry point runs due expiries first: an armed deadline is in the future.
             if let Some(d) = a.next_timer_deadline() {
                 prop_assert!(d > a.now(), "deadline {} not after now {}", d, a.now());
