@@ -86,7 +86,7 @@ proptest! {
                 c.mode = vlapic::ApicMode::X2Apic;
             }
         }
-        let mut f = Fabric::new(cfg);
+        let mut f = Fabric::new(cfg.clone());
         // Software-enable everyone so interrupts flow.
         for v in 0..n {
             if x2 {
@@ -122,6 +122,12 @@ proptest! {
                 Input::Time(dt) => now = now.saturating_add(u64::from(*dt)),
             }
         }
+        // Whatever the guest did, the whole VM's state is legal and migrates exactly.
+        let st = f.export();
+        prop_assert!(st.validate(&cfg.apics).is_empty(), "{:?}", st.validate(&cfg.apics));
+        let mut g = Fabric::new(cfg.clone());
+        prop_assert!(g.import(&st, now).is_ok());
+        prop_assert_eq!(g.export(), st);
         for v in 0..n {
             let a = f.apic(v).expect("exists");
             prop_assert!(!a.isr().has_illegal_vectors() && !a.irr().has_illegal_vectors());
