@@ -99,7 +99,7 @@ impl Writer {
         self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
         self.raw(b.get(..b.len().min(u32::MAX as usize)).unwrap_or(&[]));
     }
-    /// A string (u32 length, UTF-8), cut at [`MAX_STR`] bytes on a char boundary.
+    /// A string (u32 length, UTF-8), cut at `MAX_STR` bytes on a char boundary.
     pub fn str(&mut self, s: &str) {
         let mut end = s.len().min(MAX_STR);
         while !s.is_char_boundary(end) {

@@ -1,7 +1,7 @@
 //! One local APIC: interrupt arrival, acceptance and EOI, priority, LVTs, ESR,
 //! IA32_APIC_BASE and resets. PPR and the EOI vector come from ISR0–7 alone.
 //!
-//! The xAPIC page ([`crate::mmio`]) and the x2APIC MSRs ([`crate::x2apic`]) are
+//! The xAPIC page (`mmio.rs`) and the x2APIC MSRs ([`crate::x2apic`]) are
 //! two access paths onto the register semantics defined here.
 
 use crate::delivery::{Delivery, DeliveryMode};
@@ -49,9 +49,9 @@ pub struct LapicConfig {
     pub bsp: bool,
     /// Mode after power-up reset.
     pub mode: ApicMode,
-    /// x2APIC mode is offered (CPUID.1:ECX[21]); otherwise EXTD is reserved.
+    /// x2APIC mode is offered (CPUID.1:ECX bit 21); otherwise EXTD is reserved.
     pub x2apic: bool,
-    /// TSC-deadline timer mode is offered (CPUID.1:ECX[24]).
+    /// TSC-deadline timer mode is offered (CPUID.1:ECX bit 24).
     pub tsc_deadline: bool,
     /// EOI-broadcast suppression is offered (version bit 24, SVR bit 12).
     pub eoi_broadcast_suppression: bool,
@@ -360,12 +360,12 @@ impl LocalApic {
         priority::processor_priority(self.tpr, &self.isr)
     }
 
-    /// CR8 as the guest reads it: TPR[7:4] (SDM §10.8.6.1 / §11.8.6.1).
+    /// CR8 as the guest reads it: `TPR[7:4]` (SDM §10.8.6.1 / §11.8.6.1).
     pub fn cr8(&self) -> u64 {
         u64::from(self.tpr >> 4)
     }
 
-    /// MOV to CR8: TPR = CR8[3:0] << 4. Bits 63:4 set is #GP.
+    /// MOV to CR8: TPR = `CR8[3:0]` << 4. Bits 63:4 set is #GP.
     pub fn set_cr8(&mut self, cr8: u64) -> Result<(), GpFault> {
         if cr8 > 0xF {
             return Err(GpFault);

@@ -313,9 +313,9 @@ pub struct RouteMap {
     phys: IdTable,
     /// x2APIC LDR → x2APIC-mode APICs.
     x2_logical: IdTable,
-    /// LDR[31:24] → xAPIC-mode APICs in the flat model.
+    /// `LDR[31:24]` → xAPIC-mode APICs in the flat model.
     flat: IdTable,
-    /// LDR[31:24] → xAPIC-mode APICs in the cluster model.
+    /// `LDR[31:24]` → xAPIC-mode APICs in the cluster model.
     cluster: IdTable,
 }
 

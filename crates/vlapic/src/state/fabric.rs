@@ -1,5 +1,5 @@
 //! IOAPIC and fabric state: plain records of the 82093AA-style IOAPIC and the set
-//! of local APICs, with their rules, and export/import for [`IoApic`].
+//! of local APICs, with their rules, and export/import for [`IoApic`](crate::ioapic::IoApic).
 
 use alloc::vec::Vec;
 use core::fmt;
