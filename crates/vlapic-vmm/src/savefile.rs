@@ -360,7 +360,8 @@ fn encode_vcpu(w: &mut Writer, index: u32, v: &SavedVcpu) {
     w.u32(index);
     w.u8(run_code(v.run));
     let e = &v.events;
-    w.u8(u8::from(e.nmi)
+    w.u8(u8::from(e.nmi >= 1)
+        | u8::from(e.nmi >= 2) << 5
         | u8::from(e.smi) << 1
         | u8::from(e.init) << 2
         | u8::from(e.extint) << 3
@@ -387,7 +388,7 @@ fn decode_vcpu(r: &mut Reader<'_>, want: u32) -> Result<SavedVcpu, String> {
         x => return Err(r.err(format!("vCPU {index}: unknown run state {x}"))),
     };
     let bits = r.u8()?;
-    if bits & !0x1F != 0 {
+    if bits & !0x3F != 0 || bits & 0x21 == 0x20 {
         return Err(r.err(format!("vCPU {index}: unknown event bits {bits:#x}")));
     }
     let vector = r.u8()?;
@@ -395,7 +396,7 @@ fn decode_vcpu(r: &mut Reader<'_>, want: u32) -> Result<SavedVcpu, String> {
         return Err(r.err(format!("vCPU {index}: reserved byte not 0")));
     }
     let events = Events {
-        nmi: bits & 1 != 0,
+        nmi: (bits & 1) + ((bits >> 5) & 1),
         smi: bits & 2 != 0,
         init: bits & 4 != 0,
         extint: bits & 8 != 0,
@@ -703,7 +704,7 @@ pub(crate) fn capture(
         max_nesting = max_nesting.max(d);
         violations = violations.saturating_add(v);
         let events = Events {
-            nmi: p.events.nmi || ev.nmi,
+            nmi: p.events.nmi.saturating_add(ev.nmi).min(2),
             smi: p.events.smi || ev.smi,
             init: p.events.init || ev.init,
             sipi: ev.sipi.or(p.events.sipi),
@@ -817,7 +818,7 @@ mod tests {
         let v = SavedVcpu {
             run: RunState::Halted(true),
             events: Events {
-                nmi: true,
+                nmi: 2,
                 sipi: Some(0x9),
                 ..Events::default()
             },

@@ -382,10 +382,10 @@ fn migrate_here(
     Ok(Some((st.run, merge_events(st.events, events))))
 }
 
-/// `a` then `b`: flags or'ed, the later SIPI vector wins.
+/// `a` then `b`: flags or'ed, NMIs added (at most 2), the later SIPI vector wins.
 fn merge_events(a: Events, b: Events) -> Events {
     Events {
-        nmi: a.nmi || b.nmi,
+        nmi: a.nmi.saturating_add(b.nmi).min(2),
         smi: a.smi || b.smi,
         init: a.init || b.init,
         sipi: b.sipi.or(a.sipi),
@@ -516,12 +516,20 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
             sh.set_stuck(me, false);
             continue;
         }
-        if vd.events.nmi {
-            if let Err(e) = v.fd.nmi() {
+        if vd.events.nmi > 0 {
+            // One KVM_NMI per NMI: KVM, like the core, takes one and latches one.
+            let mut failed = None;
+            for _ in 0..vd.events.nmi {
+                if let Err(e) = v.fd.nmi() {
+                    failed = Some(e);
+                    break;
+                }
+                rep.nmis += 1;
+            }
+            if let Some(e) = failed {
                 sh.finish(Outcome::VmmError(format!("vcpu{me}: KVM_NMI: {e}")));
                 break;
             }
-            rep.nmis += 1;
             state = RunState::Running;
         }
         if let Some(vec) = vd.injected {

@@ -168,8 +168,10 @@ pub struct Effects {
 /// Non-vectored events waiting for the vCPU, taken with [`LocalApic::take_events`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Events {
-    /// An NMI is pending.
-    pub nmi: bool,
+    /// NMIs pending, 0 to 2: NMIs are edge events, and a core can be handed one while
+    /// it latches a second that arrived before the first was taken (SDM Vol. 3A §6.7.1);
+    /// more collapse. The VMM injects each (KVM queues up to two the same way).
+    pub nmi: u8,
     /// An SMI is pending.
     pub smi: bool,
     /// An INIT arrived: the APIC was reset (keeping its mode and ID); the vCPU must
@@ -184,7 +186,7 @@ pub struct Events {
 impl Events {
     /// Whether any event is pending.
     pub fn any(&self) -> bool {
-        self.nmi || self.smi || self.init || self.sipi.is_some() || self.extint
+        self.nmi > 0 || self.smi || self.init || self.sipi.is_some() || self.extint
     }
 }
 
@@ -502,7 +504,7 @@ impl LocalApic {
                 self.accept_vector(d.vector, d.level_triggered)
             }
             DeliveryMode::Nmi => {
-                self.events.nmi = true;
+                self.post_nmi();
                 true
             }
             DeliveryMode::Smi => {
@@ -584,6 +586,11 @@ impl LocalApic {
         (self.svr & SVR_SUPPRESS_EOI_BROADCAST == 0).then_some(v)
     }
 
+    /// Records one more NMI (at most two wait: one to take, one latched).
+    fn post_nmi(&mut self) {
+        self.events.nmi = self.events.nmi.saturating_add(1).min(2);
+    }
+
     /// Non-vectored events, cleared by this call.
     pub fn take_events(&mut self) -> Events {
         core::mem::take(&mut self.events)
@@ -618,7 +625,7 @@ impl LocalApic {
         if !self.is_hardware_enabled() {
             if level && !prev_level {
                 if entry == Lvt::Lint1 {
-                    self.events.nmi = true;
+                    self.post_nmi();
                 } else {
                     self.events.extint = true;
                 }
@@ -700,7 +707,7 @@ impl LocalApic {
         match entry.delivery_mode(value) {
             Some(DeliveryMode::Fixed) => self.accept_vector(lvt::vector(value), false),
             Some(DeliveryMode::Nmi) => {
-                self.events.nmi = true;
+                self.post_nmi();
                 true
             }
             Some(DeliveryMode::Smi) => {

@@ -336,7 +336,7 @@ fn sequential_level_and_event_modes() {
     }
     set_rte(&f, 14, 4 << 8 | dest(1)); // NMI
     assert!(f.set_irq_line(14, true, 0).contains(1));
-    assert!(f.take_events(1).unwrap().nmi);
+    assert_eq!(f.take_events(1).unwrap().nmi, 1);
     set_rte(&f, 0, 7 << 8 | dest(0)); // ExtINT (8259 through pin 0)
     assert!(f.set_irq_line(0, true, 0).contains(0));
     assert!(f.take_events(0).unwrap().extint);

@@ -225,7 +225,7 @@ fn disabled_apics() {
     assert_eq!(woken(&w), [0, 2]);
     let w = xapic_ipi(&f, 0, 1, 0x4400);
     assert_eq!(woken(&w), [1]);
-    assert!(f.take_events(1).unwrap().nmi);
+    assert_eq!(f.take_events(1).unwrap().nmi, 1);
     f.lapic_msr_write(2, 0x1B, 0xFEE0_0000, 0).unwrap(); // EN = 0
     let w = xapic_ipi(&f, 0, 0xFF, 0x4400);
     assert_eq!(woken(&w), [0, 1]);
@@ -351,7 +351,7 @@ fn lint_lines() {
     let f = xapic_vm(2);
     w32(&f, 1, 0x360, 0x400); // LVT LINT1: NMI, unmasked
     assert_eq!(woken(&f.set_lint(1, 1, true, 0)), [1]);
-    assert!(f.take_events(1).unwrap().nmi);
+    assert_eq!(f.take_events(1).unwrap().nmi, 1);
     assert!(f.set_lint(1, 1, false, 0).is_empty());
     assert!(f.set_lint(7, 1, true, 0).is_empty());
 }
@@ -375,7 +375,7 @@ fn plain_fabric_routes() {
         0,
     );
     assert_eq!(w.len(), 3);
-    assert!(f.take_events(1).unwrap().nmi);
+    assert_eq!(f.take_events(1).unwrap().nmi, 1);
 }
 
 // 1,024 vCPUs with 32-bit x2APIC IDs; the default config picks x2APIC mode above 255.
