@@ -397,20 +397,11 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
     let me = v.index;
     let mut state = v.start;
     let mut last_cr8: u64;
-    let mut guest_cr8: Option<u64> = None;
     let mut armed: Option<u64> = None;
     let mut carried = std::mem::take(&mut v.carried);
 
     while !sh.stop.load(Ordering::SeqCst) {
         if sh.migration.requested.load(Ordering::SeqCst) {
-            // A CR8 change seen after the last KVM_RUN belongs in the saved TPR.
-            if let Some(c) = guest_cr8.take() {
-                let now = sh.clock.now_ns();
-                let _ = sh.chip().with_apic(me, now, |a| {
-                    let _ = a.set_cr8(c);
-                    ((), Effects::default())
-                });
-            }
             match migrate_here(v, sh, kick, state, std::mem::take(&mut carried), rep) {
                 Ok(Some((s, ev))) => {
                     state = s;
@@ -437,12 +428,8 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                 RunState::Halted(halt_if) => halt_if && if_flag,
                 RunState::WaitForSipi => false,
             };
-        let cr8_in = guest_cr8.take();
         let Some((vd, wake)) = chip.with_apic(me, now, |a| {
             a.advance(now);
-            if let Some(c) = cr8_in {
-                let _ = a.set_cr8(c);
-            }
             let events = merge_events(std::mem::take(&mut carried), a.take_events());
             let injected = if can_inject && !events.init {
                 a.acknowledge()
@@ -576,8 +563,23 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         let mut wake = None;
         let mut end: Option<Outcome> = None;
         let mut why = ExitReason::Other;
+        // Where KVM leaves the guest's CR8 when KVM_RUN returns.
+        let cr8_slot: *const u64 = std::ptr::addr_of!(v.fd.get_kvm_run().cr8);
         let res = v.fd.run();
         kick.clear_immediate_exit();
+        // Fold a guest `mov cr8` into TPR *before* handling the exit: the exit may be a
+        // TPR/PPR access (or an EOI) that must see the new value.
+        // SAFETY: `cr8_slot` points into this vCPU's kvm_run mapping, which lives as long
+        // as `v.fd`; KVM_RUN has returned, so KVM is not writing it; only this thread
+        // touches this vCPU's kvm_run, and the exit's borrowed buffers (I/O data, MMIO
+        // data, MSR data) do not cover the `cr8` field.
+        let cr8_now = unsafe { cr8_slot.read_volatile() };
+        if cr8_now != last_cr8 {
+            let _ = chip.with_apic(me, sh.clock.now_ns(), |a| {
+                let _ = a.set_cr8(cr8_now);
+                ((), Effects::default())
+            });
+        }
         match res {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
@@ -704,10 +706,6 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         }
         if let Some(w) = wake {
             sh.kick(me, &w);
-        }
-        let c = v.fd.get_kvm_run().cr8;
-        if c != last_cr8 {
-            guest_cr8 = Some(c);
         }
     }
     rep.exits = sh.exits.vcpu(me);

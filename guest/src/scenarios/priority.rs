@@ -391,3 +391,42 @@ pub fn one_pending() -> Res {
     ensure_isr_empty("at the end")?;
     Ok(())
 }
+
+fn write_cr8(v: u64) {
+    // SAFETY: CR8 writes only change the task priority (CPL 0 here).
+    unsafe { core::arch::asm!("mov cr8, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+fn read_cr8() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR8 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr8", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// CR8 is TPR[7:4] (SDM §11.8.6.1), both ways and at once: a TPR read right after
+/// `mov cr8` sees the new class, and a TPR write right after `mov cr8` is not undone
+/// by it. (A VMM that folds CR8 into TPR late fails both.)
+pub fn tpr_cr8() -> Res {
+    let (mut stale, mut lost) = (0u32, 0u32);
+    for i in 0..50u64 {
+        let c = i % 15 + 1;
+        write_cr8(c);
+        if u64::from(apic::read(apic::TPR)) != c << 4 {
+            stale += 1;
+        }
+        write_cr8(c ^ 0xF);
+        apic::write(apic::TPR, 0x30);
+        if read_cr8() != 3 || apic::read(apic::TPR) != 0x30 {
+            lost += 1;
+        }
+    }
+    apic::write(apic::TPR, 0);
+    crate::ensure!(
+        stale == 0 && lost == 0,
+        "of 50 rounds: {} TPR reads stale right after mov cr8, {} TPR writes undone by an earlier mov cr8",
+        stale,
+        lost
+    );
+    Ok(())
+}
