@@ -42,9 +42,14 @@ def load(mode):
     status, numbers = {}, {}
     for line in console.splitlines():
         line = line.strip()
-        m = re.match(r"^(PASS|FAIL|SKIP):?\s+([^:]+?)(?::.*)?$", line)
+        # kvm-unit-tests: `PASS: name` (names contain colons); ours: `PASS name[: detail]`.
+        m = re.match(r"^(PASS|FAIL|SKIP):\s+(.+)$", line) or \
+            re.match(r"^(PASS|FAIL|SKIP)\s+([^:]+?)(?::.*)?$", line)
         if m:
-            status[m.group(2).strip()] = m.group(1)
+            name, k = m.group(2).strip(), 1
+            while (name if k == 1 else f"{name} #{k}") in status:
+                k += 1  # a repeated name is a separate check, not an overwrite
+            status[name if k == 1 else f"{name} #{k}"] = m.group(1)
             continue
         m = re.match(r"^BENCH (\S+) cycles=(\d+)", line)
         if m:

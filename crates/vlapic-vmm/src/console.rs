@@ -73,11 +73,22 @@ impl ConsoleLog {
         }
         self.tail.push(line.to_string());
         for status in ["PASS", "FAIL", "SKIP"] {
-            if let Some(rest) = line.strip_prefix(status).and_then(|r| r.strip_prefix(' ')) {
-                let (name, detail) = match rest.split_once(':') {
-                    Some((n, d)) => (n.trim(), d.trim()),
-                    None => (rest.trim(), ""),
-                };
+            let Some(after) = line.strip_prefix(status) else {
+                continue;
+            };
+            // Our guest: `PASS name` / `FAIL name: detail`. kvm-unit-tests:
+            // `PASS: name` where the name itself may contain colons.
+            let parsed = if let Some(rest) = after.strip_prefix(": ") {
+                Some((rest.trim(), ""))
+            } else {
+                after
+                    .strip_prefix(' ')
+                    .map(|rest| match rest.split_once(':') {
+                        Some((n, d)) => (n.trim(), d.trim()),
+                        None => (rest.trim(), ""),
+                    })
+            };
+            if let Some((name, detail)) = parsed {
                 let now = exits.unwrap_or(self.last_exits);
                 let delta = exit_delta(&now, &self.last_exits);
                 self.last_exits = now;
@@ -287,5 +298,45 @@ impl Write for ConsoleOut {
             ConsoleSink::Stderr => std::io::stderr().flush(),
             ConsoleSink::Quiet => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Both report styles count: the test guest's `PASS name` / `FAIL name: detail`, and
+    // kvm-unit-tests' `PASS: name` whose names contain colons.
+    #[test]
+    fn parses_our_lines_and_kvm_unit_tests_lines() {
+        let mut l = ConsoleLog::default();
+        for line in [
+            "PASS nested-priorities",
+            "FAIL esr: ESR reads 0",
+            "SKIP x2apic-switch: CPU lacks x2APIC",
+            "PASS: apic_disable: CR8: f",
+            "FAIL: multiple nmi",
+            "SKIP: pv ipi",
+            "PASSED nothing",
+            "hello",
+        ] {
+            l.line(line, None);
+        }
+        let got: Vec<(&str, &str, &str)> = l
+            .scenarios
+            .iter()
+            .map(|s| (s.status.as_str(), s.name.as_str(), s.detail.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("PASS", "nested-priorities", ""),
+                ("FAIL", "esr", "ESR reads 0"),
+                ("SKIP", "x2apic-switch", "CPU lacks x2APIC"),
+                ("PASS", "apic_disable: CR8: f", ""),
+                ("FAIL", "multiple nmi", ""),
+                ("SKIP", "pv ipi", ""),
+            ]
+        );
     }
 }
