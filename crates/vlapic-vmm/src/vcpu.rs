@@ -574,6 +574,7 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         // touches this vCPU's kvm_run, and the exit's borrowed buffers (I/O data, MMIO
         // data, MSR data) do not cover the `cr8` field.
         let cr8_now = unsafe { cr8_slot.read_volatile() };
+        let mut apic_base_written = false;
         if cr8_now != last_cr8 {
             let _ = chip.with_apic(me, sh.clock.now_ns(), |a| {
                 let _ = a.set_cr8(cr8_now);
@@ -640,7 +641,10 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
                     match is_apic_msr(m.index)
                         .then(|| chip.lapic_msr_write(me, m.index, m.data, now))
                     {
-                        Some(Ok(w)) => wake = Some(w),
+                        Some(Ok(w)) => {
+                            wake = Some(w);
+                            apic_base_written = m.index == vlapic::regs::MSR_APIC_BASE;
+                        }
                         _ => {
                             sh.msr_gp.hit(u64::from(m.index));
                             *m.error = 1;
@@ -707,7 +711,28 @@ fn vcpu_loop(v: &mut Vcpu, sh: &Shared, kick: &VcpuKick, rep: &mut VcpuReport) -
         if let Some(w) = wake {
             sh.kick(me, &w);
         }
+        if apic_base_written {
+            mirror_apic_base(v, &chip, me, sh.clock.now_ns());
+        }
     }
     rep.exits = sh.exits.vcpu(me);
     state
+}
+
+/// Tells KVM the APIC base the guest now has. 0x1B is filtered to userspace, so KVM
+/// never sees the guest's writes; a host-side KVM_SET_MSRS lets it keep the
+/// CPUID.1:EDX.APIC bit (bit 9) in step with IA32_APIC_BASE.EN (SDM Vol. 3A §11.4.3).
+/// Best effort: a KVM that refuses leaves only that CPUID bit stale.
+fn mirror_apic_base(v: &mut Vcpu, chip: &Irqchip, me: usize, now: u64) {
+    let Some((base, _)) = chip.with_apic(me, now, |a| (a.apic_base(), Effects::default())) else {
+        return;
+    };
+    let entry = kvm_bindings::kvm_msr_entry {
+        index: vlapic::regs::MSR_APIC_BASE,
+        data: base,
+        ..Default::default()
+    };
+    if let Ok(msrs) = kvm_bindings::Msrs::from_entries(&[entry]) {
+        let _ = v.fd.set_msrs(&msrs);
+    }
 }
