@@ -120,19 +120,22 @@ impl VcpuState {
         })
     }
 
-    /// Loads this state into the fresh vCPU `fd`, with the guest TSC set to `tsc`.
-    pub fn restore(&self, fd: &VcpuFd, tsc: u64) -> Result<(), String> {
+    /// Loads this state into the fresh vCPU `fd`; IA32_TSC is written last, with the
+    /// value `tsc()` returns at that moment, so the guest TSC does not step back by the
+    /// time the other ioctls took (a step back makes guest-measured intervals that span
+    /// a migration short, and timers look early).
+    pub fn restore(&self, fd: &VcpuFd, tsc: impl Fn() -> u64) -> Result<(), String> {
         fd.set_sregs(&self.sregs).map_err(e("KVM_SET_SREGS"))?;
         fd.set_xcrs(&self.xcrs).map_err(e("KVM_SET_XCRS"))?;
         // SAFETY: `self.xsave` is a complete kvm_xsave read by KVM_GET_XSAVE on this
         // host (same CPUID, same XSAVE size); KVM only reads it.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
-        let mut entries = self.msrs.clone();
-        for m in entries.iter_mut() {
-            if m.index == MSR_IA32_TSC {
-                m.data = tsc;
-            }
-        }
+        let mut entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .copied()
+            .filter(|m| m.index != MSR_IA32_TSC)
+            .collect();
         // KVM stops at the first MSR it refuses; one that still holds its reset
         // value (0) loses nothing when skipped, any other is an error.
         while !entries.is_empty() {
@@ -154,6 +157,15 @@ impl VcpuState {
             .map_err(e("KVM_SET_DEBUGREGS"))?;
         fd.set_vcpu_events(&self.events)
             .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        if self.msrs.iter().any(|m| m.index == MSR_IA32_TSC) {
+            let entry = kvm_msr_entry {
+                index: MSR_IA32_TSC,
+                data: tsc(),
+                ..Default::default()
+            };
+            let msrs = Msrs::from_entries(&[entry]).map_err(|err| format!("MSR list: {err:?}"))?;
+            fd.set_msrs(&msrs).map_err(e("KVM_SET_MSRS (IA32_TSC)"))?;
+        }
         Ok(())
     }
 

@@ -378,7 +378,7 @@ fn migrate_here(
     // SAFETY: as in `run_vcpu`: `ie` points into the new vCPU's kvm_run mapping,
     // owned by `v.fd`, which outlives the registration.
     unsafe { kick.register(ie) };
-    st.kvm.restore(&v.fd, sh.clock.guest_tsc())?;
+    st.kvm.restore(&v.fd, || sh.clock.guest_tsc())?;
     Ok(Some((st.run, merge_events(st.events, events))))
 }
 

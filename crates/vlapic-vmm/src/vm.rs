@@ -385,7 +385,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             // IA32_TSC as saved: hosts that honour the write resume VM time where
             // it stopped; this one (kvm_pvm) ignores it and time has moved on.
             v.kvm
-                .restore(fd, f.header.guest_tsc)
+                .restore(fd, || f.header.guest_tsc)
                 .map_err(|e| bad(format!("VCPU {i}: KVM refused the state: {e}")))?;
         }
     }
