@@ -20,6 +20,7 @@ fn vm(n: usize) -> SharedFabric {
         apics,
         ioapic_pins: 24,
         ioapic_id: 0,
+        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
     });
     for i in 0..n {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();

@@ -46,21 +46,23 @@
 //!
 //! ```
 //! use vlapic::fabric::{FabricConfig, SharedFabric};
-//! use vlapic::Effects;
 //!
 //! let fabric = SharedFabric::new(FabricConfig::with_vcpus(2));
+//! let svr = 0xFEE0_00F0; // MMIO exits carry guest-physical addresses
 //! for vcpu in 0..2 {
-//!     fabric.lapic_mmio_write(vcpu, 0xF0, &0x1FFu32.to_le_bytes(), 0); // SVR: enable
+//!     fabric.mmio_write(vcpu, svr, &0x1FFu32.to_le_bytes(), 0); // SVR: enable
 //! }
 //! // vCPU 0's thread: the guest writes ICR high (destination 1), then ICR low.
-//! fabric.lapic_mmio_write(0, 0x310, &(1u32 << 24).to_le_bytes(), 0);
-//! let wake = fabric.lapic_mmio_write(0, 0x300, &0x4041u32.to_le_bytes(), 0);
+//! fabric.mmio_write(0, 0xFEE0_0310, &(1u32 << 24).to_le_bytes(), 0);
+//! let wake = fabric.mmio_write(0, 0xFEE0_0300, &0x4041u32.to_le_bytes(), 0).unwrap();
 //! assert_eq!(wake.iter().collect::<Vec<_>>(), [1]); // kick vCPU 1 only
-//! // vCPU 1's thread, before entering the guest: inject what is pending.
-//! let (v, _) = fabric
-//!     .with_apic(1, 0, |apic| (apic.acknowledge(), Effects::default()))
-//!     .unwrap();
-//! assert_eq!(v, Some(0x41));
+//! // vCPU 1's thread, before entering the guest (interrupts open): the entry plan.
+//! let plan = fabric.plan_entry(1, 0, true).unwrap();
+//! assert_eq!(plan.inject, Some(0x41)); // acknowledged: inject it
+//! assert!(!plan.request_window);
+//! assert_eq!(fabric.read_apic(1, |apic| apic.ppr()), Some(0x40));
+//! // Not an interrupt-controller page: the VMM's other devices get it.
+//! assert!(!fabric.mmio_read(1, 0xFED0_0000, &mut [0u8; 4], 0));
 //! ```
 
 pub use crate::ioapic::IoApic;
@@ -74,6 +76,8 @@ use crate::routing::{ApicView, Message, RouteMap};
 use crate::state::{FabricError, FabricState};
 use alloc::vec::Vec;
 
+mod seam;
+
 /// Construction-time description of a VM's interrupt hardware.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FabricConfig {
@@ -83,11 +87,15 @@ pub struct FabricConfig {
     pub ioapic_pins: u8,
     /// IOAPIC ID (4 bits).
     pub ioapic_id: u8,
+    /// Guest-physical address of the IOAPIC's 4 KiB MMIO page, for the dispatch by
+    /// address of [`Fabric::mmio_read`] and friends (default
+    /// [`IoApic::DEFAULT_BASE`], 0xFEC0_0000; bits 11:0 are ignored).
+    pub ioapic_base: u64,
 }
 
 impl FabricConfig {
     /// `n` vCPUs with APIC IDs 0..n, vCPU 0 the BSP; xAPIC mode at power-up when every
-    /// ID fits in 8 bits, else x2APIC mode; 24 IOAPIC pins with ID 0.
+    /// ID fits in 8 bits, else x2APIC mode; 24 IOAPIC pins with ID 0 at 0xFEC0_0000.
     pub fn with_vcpus(n: usize) -> Self {
         let x2 = n > 0xFF;
         let apics = (0..n)
@@ -103,6 +111,7 @@ impl FabricConfig {
             apics,
             ioapic_pins: IoApic::DEFAULT_PINS,
             ioapic_id: 0,
+            ioapic_base: IoApic::DEFAULT_BASE,
         }
     }
 }
@@ -362,6 +371,7 @@ impl Core {
 pub struct Fabric {
     core: Core,
     ioapic: IoApic,
+    ioapic_base: u64,
 }
 
 impl Fabric {
@@ -370,6 +380,7 @@ impl Fabric {
         Self {
             core: Core::new(&cfg.apics),
             ioapic: IoApic::new(cfg.ioapic_pins, cfg.ioapic_id),
+            ioapic_base: cfg.ioapic_base,
         }
     }
 
@@ -613,6 +624,8 @@ mod shared {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+    mod seam;
+
     /// One APIC and the routing view last published for it.
     struct Slot {
         apic: LocalApic,
@@ -628,6 +641,7 @@ mod shared {
         dirty: AtomicBool,
         map: RwLock<Arc<RouteMap>>,
         ioapic: Mutex<IoApic>,
+        ioapic_base: u64,
         rotor: AtomicUsize,
     }
 
@@ -674,6 +688,7 @@ mod shared {
                 dirty: AtomicBool::new(false),
                 map: RwLock::new(map),
                 ioapic: Mutex::new(IoApic::new(cfg.ioapic_pins, cfg.ioapic_id)),
+                ioapic_base: cfg.ioapic_base,
                 rotor: AtomicUsize::new(0),
             }
         }

@@ -23,6 +23,7 @@
 
 use crate::delivery::{Delivery, DeliveryMode, DestMode};
 use crate::icr::Shorthand;
+use crate::msi::MsiMessage;
 use crate::routing::{Destination, Message};
 use alloc::vec::Vec;
 
@@ -433,6 +434,34 @@ impl IoApic {
                 x2apic_format: ext != 0,
             },
         })
+    }
+
+    /// The MSI that `pin`'s entry sends, for VMMs that keep only the IOAPIC in
+    /// userspace and the local APICs in the hypervisor (KVM's split irqchip, as in
+    /// Cloud Hypervisor). `None` for a pin out of range, a masked entry, or a
+    /// delivery mode reserved for the IOAPIC (011, 110): whenever
+    /// [`IoApic::message`] sends nothing.
+    ///
+    /// Use: drive the pin with [`IoApic::set_line`] (or feed the pins returned by
+    /// [`IoApic::mmio_write`], [`IoApic::eoi`] and [`IoApic::pending`]); for each pin
+    /// that fires, send `msi_message(pin)` (KVM_SIGNAL_MSI) and, for a level-triggered
+    /// entry, mark it in service with [`IoApic::set_remote_irr`]. When the guest EOIs
+    /// a level vector (KVM_EXIT_IOAPIC_EOI), call [`IoApic::eoi`]: it clears remote
+    /// IRR and returns the pins still asserted, which fire again.
+    ///
+    /// ```
+    /// use vlapic::ioapic::IoApic;
+    /// let mut io = IoApic::default();
+    /// io.set_entry(4, 1 << 56 | 1 << 15 | 0x34); // level, vector 0x34 to APIC 1
+    /// let pin = io.set_line(4, true).unwrap();
+    /// let msi = io.msi_message(pin).unwrap();
+    /// assert_eq!((msi.address, msi.data), (0xFEE0_1000, 0xC034));
+    /// io.set_remote_irr(pin);
+    /// assert_eq!(io.eoi(0x34).iter().collect::<Vec<_>>(), [4]); // still asserted: fires again
+    /// ```
+    pub fn msi_message(&self, pin: u8) -> Option<MsiMessage> {
+        self.message(pin)?;
+        Some(MsiMessage::from_redirection_entry(self.entry(pin)?))
     }
 
     /// Records that a local APIC accepted the level interrupt from `pin`.

@@ -35,6 +35,7 @@
 extern crate alloc;
 
 pub mod delivery;
+pub mod entry;
 pub mod fabric;
 pub mod icr;
 pub mod ioapic;
@@ -53,6 +54,7 @@ pub mod verifier;
 pub mod x2apic;
 
 pub use delivery::{Delivery, DeliveryMode, DestMode};
+pub use entry::EntryPlan;
 pub use icr::{IpiMessage, Shorthand};
 pub use lapic::{ApicMode, Effects, Events, GpFault, LapicConfig, LocalApic, Stats};
 pub use lvt::{Lvt, TimerMode};

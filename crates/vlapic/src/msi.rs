@@ -120,6 +120,55 @@ impl Msi {
     }
 }
 
+/// An MSI as a device (or a split-model VMM's IOAPIC) writes it: the address and data
+/// to hand to the hypervisor (KVM_SIGNAL_MSI) or to [`Msi::decode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    /// The address: 0xFEE in bits 31:20, fields as in the module documentation.
+    pub address: u64,
+    /// The data: vector, delivery mode, level assert, trigger mode.
+    pub data: u32,
+}
+
+impl MsiMessage {
+    /// The MSI an IOAPIC redirection entry sends (the fields of both are the same
+    /// message, SDM Vol. 3A §11.11 and the 82093AA datasheet §3.2.4): address
+    /// `0xFEE0_0000`, destination 63:56 → address 19:12, the extended destination of
+    /// entry bits 55:49 → address 11:5 (destination bits 14:8, as [`Msi::decode`]
+    /// reads them), lowest-priority delivery → redirection hint (bit 3), logical →
+    /// bit 2. Data: vector, delivery mode in 10:8, and for a level-triggered entry
+    /// the trigger (bit 15) and level-assert (bit 14) bits. Mask, polarity, remote
+    /// IRR and delivery status are the IOAPIC's own state and are not encoded.
+    ///
+    /// ```
+    /// use vlapic::msi::{Msi, MsiMessage};
+    /// // Vector 0x41, lowest priority, logical destination 0x03, level-triggered.
+    /// let m = MsiMessage::from_redirection_entry(0x0300_0000_0000_0000 | 1 << 15 | 1 << 11 | 1 << 8 | 0x41);
+    /// assert_eq!(m.address, 0xFEE0_300C);
+    /// assert_eq!(m.data, 0xC141);
+    /// assert_eq!(Msi::decode(m.address, m.data).unwrap().dest_id, 3);
+    /// ```
+    pub const fn from_redirection_entry(entry: u64) -> MsiMessage {
+        let dest8 = (entry >> 56) & 0xFF;
+        let ext = (entry >> 49) & 0x7F;
+        let mode = ((entry >> 8) & 7) as u32;
+        let logical = entry & (1 << 11) != 0;
+        let level = entry & (1 << 15) != 0;
+        let mut address = 0xFEE0_0000 | dest8 << 12 | ext << 5;
+        if mode == DeliveryMode::LowestPriority.bits() {
+            address |= 1 << 3;
+        }
+        if logical {
+            address |= 1 << 2;
+        }
+        let mut data = (entry & 0xFF) as u32 | mode << 8;
+        if level {
+            data |= 1 << 15 | 1 << 14;
+        }
+        MsiMessage { address, data }
+    }
+}
+
 /// Builds an MSI address (no redirection hint) for a destination, using address
 /// bits 11:5 for destination bits 14:8. `None` if `dest_id` needs more than 15 bits.
 pub fn address(dest_id: u32, logical: bool) -> Option<u64> {

@@ -96,6 +96,7 @@ fn extended_msi_routes_to_high_ids() {
         apics,
         ioapic_pins: 24,
         ioapic_id: 0,
+        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
     });
     for i in 0..3 {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();

@@ -39,6 +39,7 @@ fn x2apic_vm(ids: &[u32]) -> SharedFabric {
         apics,
         ioapic_pins: 24,
         ioapic_id: 0,
+        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
     });
     for i in 0..ids.len() {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();
@@ -417,6 +418,7 @@ fn map_follows_x2apic_switch() {
         apics: vec![LapicConfig::with_id(0), LapicConfig::with_id(0x105)],
         ioapic_pins: 24,
         ioapic_id: 0,
+        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
     });
     for i in 0..2 {
         w32(&f, i, SVR, 0x1FF);
