@@ -85,7 +85,10 @@ fn held_by_tpr_when_tpr_is_above_the_vector() {
     a.deliver(Delivery::fixed(0x52), 0); // equal class: also held
     let p = a.plan_entry(0, true);
     assert_eq!(p.inject, None);
-    assert!(!p.request_window, "nothing pending: a window would not help");
+    assert!(
+        !p.request_window,
+        "nothing pending: a window would not help"
+    );
     assert!(p.held_by_tpr);
     assert_eq!(p.cr8, 5);
     // Lowering CR8 releases 0x52.
