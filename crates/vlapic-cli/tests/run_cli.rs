@@ -35,7 +35,7 @@ fn mini_guest() -> PathBuf {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("run-cli-mini-{}.elf", std::process::id()));
         let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlapic-vmm/tests/mini/build.sh");
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlapic-kvm/tests/mini/build.sh");
         let st = Command::new("sh")
             .arg(script)
             .arg(&out)

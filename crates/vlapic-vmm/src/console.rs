@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use crate::kick::lock;
-use crate::summary::{exit_delta, ExitCounts, ExitStats};
+use crate::lock;
+use crate::stats::{exit_delta, ExitCounts, ExitStats};
 
 /// Where guest console output is copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl ConsoleLog {
 
     /// Appends the save-file form (scenarios, DONE, BENCH, tail, the partial line,
     /// the exit counts and time since the last report line).
-    pub(crate) fn encode(&self, w: &mut crate::savefile::Writer) {
+    pub(crate) fn encode(&self, w: &mut crate::wire::Writer) {
         w.u64(self.bytes);
         w.u32(self.scenarios.len() as u32);
         for s in &self.scenarios {
@@ -164,7 +164,7 @@ impl ConsoleLog {
     }
 
     /// Reads what [`ConsoleLog::encode`] wrote.
-    pub(crate) fn decode(r: &mut crate::savefile::Reader<'_>) -> Result<Self, String> {
+    pub(crate) fn decode(r: &mut crate::wire::Reader<'_>) -> Result<Self, String> {
         let mut l = ConsoleLog {
             bytes: r.u64()?,
             ..ConsoleLog::default()

@@ -7,8 +7,8 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::console::ConsoleOut;
-use crate::kick::lock;
-use crate::vcpu::Odd;
+use crate::lock;
+use crate::stats::Odd;
 
 /// COM1 base port.
 pub const COM1: u16 = 0x3F8;
@@ -84,12 +84,7 @@ impl IoBus {
     }
 
     /// A bus continuing saved device state (a restored run).
-    pub fn restore(
-        out: ConsoleOut,
-        cpus: u16,
-        ram: u64,
-        d: &crate::savefile::Devices,
-    ) -> Result<Self, String> {
+    pub fn restore(out: ConsoleOut, cpus: u16, ram: u64, d: &DevicesState) -> Result<Self, String> {
         let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = d.serial_regs;
         let st = SerialState {
             baud_divisor_low: dll,
@@ -118,10 +113,10 @@ impl IoBus {
     }
 
     /// The devices' state for a save file.
-    pub fn save(&self) -> crate::savefile::Devices {
+    pub fn save(&self) -> DevicesState {
         let s = lock(&self.serial).state();
         let f = lock(&self.fw_cfg);
-        crate::savefile::Devices {
+        DevicesState {
             serial_regs: [
                 s.baud_divisor_low,
                 s.baud_divisor_high,
@@ -209,4 +204,17 @@ impl IoBus {
         }
         IoOutcome::default()
     }
+}
+
+/// Port-device state: the 16550 registers and fw_cfg's cursor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DevicesState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub serial_regs: [u8; 9],
+    /// Receive FIFO.
+    pub serial_in: Vec<u8>,
+    /// fw_cfg selected key.
+    pub fw_key: u16,
+    /// fw_cfg read position.
+    pub fw_pos: u64,
 }

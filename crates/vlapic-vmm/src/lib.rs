@@ -1,26 +1,36 @@
 //! A KVM VMM whose guests' local APICs and IOAPIC are emulated in userspace by
-//! `vlapic` (no in-kernel irqchip). All of the project's `unsafe` lives here.
+//! `vlapic` (no in-kernel irqchip), on `vlapic-kvm`: loader, platform devices,
+//! migration, save files and the run report.
 
-pub mod clock;
+// Modules in dependency order: each uses only those above it (savefile, summary
+// and vm at the edge).
 pub mod console;
-pub mod cpuid;
 pub mod devices;
+pub mod gate;
 pub mod guest;
-pub mod irqchip;
-pub mod kick;
 pub mod loader;
 pub mod memory;
 pub mod migrate;
+pub mod outcome;
 pub mod savefile;
+pub mod shared;
 pub mod snapshot;
+pub mod stats;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;
+pub mod wire;
 
 pub use console::ConsoleSink;
 pub use loader::Module;
-pub use summary::{exit_code, Outcome, RunReport};
+pub use outcome::Outcome;
+pub use summary::{exit_code, RunReport};
 pub use vm::{kvm_usable, run_vm, SaveTo, VmConfig};
+
+/// Locks a mutex, ignoring poisoning (the VMM's mutexes guard plain data).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 use std::fmt;
 

@@ -1,8 +1,6 @@
 //! Guest RAM: one anonymous mapping from guest-physical 0, below the 3 GiB MMIO
 //! hole (the IOAPIC at 0xFEC00000 and the LAPIC at 0xFEE00000 sit above it).
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
 /// Highest RAM size accepted (keeps RAM below the MMIO hole).
 pub const MAX_MEMORY_MIB: u64 = 3 * 1024;
 /// Smallest RAM size accepted (the loader needs low memory and 1 MiB+).
@@ -12,10 +10,9 @@ pub const LOW_RAM_END: u64 = 0x9_FC00;
 /// Start of extended memory.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 
-/// Guest RAM.
+/// Guest RAM (vlapic-kvm's mapping, with MiB sizing and the VMM's `String` errors).
 pub struct GuestRam {
-    mem: GuestMemoryMmap,
-    size: u64,
+    ram: vlapic_kvm::GuestRam,
 }
 
 impl GuestRam {
@@ -26,40 +23,24 @@ impl GuestRam {
                 "--memory {mib}: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"
             ));
         }
-        let size = mib << 20;
-        let len =
-            usize::try_from(size).map_err(|_| "memory size does not fit the host".to_string())?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)])
+        let ram = vlapic_kvm::GuestRam::new(mib << 20)
             .map_err(|e| format!("cannot map {mib} MiB of guest memory: {e}"))?;
-        Ok(Self { mem, size })
+        Ok(Self { ram })
     }
 
     /// RAM size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.ram.size()
     }
 
-    /// Host address of guest-physical 0 (the single region's start).
-    pub fn host_base(&self) -> Result<*mut u8, String> {
-        self.mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| format!("guest memory has no host mapping: {e}"))
+    /// Makes this RAM guest-physical 0.. of `vm` (slot 0).
+    pub fn register(&self, vm: &kvm_ioctls::VmFd) -> Result<(), String> {
+        self.ram.register(vm, 0).map_err(|e| e.to_string())
     }
 
     /// Copies `data` to guest-physical `addr`; fails (never panics) when out of range.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
-        let end = addr
-            .checked_add(data.len() as u64)
-            .ok_or("address overflow")?;
-        if end > self.size {
-            return Err(format!(
-                "range {addr:#x}..{end:#x} is outside guest RAM (0..{:#x})",
-                self.size
-            ));
-        }
-        self.mem
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|e| format!("guest memory write at {addr:#x}: {e}"))
+        self.ram.write(addr, data).map_err(|e| e.to_string())
     }
 
     /// Zeroes `len` bytes at guest-physical `addr`.
@@ -78,8 +59,6 @@ impl GuestRam {
 
     /// Reads bytes from guest-physical `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.mem
-            .read_slice(buf, GuestAddress(addr))
-            .map_err(|e| format!("guest memory read at {addr:#x}: {e}"))
+        self.ram.read(addr, buf).map_err(|e| e.to_string())
     }
 }

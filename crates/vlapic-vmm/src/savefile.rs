@@ -11,14 +11,18 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use vlapic::state::native;
-use vlapic::{Effects, Events};
+use vlapic::Events;
+
+use vlapic_kvm::RunState;
 
 use crate::console::{ConsoleLog, ConsoleOut};
-use crate::kick::lock;
+pub use crate::devices::DevicesState;
+use crate::lock;
 use crate::memory::GuestRam;
+use crate::shared::{Shared, MAX_VCPUS};
 use crate::snapshot::VcpuState;
-use crate::summary::{ExitCounts, EXIT_REASONS};
-use crate::vcpu::{RunState, Shared};
+use crate::stats::ExitCounts;
+pub use crate::wire::{crc32, Reader, Writer};
 
 /// First eight bytes of every save file.
 pub const MAGIC: [u8; 8] = *b"VLAPICSV";
@@ -33,205 +37,11 @@ pub const FLAG_VERIFY: u32 = 2;
 const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
-/// Longest string stored (console lines, scenario names and details).
-const MAX_STR: usize = 64 * 1024;
 
 /// Section tags, in file order (`VCPU` once per vCPU).
 const SECTIONS: [[u8; 4]; 7] = [
     *b"HEAD", *b"FABR", *b"VCPU", *b"MEM0", *b"CONS", *b"STAT", *b"DEVS",
 ];
-
-/// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320), as zlib and PNG use.
-pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let t = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    let mut c = !0u32;
-    for &b in data {
-        c = t[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
-/// Appends little-endian fields.
-#[derive(Default)]
-pub struct Writer {
-    /// The bytes so far.
-    pub buf: Vec<u8>,
-}
-
-impl Writer {
-    /// One byte.
-    pub fn u8(&mut self, v: u8) {
-        self.buf.push(v);
-    }
-    /// A u16.
-    pub fn u16(&mut self, v: u16) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    /// A u32.
-    pub fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    /// A u64.
-    pub fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    /// Raw bytes, no length.
-    pub fn raw(&mut self, b: &[u8]) {
-        self.buf.extend_from_slice(b);
-    }
-    /// u32 length, then the bytes.
-    pub fn bytes(&mut self, b: &[u8]) {
-        self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
-        self.raw(b.get(..b.len().min(u32::MAX as usize)).unwrap_or(&[]));
-    }
-    /// A string (u32 length, UTF-8), cut at `MAX_STR` bytes on a char boundary.
-    pub fn str(&mut self, s: &str) {
-        let mut end = s.len().min(MAX_STR);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.bytes(s.get(..end).unwrap_or("").as_bytes());
-    }
-    /// Exit counts: u32 count, then that many u64.
-    pub fn exits(&mut self, c: &ExitCounts) {
-        self.u32(EXIT_REASONS as u32);
-        for v in c {
-            self.u64(*v);
-        }
-    }
-    /// A section: tag, u64 length, body.
-    fn section(&mut self, tag: [u8; 4], body: &[u8]) {
-        self.raw(&tag);
-        self.u64(body.len() as u64);
-        self.raw(body);
-    }
-}
-
-/// Reads little-endian fields with every offset checked.
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    what: &'static str,
-}
-
-impl<'a> Reader<'a> {
-    /// A reader over `buf`; errors name `what` (the section).
-    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Self { buf, pos: 0, what }
-    }
-    /// The next `n` bytes.
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
-            .ok_or_else(|| {
-                format!(
-                    "{}: ends early (offset {} of {}, {n} more bytes needed)",
-                    self.what,
-                    self.pos,
-                    self.buf.len()
-                )
-            })?;
-        let s = self.buf.get(self.pos..end).ok_or("offset")?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    /// One byte.
-    pub fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.arr::<1>()?[0])
-    }
-    /// A u16.
-    pub fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_le_bytes(self.arr()?))
-    }
-    /// A u32.
-    pub fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.arr()?))
-    }
-    /// A u64.
-    pub fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.arr()?))
-    }
-    /// A count of at most `max` items.
-    pub fn count(&mut self, max: usize, of: &str) -> Result<usize, String> {
-        let n = self.u32()? as usize;
-        if n > max {
-            return Err(format!("{}: {n} {of} (at most {max})", self.what));
-        }
-        Ok(n)
-    }
-    /// u32 length (at most `max`), then the bytes.
-    pub fn bytes(&mut self, max: usize) -> Result<&'a [u8], String> {
-        let n = self.count(max, "bytes")?;
-        self.take(n)
-    }
-    /// A string written by [`Writer::str`].
-    pub fn str(&mut self) -> Result<String, String> {
-        let b = self.bytes(MAX_STR)?;
-        String::from_utf8(b.to_vec()).map_err(|_| format!("{}: a string is not UTF-8", self.what))
-    }
-    /// Exit counts written by [`Writer::exits`].
-    pub fn exits(&mut self) -> Result<ExitCounts, String> {
-        let n = self.u32()? as usize;
-        if n != EXIT_REASONS {
-            return Err(format!(
-                "{}: {n} exit reasons (this build counts {EXIT_REASONS})",
-                self.what
-            ));
-        }
-        let mut c = [0u64; EXIT_REASONS];
-        for v in c.iter_mut() {
-            *v = self.u64()?;
-        }
-        Ok(c)
-    }
-    /// Error unless every byte was read.
-    pub fn finish(&self) -> Result<(), String> {
-        if self.pos != self.buf.len() {
-            return Err(format!(
-                "{}: {} unexpected bytes after its end",
-                self.what,
-                self.buf.len() - self.pos
-            ));
-        }
-        Ok(())
-    }
-    /// Bytes not read yet.
-    pub fn remaining(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
-    }
-    /// Everything not read yet.
-    pub fn rest(&mut self) -> &'a [u8] {
-        let s = self.buf.get(self.pos..).unwrap_or(&[]);
-        self.pos = self.buf.len();
-        s
-    }
-    /// An error naming this section.
-    pub fn err(&self, msg: impl std::fmt::Display) -> String {
-        format!("{}: {msg}", self.what)
-    }
-}
 
 /// The fixed-size header.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -292,19 +102,6 @@ pub struct Stats {
     pub odd: [(u64, u64); 3],
 }
 
-/// Port-device state: the 16550 registers and fw_cfg's cursor.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Devices {
-    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
-    pub serial_regs: [u8; 9],
-    /// Receive FIFO.
-    pub serial_in: Vec<u8>,
-    /// fw_cfg selected key.
-    pub fw_key: u16,
-    /// fw_cfg read position.
-    pub fw_pos: u64,
-}
-
 /// Guest RAM without its all-zero pages.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
@@ -330,7 +127,7 @@ pub struct SaveFile {
     /// Run-wide figures.
     pub stats: Stats,
     /// Port devices.
-    pub devices: Devices,
+    pub devices: DevicesState,
 }
 
 impl std::fmt::Debug for SaveFile {
@@ -577,11 +374,10 @@ impl SaveFile {
             elapsed_ns: r.u64()?,
         };
         r.finish()?;
-        if header.vcpus == 0 || header.vcpus as usize > crate::vm::MAX_VCPUS {
+        if header.vcpus == 0 || header.vcpus as usize > MAX_VCPUS {
             return Err(r.err(format!(
                 "{} vCPUs (must be 1 to {})",
-                header.vcpus,
-                crate::vm::MAX_VCPUS
+                header.vcpus, MAX_VCPUS
             )));
         }
         if !(crate::memory::MIN_MEMORY_MIB..=crate::memory::MAX_MEMORY_MIB)
@@ -650,7 +446,7 @@ impl SaveFile {
         let mut r = next(SECTIONS[6], "DEVS")?;
         let mut serial_regs = [0u8; 9];
         serial_regs.copy_from_slice(r.take(9)?);
-        let devices = Devices {
+        let devices = DevicesState {
             serial_regs,
             serial_in: r.bytes(64)?.to_vec(),
             fw_key: r.u16()?,
@@ -680,13 +476,13 @@ pub(crate) fn capture(
     console: &ConsoleOut,
     mut header: Header,
 ) -> Result<Option<SaveFile>, String> {
-    if !sh.migration.pause_all(sh)? {
+    if !sh.migration.pause_all(&sh.rt)? {
         return Ok(None);
     }
     let paused = sh.migration.paused();
-    let now = sh.clock.now_ns();
+    let now = sh.clock().now_ns();
     header.vm_ns = now;
-    header.guest_tsc = sh.clock.guest_tsc();
+    header.guest_tsc = sh.clock().guest_tsc();
     let chip = sh.chip();
     let fabric = native::encode_fabric(&chip.export());
     let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
@@ -694,22 +490,15 @@ pub(crate) fn capture(
     for (i, p) in paused.into_iter().enumerate() {
         let p = p.ok_or_else(|| format!("vCPU {i} did not pause"))?;
         // Pending NMI/SMI/INIT/SIPI/ExtINT are not APIC registers: carried by hand.
-        let (ev, (d, v)) = chip
-            .with_apic(i, now, |a| {
-                let fig = (a.verifier().max_depth(), a.verifier().violations());
-                ((a.take_events(), fig), Effects::default())
-            })
-            .map(|(r, _)| r)
+        let ev = chip
+            .take_events(i)
+            .ok_or_else(|| format!("vCPU {i} has no APIC"))?;
+        let (d, v) = chip
+            .read_apic(i, |a| (a.verifier().max_depth(), a.verifier().violations()))
             .ok_or_else(|| format!("vCPU {i} has no APIC"))?;
         max_nesting = max_nesting.max(d);
         violations = violations.saturating_add(v);
-        let events = Events {
-            nmi: p.events.nmi.saturating_add(ev.nmi).min(2),
-            smi: p.events.smi || ev.smi,
-            init: p.events.init || ev.init,
-            sipi: ev.sipi.or(p.events.sipi),
-            extint: p.events.extint || ev.extint,
-        };
+        let events = vlapic_kvm::vcpu::merge_events(p.events, ev);
         vcpus.push(SavedVcpu {
             run: p.run,
             events,
@@ -804,7 +593,7 @@ mod tests {
     }
 
     fn sample() -> SaveFile {
-        let fab = crate::irqchip::Irqchip::new(crate::irqchip::FabricConfig::with_vcpus(2));
+        let fab = vlapic::fabric::SharedFabric::new(vlapic::fabric::FabricConfig::with_vcpus(2));
         let mut console = ConsoleLog::default();
         console.bytes = 42;
         console.tail.push("PASS a".into());
@@ -812,7 +601,7 @@ mod tests {
             name: "a".into(),
             status: "PASS".into(),
             detail: String::new(),
-            exits: [1; EXIT_REASONS],
+            exits: [1; crate::stats::EXIT_REASONS],
             elapsed: std::time::Duration::from_millis(3),
         });
         let v = SavedVcpu {
@@ -825,7 +614,7 @@ mod tests {
             interrupts: 7,
             nmis: 1,
             sipis: 1,
-            exits: [2; EXIT_REASONS],
+            exits: [2; crate::stats::EXIT_REASONS],
             kvm: VcpuState::blank(),
         };
         let mut page = vec![0u8; PAGE];
@@ -860,7 +649,7 @@ mod tests {
                 odd: [(1, 0x99), (0, 0), (6, 0x80e)],
                 ..Stats::default()
             },
-            devices: Devices {
+            devices: DevicesState {
                 serial_regs: [1, 0, 0, 1, 3, 0x60, 8, 0xB0, 0],
                 serial_in: vec![],
                 fw_key: 5,

@@ -7,7 +7,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::savefile::{Reader, Writer};
+use crate::wire::{Reader, Writer};
 
 /// Most MSRs accepted in a save file.
 const MAX_MSRS: usize = 4096;

@@ -2,30 +2,29 @@
 //! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
-    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
-};
-use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, Msrs};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::{ApicMode, LapicConfig, TimerClock};
+use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
-use crate::clock::VmClock;
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
-use crate::irqchip::{FabricConfig, Irqchip};
-use crate::kick::{kick_signal, lock, TimerService, VcpuKick};
+use crate::gate::MigrationGate;
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
-use crate::migrate::{self, MigrationGate};
+use crate::migrate;
+use crate::outcome::Outcome;
 use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC, PAGE};
-use crate::summary::{ExitStats, Outcome, RunReport, VcpuReport};
-use crate::vcpu::{run_vcpu, Odd, RunState, Shared, Vcpu};
-use crate::{cpuid, snapshot, VmmError};
+use crate::shared::{Shared, MAX_VCPUS};
+use crate::stats::{ExitStats, Odd};
+use crate::summary::{RunReport, VcpuReport};
+use crate::vcpu::{run_vcpu, Vcpu};
+use crate::{lock, snapshot, VmmError};
 
 /// Everything needed to boot one guest.
 #[derive(Clone, Debug)]
@@ -89,11 +88,7 @@ impl Default for VmConfig {
     }
 }
 
-/// Highest vCPU count accepted.
-pub const MAX_VCPUS: usize = 64;
 const IA32_TSC: u32 = 0x10;
-const MSR_APIC_BASE: u32 = 0x1B;
-const MSR_TSC_DEADLINE: u32 = 0x6E0;
 
 fn setup(e: impl std::fmt::Display, what: &str) -> VmmError {
     VmmError::Setup(format!("{what}: {e}"))
@@ -101,144 +96,35 @@ fn setup(e: impl std::fmt::Display, what: &str) -> VmmError {
 
 /// Checks that /dev/kvm can run our VMs; `Err` says why not.
 pub fn kvm_usable() -> Result<(), String> {
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    for (cap, name) in [
-        (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
-        (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(format!("KVM lacks {name}"));
-        }
-    }
-    Ok(())
+    setup::kvm_usable().map(|_| ()).map_err(|e| e.to_string())
 }
 
-fn flat_segment(code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector: if code { 0x08 } else { 0x10 },
-        type_: if code { 0xB } else { 0x3 },
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-/// x87/SSE power-up state as a real CPU (and QEMU) sets it: FCW 0x37F, MXCSR
-/// 0x1F80, XCR0 = x87 | SSE.
-pub(crate) fn init_fpu(fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
-    let fpu = kvm_bindings::kvm_fpu {
-        fcw: 0x37F,
-        mxcsr: 0x1F80,
-        ..Default::default()
-    };
-    fd.set_fpu(&fpu).map_err(|e| setup(e, "KVM_SET_FPU"))?;
-    let mut xcrs = kvm_bindings::kvm_xcrs {
-        nr_xcrs: 1,
-        ..Default::default()
-    };
-    if let Some(x) = xcrs.xcrs.first_mut() {
-        x.xcr = 0;
-        x.value = 3;
-    }
-    fd.set_xcrs(&xcrs).map_err(|e| setup(e, "KVM_SET_XCRS"))
-}
-
+/// A VM with `ram` as its memory: with KVM's in-kernel irqchip for comparison, else
+/// prepared for the userspace APIC by vlapic-kvm (MSR exits and filter).
 fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
     if kernel_irqchip {
         vm.create_irq_chip()
             .map_err(|e| setup(e, "KVM_CREATE_IRQCHIP"))?;
+        vm.set_tss_address(0xFFFB_D000)
+            .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
+        let _ = vm.set_identity_map_address(0xFFFB_C000);
+    } else {
+        setup::configure_vm(&vm).map_err(|e| VmmError::Setup(e.to_string()))?;
     }
-    vm.set_tss_address(0xFFFB_D000)
-        .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
-    let _ = vm.set_identity_map_address(0xFFFB_C000);
-    let host = ram.host_base().map_err(VmmError::Setup)?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: host as u64,
-    };
-    // SAFETY: the region maps `ram`, which outlives the VM (both live until the
-    // end of `run_vm`, and the VM fd is dropped first).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| setup(e, "KVM_SET_USER_MEMORY_REGION"))?;
-    if kernel_irqchip {
-        return Ok(vm);
-    }
-    let cap = kvm_enable_cap {
-        cap: KVM_CAP_X86_USER_SPACE_MSR,
-        args: [
-            u64::from(
-                KVM_MSR_EXIT_REASON_INVAL
-                    | KVM_MSR_EXIT_REASON_UNKNOWN
-                    | KVM_MSR_EXIT_REASON_FILTER,
-            ),
-            0,
-            0,
-            0,
-        ],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap)
-        .map_err(|e| setup(e, "KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-    let deny = [0u8; 1];
-    let ranges = [
-        MsrFilterRange {
-            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-            base: MSR_APIC_BASE,
-            msr_count: 1,
-            bitmap: &deny,
-        },
-        MsrFilterRange {
-            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-            base: MSR_TSC_DEADLINE,
-            msr_count: 1,
-            bitmap: &deny,
-        },
-    ];
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(|e| setup(e, "KVM_X86_SET_MSR_FILTER"))?;
+    ram.register(&vm).map_err(VmmError::Setup)?;
     Ok(vm)
 }
 
 /// BSP: 32-bit protected mode, paging off, multiboot registers.
-fn boot_bsp(bsp: &kvm_ioctls::VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
-    let mut sregs = bsp.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
-    sregs.cs = flat_segment(true);
-    for s in [
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.fs,
-        &mut sregs.gs,
-        &mut sregs.ss,
-    ] {
-        *s = flat_segment(false);
-    }
-    sregs.cr0 = 0x11;
-    sregs.cr4 = 0;
-    sregs.efer = 0;
-    bsp.set_sregs(&sregs)
-        .map_err(|e| setup(e, "KVM_SET_SREGS"))?;
+fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
     let regs = kvm_regs {
         rip: u64::from(boot.entry),
         rax: u64::from(BOOT_MAGIC),
         rbx: u64::from(boot.info),
-        rflags: 2,
         ..Default::default()
     };
-    bsp.set_regs(&regs).map_err(|e| setup(e, "KVM_SET_REGS"))?;
-    Ok(())
+    setup::enter_protected_mode(bsp, &regs).map_err(|e| VmmError::Setup(e.to_string()))
 }
 
 /// Boots the guest described by `cfg` (or restores `cfg.restore`) and runs it to
@@ -313,7 +199,6 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     };
     kvm_usable().map_err(VmmError::Setup)?;
-    let signal = kick_signal().map_err(VmmError::Setup)?;
     let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
     if cfg.kernel_irqchip && (migrate_every.is_some() || cfg.save.is_some() || restore.is_some()) {
         return Err(VmmError::Setup(
@@ -322,28 +207,36 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ));
     }
     let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
-    let base_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| setup(e, "KVM_GET_SUPPORTED_CPUID"))?;
-
-    let make_vcpu = |vm: &VmFd, i: usize| -> Result<kvm_ioctls::VcpuFd, String> {
-        let fd = vm
-            .create_vcpu(i as u64)
-            .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
-        let c = cpuid::configure(&base_cpuid, i as u32, n as u32);
-        fd.set_cpuid2(&c)
-            .map_err(|e| format!("KVM_SET_CPUID2: {e}"))?;
-        Ok(fd)
+    let base_cpuid = setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
+    // The APICs (their clock is set once the guest TSC rate is known); CPUID is
+    // derived from them.
+    let mut fabric_cfg = FabricConfig::with_vcpus(n);
+    fabric_cfg.ioapic_id = n as u8;
+    fabric_cfg.apics = (0..n)
+        .map(|i| LapicConfig {
+            apic_id: i as u32,
+            bsp: i == 0,
+            mode: if x2apic {
+                ApicMode::X2Apic
+            } else {
+                ApicMode::XApic
+            },
+            x2apic: true,
+            tsc_deadline: true,
+            verify,
+            ..LapicConfig::default()
+        })
+        .collect();
+    let make_vcpu = |vm: &VmFd, i: usize| -> Result<VcpuFd, String> {
+        setup::create_vcpu_with(vm, &base_cpuid, &fabric_cfg, i)
+            .map_err(|e| format!("vCPU {i}: {e}"))
     };
     let mut fds = Vec::with_capacity(n);
     for i in 0..n {
-        let fd = make_vcpu(&vm, i).map_err(VmmError::Setup)?;
-        init_fpu(&fd)?;
-        let reset = fd.get_sregs().map_err(|e| setup(e, "KVM_GET_SREGS"))?;
-        fds.push((fd, reset));
+        fds.push(make_vcpu(&vm, i).map_err(VmmError::Setup)?);
     }
     if cfg.kernel_irqchip && x2apic {
-        for (i, (fd, _)) in fds.iter().enumerate() {
+        for (i, fd) in fds.iter().enumerate() {
             let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
             let m = Msrs::from_entries(&[kvm_msr_entry {
                 index: 0x1B,
@@ -360,7 +253,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     } else {
         Vec::new()
     };
-    let Some((bsp, _)) = fds.first() else {
+    let Some(bsp) = fds.first() else {
         return Err(VmmError::Setup("no vCPU".into()));
     };
 
@@ -371,7 +264,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         // host's differs and can), then every vCPU gets its saved state.
         let want = u32::try_from(f.header.tsc_hz / 1000).unwrap_or(u32::MAX);
         if want != tsc_khz {
-            for (fd, _) in &fds {
+            for fd in &fds {
                 fd.set_tsc_khz(want).map_err(|e| {
                     VmmError::Setup(format!(
                         "the saved guest TSC ran at {want} kHz, this host's at {tsc_khz} kHz, \
@@ -381,7 +274,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             }
             tsc_khz = want;
         }
-        for (i, ((fd, _), v)) in fds.iter().zip(&f.vcpus).enumerate() {
+        for (i, (fd, v)) in fds.iter().zip(&f.vcpus).enumerate() {
             // IA32_TSC as saved: hosts that honour the write resume VM time where
             // it stopped; this one (kvm_pvm) ignores it and time has moved on.
             v.kvm
@@ -405,31 +298,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         boot_bsp(bsp, b)?;
     }
 
-    let apics = (0..n)
-        .map(|i| LapicConfig {
-            apic_id: i as u32,
-            bsp: i == 0,
-            mode: if x2apic {
-                ApicMode::X2Apic
-            } else {
-                ApicMode::XApic
-            },
-            x2apic: true,
-            tsc_deadline: true,
-            verify,
-            clock: TimerClock {
-                bus_cycle_ns: 1,
-                tsc_hz,
-            },
-            ..LapicConfig::default()
-        })
-        .collect();
-    let fabric_cfg = FabricConfig {
-        apics,
-        ioapic_pins: 24,
-        ioapic_id: n as u8,
-    };
-    let chip = Arc::new(Irqchip::new(fabric_cfg.clone()));
+    let mut fabric_cfg = fabric_cfg.clone();
+    for a in &mut fabric_cfg.apics {
+        a.clock = TimerClock {
+            bus_cycle_ns: 1,
+            tsc_hz,
+        };
+    }
+    let chip = SharedFabric::new(fabric_cfg.clone());
     let exits = Arc::new(ExitStats::new(n));
     let (console, io) = match &restore {
         None => {
@@ -442,7 +318,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             // time now (timers that expired meanwhile fire at once).
             let state = vlapic::state::native::decode_fabric(&f.fabric)
                 .map_err(|e| bad(format!("FABR: {e:?}")))?;
-            chip.import(&state, clock.now_ns())
+            let _wake = chip
+                .import(&state, clock.now_ns())
                 .map_err(|e| bad(format!("FABR: import refused: {e:?}")))?;
             for (i, v) in f.vcpus.iter().enumerate() {
                 exits.seed(i, &v.exits);
@@ -455,23 +332,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             (console, io)
         }
     };
-    let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
-    let timers = Arc::new(TimerService::new(n));
+    let rt = ApicRuntime::new(chip, clock.clone()).map_err(|e| VmmError::Setup(e.to_string()))?;
     let carry = restore
         .as_ref()
         .map_or((0, 0), |f| (f.stats.max_nesting, f.stats.violations));
     let sh = Arc::new(Shared {
-        chip: std::sync::RwLock::new(chip),
+        rt,
         fabric_cfg,
         verifier_carry: Mutex::new(carry),
         io,
-        kicks: kicks.clone(),
-        timers: timers.clone(),
-        clock: clock.clone(),
-        stop: AtomicBool::new(false),
         outcome: Mutex::new(None),
         done: Condvar::new(),
-        stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
         wild_mmio: Odd::default(),
         msr_gp: Odd::default(),
         exits,
@@ -496,22 +367,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
 
     let start = Instant::now();
-    let timer_thread = {
-        let t = timers.clone();
-        let k = kicks.clone();
-        let clock = clock.clone();
-        std::thread::Builder::new()
-            .name("lapic-timer".into())
-            .spawn(move || t.run(clock, k))
-            .map_err(|e| VmmError::Internal(format!("cannot start the timer thread: {e}")))?
-    };
     let mut handles = Vec::with_capacity(n);
-    for (i, (fd, reset_sregs)) in fds.into_iter().enumerate() {
+    for (i, fd) in fds.into_iter().enumerate() {
         let saved = restore.as_ref().and_then(|f| f.vcpus.get(i));
         let v = Vcpu {
             index: i,
             fd,
-            reset_sregs,
             start: match saved {
                 Some(s) => s.run,
                 None if i == 0 => RunState::Running,
@@ -610,14 +471,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
     sh.finish(Outcome::Timeout);
 
-    let mut kept = Vec::new();
     let mut reports: Vec<VcpuReport> = Vec::new();
     for (i, h) in handles.into_iter().enumerate() {
         match h.join() {
-            Ok((v, r)) => {
-                kept.push(v);
-                reports.push(r);
-            }
+            Ok(r) => reports.push(r),
             Err(_) => reports.push(VcpuReport {
                 index: i,
                 state: "thread panicked".into(),
@@ -625,17 +482,15 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             }),
         }
     }
-    timers.stop();
-    let _ = timer_thread.join();
+    sh.rt.stop();
     let elapsed = prior + start.elapsed();
-    drop(kept);
     drop(vm);
 
     let now = clock.now_ns();
     let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
     let chip = sh.chip();
     for r in reports.iter_mut() {
-        if let Some(((depth, viol, line), _)) = chip.with_apic(r.index, now, |a| {
+        if let Some((depth, viol, line)) = chip.read_apic(r.index, |a| {
             let v = a.verifier();
             let line = format!(
                 "{:?} TPR={:#04x} PPR={:#04x} IRR^={} ISR^={} pending={} timer={}",
@@ -655,10 +510,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     d.saturating_sub(now) as i64
                 )),
             );
-            (
-                (v.max_depth(), v.violations(), line),
-                vlapic::Effects::default(),
-            )
+            (v.max_depth(), v.violations(), line)
         }) {
             if cfg.kernel_irqchip {
                 r.apic = "in-kernel (KVM's LAPIC)".into();

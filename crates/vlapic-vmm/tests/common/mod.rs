@@ -45,7 +45,7 @@ fn run(cmd: &mut Command) {
 pub fn mini_guest() -> Vec<u8> {
     static IMG: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     IMG.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mini");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vlapic-kvm/tests/mini");
         let out = tmp().join(format!("mini-{}.elf", std::process::id()));
         run(Command::new("sh").arg(dir.join("build.sh")).arg(&out));
         std::fs::read(&out).expect("mini guest image")

@@ -10,6 +10,9 @@ fn rdtsc() -> u64 {
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// IA32_TSC.
+const IA32_TSC: u32 = 0x10;
+
 /// The guest TSC as seen from the host, and its frequency (clones share the offset).
 #[derive(Clone, Debug)]
 pub struct VmClock {
@@ -20,6 +23,26 @@ pub struct VmClock {
 }
 
 impl VmClock {
+    /// The clock of the VM `fd` belongs to: the guest TSC frequency from
+    /// `KVM_GET_TSC_KHZ` and its offset from one read of IA32_TSC paired with the
+    /// host TSC. Every vCPU of a VM shares the TSC offset KVM gave the first one
+    /// (KVM synchronises TSCs written within a second), so one reading serves all.
+    pub fn from_vcpu(fd: &kvm_ioctls::VcpuFd) -> Result<Self, crate::Error> {
+        let khz = fd
+            .get_tsc_khz()
+            .map_err(|e| crate::Error::kvm("KVM_GET_TSC_KHZ", e))?;
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: IA32_TSC,
+            ..Default::default()
+        }])
+        .map_err(|e| crate::Error::Host(format!("MSR list: {e:?}")))?;
+        let host = Self::host_tsc();
+        fd.get_msrs(&mut msrs)
+            .map_err(|e| crate::Error::kvm("KVM_GET_MSRS(IA32_TSC)", e))?;
+        let guest = msrs.as_slice().first().map_or(0, |m| m.data);
+        Ok(Self::new(host, guest, u64::from(khz) * 1000))
+    }
+
     /// A clock for a guest whose TSC read `guest_tsc` when the host TSC read
     /// `host_tsc`, ticking at `tsc_hz`.
     pub fn new(host_tsc: u64, guest_tsc: u64, tsc_hz: u64) -> Self {
@@ -46,7 +69,18 @@ impl VmClock {
 
     /// VM time now: `guest_tsc × 10^9 / tsc_hz` nanoseconds.
     pub fn now_ns(&self) -> u64 {
-        let ns = u128::from(self.guest_tsc()) * 1_000_000_000 / u128::from(self.tsc_hz);
+        self.ns_of_tsc(self.guest_tsc())
+    }
+
+    /// VM time at guest TSC `tsc`.
+    pub fn ns_of_tsc(&self, tsc: u64) -> u64 {
+        let ns = u128::from(tsc) * 1_000_000_000 / u128::from(self.tsc_hz);
         u64::try_from(ns).unwrap_or(u64::MAX)
+    }
+
+    /// The guest TSC at VM time `ns` (the inverse of [`VmClock::ns_of_tsc`]).
+    pub fn tsc_of_ns(&self, ns: u64) -> u64 {
+        let t = u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000;
+        u64::try_from(t).unwrap_or(u64::MAX)
     }
 }

@@ -1,17 +1,11 @@
 //! Getting a vCPU out of KVM_RUN or out of its halt: `immediate_exit` plus a
-//! signal (the Firecracker pattern), a per-vCPU parker, and the LAPIC timer thread.
+//! signal (the Firecracker pattern) and a per-vCPU parker for vCPUs halted in userspace.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::clock::VmClock;
-
-/// Locks a mutex, ignoring poisoning (a panicking thread cannot leave these
-/// plain-data mutexes in a torn state).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only interrupts KVM_RUN; the acquire fence pairs with the kicker's release.
@@ -137,85 +131,5 @@ impl VcpuKick {
     /// Discards a pending wake token (before re-checking for work).
     pub fn clear_token(&self) {
         *lock(&self.parked) = false;
-    }
-}
-
-/// One host thread that sleeps until the earliest armed LAPIC timer deadline
-/// (VM nanoseconds) and kicks the vCPUs whose deadlines passed.
-pub struct TimerService {
-    deadlines: Mutex<Vec<Option<u64>>>,
-    cv: Condvar,
-    stop: AtomicBool,
-}
-
-impl TimerService {
-    /// A service for `n` vCPUs with nothing armed.
-    pub fn new(n: usize) -> Self {
-        Self {
-            deadlines: Mutex::new(vec![None; n]),
-            cv: Condvar::new(),
-            stop: AtomicBool::new(false),
-        }
-    }
-
-    /// Arms (or with `None` disarms) the timer of `vcpu` at VM time `deadline`.
-    pub fn arm(&self, vcpu: usize, deadline: Option<u64>) {
-        let mut d = lock(&self.deadlines);
-        if let Some(slot) = d.get_mut(vcpu) {
-            *slot = deadline;
-        }
-        drop(d);
-        self.cv.notify_all();
-    }
-
-    /// Stops [`TimerService::run`].
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _g = lock(&self.deadlines);
-        self.cv.notify_all();
-    }
-
-    /// The service loop (run it on its own thread).
-    pub fn run(self: Arc<Self>, clock: VmClock, kicks: Vec<Arc<VcpuKick>>) {
-        // Default timer slack (50 us) would dominate short deadlines; ask for 1 ns.
-        // SAFETY: PR_SET_TIMERSLACK takes an integer argument and only affects the
-        // calling thread; a failure leaves the default slack.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-        let mut due = Vec::new();
-        let mut g = lock(&self.deadlines);
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            let now = clock.now_ns();
-            let mut earliest: Option<u64> = None;
-            for (i, slot) in g.iter_mut().enumerate() {
-                match *slot {
-                    Some(t) if t <= now => {
-                        *slot = None;
-                        due.push(i);
-                    }
-                    Some(t) => earliest = Some(earliest.map_or(t, |e| e.min(t))),
-                    None => {}
-                }
-            }
-            if !due.is_empty() {
-                drop(g);
-                for i in due.drain(..) {
-                    if let Some(k) = kicks.get(i) {
-                        k.kick();
-                    }
-                }
-                g = lock(&self.deadlines);
-                continue;
-            }
-            let wait = earliest.map_or(Duration::from_millis(100), |t| {
-                Duration::from_nanos(t.saturating_sub(now)).min(Duration::from_millis(100))
-            });
-            g = match self.cv.wait_timeout(g, wait) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-        }
     }
 }

@@ -1,0 +1,259 @@
+//! The VM-wide half shared by every vCPU thread: the fabric (replaceable for
+//! migration), VM time, one kicker per vCPU, the timer service and the stop flag.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vlapic::fabric::{MsiError, SharedFabric, Wake};
+
+use crate::clock::VmClock;
+use crate::kick::{kick_signal, VcpuKick};
+use crate::timer::TimerService;
+use crate::{lock, Error};
+
+/// The polls a host without CR8-lowering exits or with late window exits needs
+/// (KVM checklist items 5 and 6), and how long a parked vCPU sleeps between checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PollConfig {
+    /// While a vector is held back by TPR alone and the vCPU runs, kick it this often
+    /// (VM ns) so a `mov cr8` that lowered TPR without an exit is seen.
+    pub tpr_poll_ns: u64,
+    /// While a vector waits for the interrupt window, kick this often (VM ns).
+    pub window_poll_ns: u64,
+    /// Longest sleep of a vCPU parked in userspace (HLT, wait-for-SIPI) before it
+    /// re-checks (a safety net: kicks and the timer service wake it on time).
+    pub park_timeout: Duration,
+}
+
+impl Default for PollConfig {
+    /// 200 µs TPR poll, 20 µs window poll, 100 ms park timeout.
+    fn default() -> Self {
+        Self {
+            tpr_poll_ns: 200_000,
+            window_poll_ns: 20_000,
+            park_timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+impl PollConfig {
+    /// This configuration with a TPR poll period.
+    pub fn with_tpr_poll_ns(mut self, ns: u64) -> Self {
+        self.tpr_poll_ns = ns;
+        self
+    }
+
+    /// This configuration with a window poll period.
+    pub fn with_window_poll_ns(mut self, ns: u64) -> Self {
+        self.window_poll_ns = ns;
+        self
+    }
+}
+
+/// Asks a platform 8259 for the vector of an ExtINT (the INTA cycle); `None` when it
+/// has nothing to give.
+pub type ExtIntSource = Arc<dyn Fn() -> Option<u8> + Send + Sync>;
+
+/// Everything the vCPU threads of one VM share. Build it once with
+/// [`ApicRuntime::new`]; give each [`crate::ApicVcpu`] a clone of the `Arc`.
+pub struct ApicRuntime {
+    fabric: RwLock<Arc<SharedFabric>>,
+    kicks: Vec<Arc<VcpuKick>>,
+    timers: Arc<TimerService>,
+    timer_thread: Mutex<Option<JoinHandle<()>>>,
+    clock: VmClock,
+    stuck: Vec<AtomicBool>,
+    stop: AtomicBool,
+    poll: PollConfig,
+    extint: Option<ExtIntSource>,
+}
+
+impl std::fmt::Debug for ApicRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApicRuntime")
+            .field("vcpus", &self.kicks.len())
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApicRuntime {
+    /// A runtime for `fabric`'s vCPUs with VM time from `clock` and the default polls;
+    /// installs the kick signal handler and starts the timer thread.
+    pub fn new(fabric: SharedFabric, clock: VmClock) -> Result<Arc<Self>, Error> {
+        Self::with_options(fabric, clock, PollConfig::default(), None)
+    }
+
+    /// [`ApicRuntime::new`] with explicit polls and an optional 8259 for ExtINT.
+    pub fn with_options(
+        fabric: SharedFabric,
+        clock: VmClock,
+        poll: PollConfig,
+        extint: Option<ExtIntSource>,
+    ) -> Result<Arc<Self>, Error> {
+        let signal = kick_signal().map_err(Error::Host)?;
+        let n = fabric.len();
+        let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
+        let timers = Arc::new(TimerService::new(n));
+        let thread = {
+            let (t, k, c) = (timers.clone(), kicks.clone(), clock.clone());
+            std::thread::Builder::new()
+                .name("lapic-timer".into())
+                .spawn(move || t.run(c, k))
+                .map_err(|e| Error::Host(format!("cannot start the timer thread: {e}")))?
+        };
+        Ok(Arc::new(Self {
+            fabric: RwLock::new(Arc::new(fabric)),
+            kicks,
+            timers,
+            timer_thread: Mutex::new(Some(thread)),
+            clock,
+            stuck: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            stop: AtomicBool::new(false),
+            poll,
+            extint,
+        }))
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.kicks.len()
+    }
+
+    /// The current fabric.
+    pub fn fabric(&self) -> Arc<SharedFabric> {
+        self.fabric
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Installs a new fabric (a migration imports the old one's state into a fresh
+    /// one while every vCPU is paused) and returns the old one.
+    pub fn replace_fabric(&self, fabric: SharedFabric) -> Arc<SharedFabric> {
+        let mut g = self.fabric.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *g, Arc::new(fabric))
+    }
+
+    /// VM time.
+    pub fn clock(&self) -> &VmClock {
+        &self.clock
+    }
+
+    /// VM time now (ns).
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// The polls in force.
+    pub fn poll(&self) -> &PollConfig {
+        &self.poll
+    }
+
+    /// Makes vCPU `vcpu` re-evaluate its interrupt state at once.
+    pub fn kick(&self, vcpu: usize) {
+        if let Some(k) = self.kicks.get(vcpu) {
+            k.kick();
+        }
+    }
+
+    /// Kicks every vCPU.
+    pub fn kick_all(&self) {
+        for k in &self.kicks {
+            k.kick();
+        }
+    }
+
+    /// Kicks every vCPU in `wake` (what a fabric operation returned).
+    pub fn wake(&self, wake: &Wake) {
+        for v in wake.iter() {
+            self.kick(v);
+        }
+    }
+
+    /// Kicks every vCPU in `wake` except `me` (the caller, which re-checks anyway).
+    pub fn wake_others(&self, me: usize, wake: &Wake) {
+        for v in wake.iter().filter(|&v| v != me) {
+            self.kick(v);
+        }
+    }
+
+    /// Drives IOAPIC pin `pin` to `level` (a device interrupt line) and kicks whoever
+    /// must take the result.
+    pub fn set_irq_line(&self, pin: u32, level: bool) {
+        let w = self.fabric().set_irq_line(pin, level, self.now_ns());
+        self.wake(&w);
+    }
+
+    /// Delivers an MSI and kicks its targets.
+    pub fn msi(&self, address: u64, data: u32) -> Result<(), MsiError> {
+        let w = self.fabric().msi(address, data, self.now_ns())?;
+        self.wake(&w);
+        Ok(())
+    }
+
+    /// Kicks sent to `vcpu` so far.
+    pub fn kicks_sent(&self, vcpu: usize) -> u64 {
+        self.kicks
+            .get(vcpu)
+            .map_or(0, |k| k.kicks.load(Ordering::Relaxed))
+    }
+
+    /// Ends the run: every [`crate::ApicVcpu::run`] returns [`crate::Exit::Stopped`]
+    /// from now on (parked vCPUs are woken), and the timer thread ends.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick_all();
+        self.timers.stop();
+        if let Some(t) = lock(&self.timer_thread).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether [`ApicRuntime::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The kicker of `vcpu`, for a VMM that runs a vCPU without [`crate::ApicVcpu`]
+    /// (e.g. with KVM's in-kernel irqchip, for comparison) but stops it the same way.
+    pub fn kicker(&self, vcpu: usize) -> Option<Arc<VcpuKick>> {
+        self.kicks.get(vcpu).cloned()
+    }
+
+    pub(crate) fn arm_timer(&self, vcpu: usize, deadline: Option<u64>) {
+        self.timers.arm(vcpu, deadline);
+    }
+
+    pub(crate) fn extint_source(&self) -> Option<&ExtIntSource> {
+        self.extint.as_ref()
+    }
+
+    /// Marks `vcpu` as unable to run on its own (halted with IF = 0, waiting for SIPI)
+    /// or not; true when every vCPU is so and no NMI/INIT/SIPI/ExtINT waits for any:
+    /// the VM can never run again.
+    pub(crate) fn set_stuck(&self, vcpu: usize, stuck: bool) -> bool {
+        if let Some(s) = self.stuck.get(vcpu) {
+            s.store(stuck, Ordering::SeqCst);
+        }
+        if !stuck || !self.stuck.iter().all(|s| s.load(Ordering::SeqCst)) {
+            return false;
+        }
+        let fabric = self.fabric();
+        let waiting = (0..self.stuck.len())
+            .any(|i| fabric.read_apic(i, |a| a.events().any()).unwrap_or(false));
+        !waiting && self.stuck.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for ApicRuntime {
+    fn drop(&mut self) {
+        self.timers.stop();
+        if let Some(t) = lock(&self.timer_thread).take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! The vCPU adapter: one `KVM_RUN` per call with every APIC duty done around it
+//! (entry plan, injection, NMI, INIT/SIPI, HLT parking, polls, CR8, APIC exits).
+
+use std::sync::Arc;
+
+use kvm_bindings::kvm_sregs;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vlapic::fabric::SharedFabric;
+use vlapic::regs::MSR_APIC_BASE;
+use vlapic::{is_apic_msr, EntryPlan, Events};
+
+use crate::kick::VcpuKick;
+use crate::raw::{self, RunSlot};
+use crate::{reset, ApicRuntime, Error};
+
+/// What the VMM knows of a vCPU's run state that KVM does not hold without an
+/// in-kernel APIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Executing guest code.
+    Running,
+    /// Halted; the guest's IF at the HLT (a halt with IF = 0 only ends by NMI/INIT).
+    Halted(bool),
+    /// After INIT (APs from power-up): only a SIPI starts it.
+    WaitForSipi,
+}
+
+/// An exit the adapter handled completely (for the embedder's statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Handled {
+    /// A read of this vCPU's xAPIC page or of the IOAPIC page.
+    MmioRead,
+    /// A write to this vCPU's xAPIC page or to the IOAPIC page.
+    MmioWrite,
+    /// RDMSR of an APIC MSR (x2APIC, IA32_APIC_BASE, IA32_TSC_DEADLINE).
+    Rdmsr,
+    /// WRMSR of an APIC MSR.
+    Wrmsr,
+    /// An MSR access answered with #GP (a non-APIC MSR KVM did not handle, or an APIC
+    /// MSR the architecture refuses); the MSR index.
+    MsrFault(u32),
+    /// HLT: the vCPU is now halted (parked at the next call unless it has work).
+    Hlt,
+    /// The interrupt window opened.
+    IrqWindow,
+    /// The guest lowered CR8 and KVM said so.
+    SetTpr,
+    /// `KVM_RUN` was interrupted (a kick, a timer, a poll).
+    Kick,
+}
+
+/// What one [`ApicVcpu::run`] call ended with.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Exit<'a> {
+    /// An exit the adapter handled; call `run` again.
+    Handled(Handled),
+    /// The vCPU was parked in userspace (halted or waiting for SIPI) and woke, or
+    /// there was nothing to do; call `run` again (after checking your own flags).
+    Idle,
+    /// [`ApicRuntime::stop`] was called.
+    Stopped,
+    /// Every vCPU is halted with interrupts off or waiting for SIPI and nothing is
+    /// pending for any: the VM can never run again.
+    AllStopped,
+    /// Port input for the embedder's devices: fill the buffer.
+    IoIn(u16, &'a mut [u8]),
+    /// Port output for the embedder's devices.
+    IoOut(u16, &'a [u8]),
+    /// MMIO read outside the APIC and IOAPIC pages: fill the buffer.
+    MmioRead(u64, &'a mut [u8]),
+    /// MMIO write outside the APIC and IOAPIC pages.
+    MmioWrite(u64, &'a [u8]),
+    /// Triple fault.
+    Shutdown,
+    /// KVM could not run the vCPU (`KVM_EXIT_INTERNAL_ERROR`): suberror and data.
+    InternalError(u32, Vec<u64>),
+    /// `KVM_EXIT_FAIL_ENTRY`: hardware entry failure reason and CPU.
+    FailEntry(u64, u32),
+    /// `KVM_EXIT_SYSTEM_EVENT` of this type.
+    SystemEvent(u32),
+    /// Any other exit, described.
+    Other(String),
+}
+
+/// Counters of what the adapter did for one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuCounters {
+    /// Vectors injected with `KVM_INTERRUPT`.
+    pub interrupts: u64,
+    /// NMIs injected with `KVM_NMI`.
+    pub nmis: u64,
+    /// SIPIs that started the vCPU.
+    pub sipis: u64,
+}
+
+/// One vCPU run by the adapter. Call [`ApicVcpu::run`] in a loop on one thread.
+pub struct ApicVcpu {
+    index: usize,
+    fd: VcpuFd,
+    rt: Arc<ApicRuntime>,
+    kick: Arc<VcpuKick>,
+    registered: Option<libc::pthread_t>,
+    state: RunState,
+    carried: Events,
+    armed: Option<u64>,
+    last_cr8: u64,
+    reset_sregs: kvm_sregs,
+    counters: VcpuCounters,
+    mirror_base: bool,
+}
+
+impl std::fmt::Debug for ApicVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApicVcpu")
+            .field("index", &self.index)
+            .field("state", &self.state)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `a` then `b`: flags or'ed, NMIs added (at most 2: one taken, one latched), the
+/// later SIPI vector wins.
+pub fn merge_events(a: Events, b: Events) -> Events {
+    let mut e = a;
+    e.nmi = a.nmi.saturating_add(b.nmi).min(2);
+    e.smi |= b.smi;
+    e.init |= b.init;
+    e.sipi = b.sipi.or(a.sipi);
+    e.extint |= b.extint;
+    e
+}
+
+/// The result of decoding one `KVM_RUN` return.
+enum Decoded<'a> {
+    Done(Handled, bool),
+    Pass(Exit<'a>),
+}
+
+impl ApicVcpu {
+    /// The adapter for vCPU `index` of `rt`'s fabric, running `fd` (made with
+    /// [`crate::setup::create_vcpu`]). Starts running if its APIC is the BSP, else in
+    /// wait-for-SIPI; [`ApicVcpu::set_state`] changes that (a restored vCPU).
+    pub fn new(rt: Arc<ApicRuntime>, index: usize, fd: VcpuFd) -> Result<Self, Error> {
+        let kick = rt.kicker(index).ok_or(Error::NoSuchVcpu(index))?;
+        let bsp = rt
+            .fabric()
+            .read_apic(index, |a| a.config().bsp)
+            .ok_or(Error::NoSuchVcpu(index))?;
+        let reset_sregs = fd.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+        Ok(Self {
+            index,
+            fd,
+            rt,
+            kick,
+            registered: None,
+            state: if bsp {
+                RunState::Running
+            } else {
+                RunState::WaitForSipi
+            },
+            carried: Events::default(),
+            armed: None,
+            last_cr8: 0,
+            reset_sregs,
+            counters: VcpuCounters::default(),
+            mirror_base: false,
+        })
+    }
+
+    /// The vCPU index (= fabric index).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The KVM vCPU (for saving its registers; do not run it yourself).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Replaces the KVM vCPU (live migration into a new VM) and returns the old one.
+    pub fn replace_fd(&mut self, fd: VcpuFd) -> VcpuFd {
+        self.unregister();
+        std::mem::replace(&mut self.fd, fd)
+    }
+
+    /// The run state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Sets the run state (a restored or migrated vCPU).
+    pub fn set_state(&mut self, s: RunState) {
+        self.state = s;
+    }
+
+    /// Events taken from the APIC but not yet acted on (saved with a paused vCPU).
+    pub fn take_carried(&mut self) -> Events {
+        std::mem::take(&mut self.carried)
+    }
+
+    /// Adds events to act on at the next entry (a restored vCPU's).
+    pub fn carry(&mut self, e: Events) {
+        self.carried = merge_events(self.carried, e);
+    }
+
+    /// What the adapter did so far.
+    pub fn counters(&self) -> VcpuCounters {
+        self.counters
+    }
+
+    /// Continues the counters of a restored vCPU.
+    pub fn set_counters(&mut self, c: VcpuCounters) {
+        self.counters = c;
+    }
+
+    /// Registers this thread as the kick target (again after a move or a new fd).
+    fn ensure_registered(&mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        // SAFETY: pthread_equal compares two thread handles.
+        if self
+            .registered
+            .is_some_and(|t| unsafe { libc::pthread_equal(t, me) } != 0)
+        {
+            return;
+        }
+        let ie: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        // SAFETY: `ie` points into the kvm_run mapping owned by `self.fd`; it is
+        // unregistered (in `replace_fd` and `Drop`) before that fd is dropped, and
+        // registered from the thread that runs the vCPU.
+        unsafe { self.kick.register(ie) };
+        self.registered = Some(me);
+    }
+
+    fn unregister(&mut self) {
+        if self.registered.take().is_some() {
+            self.kick.unregister();
+        }
+    }
+
+    /// Tells KVM the APIC base the guest now has: 0x1B is filtered to userspace, so
+    /// KVM never sees the guest's writes; this keeps CPUID.1:EDX.APIC in step with
+    /// IA32_APIC_BASE.EN (SDM Vol. 3A §11.4.3). Best effort.
+    fn mirror_apic_base(&mut self, fabric: &SharedFabric) {
+        let Some(base) = fabric.read_apic(self.index, |a| a.apic_base()) else {
+            return;
+        };
+        let entry = kvm_bindings::kvm_msr_entry {
+            index: MSR_APIC_BASE,
+            data: base,
+            ..Default::default()
+        };
+        if let Ok(msrs) = kvm_bindings::Msrs::from_entries(&[entry]) {
+            let _ = self.fd.set_msrs(&msrs);
+        }
+    }
+
+    /// Parks a vCPU that cannot run (halted, waiting for SIPI) until kicked.
+    fn park(&mut self, stuck: bool) -> Exit<'static> {
+        if stuck && self.rt.set_stuck(self.index, true) {
+            return Exit::AllStopped;
+        }
+        self.kick.park(self.rt.poll().park_timeout);
+        // Everything is re-evaluated at the next call: a kick that woke us needs no exit.
+        self.kick.clear_immediate_exit();
+        if stuck {
+            self.rt.set_stuck(self.index, false);
+        }
+        Exit::Idle
+    }
+
+    /// Arms the host timer for the APIC deadline and the polls the plan needs.
+    fn arm(&mut self, plan: &EntryPlan, now: u64) {
+        let poll = self.rt.poll();
+        let running = matches!(self.state, RunState::Running | RunState::Halted(true));
+        let p = if plan.request_window && running {
+            Some(poll.window_poll_ns)
+        } else if plan.held_by_tpr && self.state == RunState::Running {
+            Some(poll.tpr_poll_ns)
+        } else {
+            None
+        };
+        let want = match p {
+            Some(p) => {
+                let t = now.saturating_add(p);
+                Some(plan.timer_deadline.map_or(t, |d| d.min(t)))
+            }
+            None => plan.timer_deadline,
+        };
+        if want != self.armed {
+            self.armed = want;
+            self.rt.arm_timer(self.index, want);
+        }
+    }
+
+    /// Acts on the events of a plan: INIT, SIPI, NMI, ExtINT. Returns whether the
+    /// vCPU can enter the guest.
+    fn take_events(&mut self, events: Events, can_inject: bool) -> Result<bool, Error> {
+        if events.init {
+            reset::init(&self.fd, &self.reset_sregs)?;
+            self.state = RunState::WaitForSipi;
+        }
+        if let Some(page) = events.sipi {
+            if self.state == RunState::WaitForSipi {
+                reset::sipi(&self.fd, &self.reset_sregs, page)?;
+                self.counters.sipis += 1;
+                self.state = RunState::Running;
+            }
+        }
+        if self.state == RunState::WaitForSipi {
+            return Ok(false);
+        }
+        // One KVM_NMI per NMI: KVM, like the core, takes one and latches one.
+        for _ in 0..events.nmi {
+            self.fd.nmi().map_err(|e| Error::kvm("KVM_NMI", e))?;
+            self.counters.nmis += 1;
+            self.state = RunState::Running;
+        }
+        if events.extint {
+            let src = self.rt.extint_source().cloned();
+            match src {
+                Some(src) if can_inject => {
+                    if let Some(v) = src() {
+                        raw::interrupt(&self.fd, v).map_err(|e| {
+                            Error::Host(format!("KVM_INTERRUPT(ExtINT {v:#x}): {e}"))
+                        })?;
+                        self.counters.interrupts += 1;
+                        self.state = RunState::Running;
+                    }
+                }
+                // Not injectable now: keep it for the next entry.
+                Some(_) => self.carried.extint = true,
+                None => {}
+            }
+        }
+        Ok(true)
+    }
+
+    /// Runs the vCPU once: plans the entry with the APIC (injecting, NMI, INIT/SIPI),
+    /// parks it while it is halted or waiting for SIPI, else enters the guest with
+    /// `KVM_RUN` and handles the APIC's exits. Returns what the embedder must see.
+    pub fn run(&mut self) -> Result<Exit<'_>, Error> {
+        if self.rt.is_stopped() {
+            return Ok(Exit::Stopped);
+        }
+        self.ensure_registered();
+        self.kick.clear_token();
+        let fabric = self.rt.fabric();
+        if std::mem::take(&mut self.mirror_base) {
+            self.mirror_apic_base(&fabric);
+        }
+        let now = self.rt.now_ns();
+        let (ready, if_flag) = {
+            let r = self.fd.get_kvm_run();
+            (r.ready_for_interrupt_injection != 0, r.if_flag != 0)
+        };
+        let can_inject = ready
+            && match self.state {
+                RunState::Running => if_flag,
+                RunState::Halted(halt_if) => halt_if && if_flag,
+                RunState::WaitForSipi => false,
+            };
+        // NMIs carried from before go first: no vector overtakes them.
+        let carried = std::mem::take(&mut self.carried);
+        let plan = fabric
+            .plan_entry(
+                self.index,
+                now,
+                can_inject && carried.nmi == 0 && !carried.extint,
+            )
+            .ok_or(Error::NoSuchVcpu(self.index))?;
+        let events = merge_events(carried, plan.events);
+        self.arm(&plan, now);
+        if !self.take_events(events, can_inject && plan.inject.is_none())? {
+            return Ok(self.park(true));
+        }
+        if let Some(v) = plan.inject {
+            raw::interrupt(&self.fd, v)
+                .map_err(|e| Error::Host(format!("KVM_INTERRUPT({v:#x}): {e}")))?;
+            self.counters.interrupts += 1;
+            self.state = RunState::Running;
+        }
+        if let RunState::Halted(halt_if) = self.state {
+            if plan.request_window && halt_if {
+                self.state = RunState::Running;
+            } else {
+                return Ok(self.park(!halt_if));
+            }
+        }
+        {
+            let r = self.fd.get_kvm_run();
+            r.request_interrupt_window = u8::from(plan.request_window || self.carried.extint);
+            r.cr8 = plan.cr8;
+        }
+        self.last_cr8 = plan.cr8;
+        self.enter(&fabric)
+    }
+
+    /// Completes the instruction in flight before the vCPU's state is saved (KVM
+    /// checklist item 12): re-enters with `immediate_exit` set so KVM finishes the
+    /// last exit without running further guest code. `Ok(None)`: done, the state is
+    /// consistent. `Ok(Some(exit))`: the instruction made another access; handle it
+    /// as from [`ApicVcpu::run`] and call again (APIC accesses come back as
+    /// [`Exit::Handled`] and need nothing).
+    pub fn finish_instruction(&mut self) -> Result<Option<Exit<'_>>, Error> {
+        self.ensure_registered();
+        self.kick.set_immediate_exit();
+        let fabric = self.rt.fabric();
+        match self.enter(&fabric)? {
+            Exit::Handled(Handled::Kick) => Ok(None),
+            other => Ok(Some(other)),
+        }
+    }
+
+    /// `KVM_RUN` once; CR8 folded into TPR first; APIC exits handled.
+    fn enter(&mut self, fabric: &SharedFabric) -> Result<Exit<'_>, Error> {
+        let me = self.index;
+        let slot = RunSlot::of(&mut self.fd);
+        let res = self.fd.run();
+        self.kick.clear_immediate_exit();
+        // SAFETY: the slot is from `self.fd`, alive; KVM_RUN returned on this thread.
+        let cr8 = unsafe { slot.cr8() };
+        if cr8 != self.last_cr8 {
+            // Before the exit is handled: it may be a TPR/PPR read or an EOI.
+            let _ = fabric.set_cr8(me, cr8);
+            self.last_cr8 = cr8;
+        }
+        let decoded = match res {
+            Ok(exit) => decode(&self.rt, fabric, me, exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Decoded::Done(Handled::Kick, false)
+            }
+            Err(e) => return Err(Error::kvm("KVM_RUN", e)),
+        };
+        match decoded {
+            Decoded::Done(h, base_written) => {
+                if h == Handled::Hlt {
+                    // SAFETY: as for `slot`.
+                    self.state = RunState::Halted(unsafe { slot.if_flag() });
+                }
+                self.mirror_base |= base_written;
+                Ok(Exit::Handled(h))
+            }
+            Decoded::Pass(exit) => Ok(exit),
+        }
+    }
+}
+
+/// Handles the APIC's exits; passes the rest on.
+fn decode<'a>(
+    rt: &ApicRuntime,
+    fabric: &SharedFabric,
+    me: usize,
+    exit: VcpuExit<'a>,
+) -> Decoded<'a> {
+    let now = rt.now_ns();
+    match exit {
+        VcpuExit::MmioRead(addr, data) => {
+            if fabric.mmio_read(me, addr, data, now) {
+                Decoded::Done(Handled::MmioRead, false)
+            } else {
+                Decoded::Pass(Exit::MmioRead(addr, data))
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => match fabric.mmio_write(me, addr, data, now) {
+            Some(w) => {
+                rt.wake_others(me, &w);
+                Decoded::Done(Handled::MmioWrite, false)
+            }
+            None => Decoded::Pass(Exit::MmioWrite(addr, data)),
+        },
+        VcpuExit::X86Rdmsr(m) => {
+            match is_apic_msr(m.index).then(|| fabric.lapic_msr_read(me, m.index, now)) {
+                Some(Ok(v)) => {
+                    *m.data = v;
+                    Decoded::Done(Handled::Rdmsr, false)
+                }
+                _ => {
+                    *m.error = 1;
+                    Decoded::Done(Handled::MsrFault(m.index), false)
+                }
+            }
+        }
+        VcpuExit::X86Wrmsr(m) => {
+            match is_apic_msr(m.index).then(|| fabric.lapic_msr_write(me, m.index, m.data, now)) {
+                Some(Ok(w)) => {
+                    rt.wake_others(me, &w);
+                    Decoded::Done(Handled::Wrmsr, m.index == MSR_APIC_BASE)
+                }
+                _ => {
+                    *m.error = 1;
+                    Decoded::Done(Handled::MsrFault(m.index), false)
+                }
+            }
+        }
+        VcpuExit::IoIn(port, data) => Decoded::Pass(Exit::IoIn(port, data)),
+        VcpuExit::IoOut(port, data) => Decoded::Pass(Exit::IoOut(port, data)),
+        VcpuExit::Hlt => Decoded::Done(Handled::Hlt, false),
+        VcpuExit::IrqWindowOpen => Decoded::Done(Handled::IrqWindow, false),
+        VcpuExit::SetTpr => Decoded::Done(Handled::SetTpr, false),
+        VcpuExit::Intr => Decoded::Done(Handled::Kick, false),
+        VcpuExit::Shutdown => Decoded::Pass(Exit::Shutdown),
+        VcpuExit::FailEntry(reason, cpu) => Decoded::Pass(Exit::FailEntry(reason, cpu)),
+        VcpuExit::InternalError => Decoded::Pass(Exit::InternalError(0, Vec::new())),
+        VcpuExit::SystemEvent(t, _) => Decoded::Pass(Exit::SystemEvent(t)),
+        other => Decoded::Pass(Exit::Other(format!("{other:?}"))),
+    }
+}
+
+impl ApicVcpu {
+    /// Details of the last `KVM_EXIT_INTERNAL_ERROR` (suberror, data), for reports.
+    pub fn internal_error(&mut self) -> Option<(u32, Vec<u64>)> {
+        raw::internal_error(&mut self.fd)
+    }
+}
+
+impl Drop for ApicVcpu {
+    fn drop(&mut self) {
+        // Before `fd` (and its kvm_run mapping) goes: no kicker may touch it after.
+        self.unregister();
+    }
+}
