@@ -37,7 +37,7 @@ fn set(reg: &mut u32, bit: u32, on: bool) {
 /// Adjusts KVM's supported CPUID (`KVM_GET_SUPPORTED_CPUID`) for the vCPU whose APIC
 /// is built from `apic`, in a VM of `ncpus` vCPUs: CPUID.1:ECX x2APIC (bit 21) and
 /// TSC-deadline (bit 24) exactly as `apic` offers them, CPUID.1:EDX.APIC (bit 9) set
-/// unless the APIC starts hardware-disabled, the initial APIC ID in CPUID.1:EBX[31:24],
+/// unless the APIC starts hardware-disabled, the initial APIC ID in `CPUID.1:EBX[31:24]`,
 /// leaves 0xB/0x1F and 0x8000001E, ARAT, and only the KVM paravirtual features that
 /// work without KVM's in-kernel APIC.
 pub fn configure(base: &CpuId, apic: &LapicConfig, ncpus: u32) -> CpuId {
