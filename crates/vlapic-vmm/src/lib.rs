@@ -2,8 +2,9 @@
 //! `vlapic` (no in-kernel irqchip), on `vlapic-kvm`: loader, platform devices,
 //! migration, save files and the run report.
 
-// Modules in dependency order: each uses only those above it (savefile, summary
-// and vm at the edge).
+// Dependency order, bottom-up (tests/layering.rs enforces it): stats, wire, outcome,
+// memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
+// migrate → savefile, summary → vm. Nothing imports savefile or summary but vm.
 pub mod console;
 pub mod devices;
 pub mod gate;

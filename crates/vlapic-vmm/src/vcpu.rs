@@ -13,7 +13,6 @@ use crate::outcome::Outcome;
 use crate::shared::Shared;
 use crate::snapshot::VcpuState;
 use crate::stats::ExitReason;
-use crate::summary::VcpuReport;
 
 /// Most exits one instruction may need to complete before a pause (a `rep movs`
 /// over the APIC page makes one per element).
@@ -32,6 +31,19 @@ pub struct Vcpu {
     pub carried: Events,
     /// Counters to continue from (interrupts, NMIs, SIPIs; a restored vCPU's).
     pub counters: [u64; 3],
+}
+
+/// Where a vCPU was when its thread ended (the report is built from it).
+#[derive(Clone, Debug, Default)]
+pub struct VcpuEnd {
+    /// vCPU index.
+    pub index: usize,
+    /// Run state: running, halted, halted (IF=0), wait-for-SIPI.
+    pub state: String,
+    /// RIP after the loop ended.
+    pub rip: u64,
+    /// Interrupts, NMIs and SIPIs the adapter delivered.
+    pub counters: VcpuCounters,
 }
 
 /// The exit-statistics bucket of an adapter exit.
@@ -100,16 +112,15 @@ fn serve(sh: &Shared, me: usize, exit: Exit<'_>) -> Option<Outcome> {
 /// Runs a vCPU until the run ends; returns its report. The adapter (and with it
 /// the `kvm_run` mapping every kicker may touch) is dropped only after the run
 /// stopped, so no kick lands in a dead mapping.
-pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuReport {
+pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
     let me = v.index;
-    let mut rep = VcpuReport {
+    let mut rep = VcpuEnd {
         index: me,
-        ..VcpuReport::default()
+        ..VcpuEnd::default()
     };
     if let Some(vm) = sh.kernel_irqchip.clone() {
         let mut fd = v.fd;
         kernel_loop(&mut fd, me, &sh, &vm);
-        rep.exits = sh.exits.vcpu(me);
         rep.state = "running".into();
         rep.rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
         return rep;
@@ -129,11 +140,7 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuReport {
         sipis: v.counters[2],
     });
     vcpu_loop(&mut vcpu, &sh);
-    let c = vcpu.counters();
-    rep.interrupts = c.interrupts;
-    rep.nmis = c.nmis;
-    rep.sipis = c.sipis;
-    rep.exits = sh.exits.vcpu(me);
+    rep.counters = vcpu.counters();
     rep.state = match vcpu.state() {
         RunState::Running => "running".into(),
         RunState::Halted(true) => "halted".into(),

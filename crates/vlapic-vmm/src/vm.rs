@@ -474,7 +474,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let mut reports: Vec<VcpuReport> = Vec::new();
     for (i, h) in handles.into_iter().enumerate() {
         match h.join() {
-            Ok(r) => reports.push(r),
+            Ok(end) => reports.push(VcpuReport {
+                index: end.index,
+                state: end.state,
+                rip: end.rip,
+                exits: sh.exits.vcpu(end.index),
+                interrupts: end.counters.interrupts,
+                nmis: end.counters.nmis,
+                sipis: end.counters.sipis,
+                ..VcpuReport::default()
+            }),
             Err(_) => reports.push(VcpuReport {
                 index: i,
                 state: "thread panicked".into(),
