@@ -106,6 +106,15 @@ impl LocalApic {
         let isrv = priority::in_service_vector(self.isr());
         priority::class(v) > priority::class(isrv) && self.pending_vector().is_none()
     }
+
+    /// Whether the vCPU must be kicked after something was posted to this APIC: it has
+    /// work ([`LocalApic::has_work`]), or a vector waits that only TPR holds back. A
+    /// running vCPU must see the latter too: on hosts where lowering CR8 does not exit,
+    /// it arms its TPR poll at the next entry, or the vector would wait for an unrelated
+    /// exit (kvm-unit-tests `vmexit` x2apic_self_ipi_tpr).
+    pub fn needs_kick(&self) -> bool {
+        self.has_work() || self.held_back_by_tpr()
+    }
 }
 
 #[cfg(test)]

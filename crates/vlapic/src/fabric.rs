@@ -14,7 +14,7 @@
 //! [`LocalApic::deliver`] (fixed vectors into IRR/TMR, NMI/SMI/INIT/SIPI/ExtINT into
 //! [`crate::Events`]; INIT resets the target keeping its ID and mode). A vCPU is in
 //! the returned [`Wake`] when its APIC took the message and now has work
-//! ([`LocalApic::has_work`]). Messages that match nothing (a nonexistent ID, say)
+//! ([`LocalApic::needs_kick`]: work to take, or a vector only TPR holds back). Messages that match nothing (a nonexistent ID, say)
 //! are dropped. Every access goes through the fabric, and after each one the APIC's
 //! routing view (ID, LDR, DFR, mode, enable) is compared with the map's; a
 //! difference marks the map stale and it is rebuilt before the next lookup. The
@@ -258,7 +258,7 @@ fn deliver_one<A: ApicAccess>(
 ) -> bool {
     let Some((ok, work)) = apics.with(t, |a| {
         let ok = a.deliver(d, now);
-        (ok, ok && a.has_work())
+        (ok, ok && a.needs_kick())
     }) else {
         return false;
     };
@@ -494,7 +494,7 @@ impl Fabric {
         let mut wake = Wake::default();
         if self
             .core
-            .with(vcpu, |a| a.set_lint(pin, level, now) && a.has_work())
+            .with(vcpu, |a| a.set_lint(pin, level, now) && a.needs_kick())
             == Some(true)
         {
             wake.push(vcpu);
@@ -583,7 +583,7 @@ impl Fabric {
             .map_err(FabricError::IoApic)?;
         let mut wake = self.ioapic_service(now);
         for i in 0..self.core.apics.len() {
-            if self.core.with(i, |a| a.has_work()) == Some(true) {
+            if self.core.with(i, |a| a.needs_kick()) == Some(true) {
                 wake.push(i);
             }
         }
@@ -885,7 +885,7 @@ mod shared {
         /// Drives LINT0 (`pin` 0) or LINT1 (`pin` 1) of `vcpu`.
         pub fn set_lint(&self, vcpu: usize, pin: u8, level: bool, now: u64) -> Wake {
             let mut wake = Wake::default();
-            if self.locked(vcpu, |a| a.set_lint(pin, level, now) && a.has_work()) == Some(true) {
+            if self.locked(vcpu, |a| a.set_lint(pin, level, now) && a.needs_kick()) == Some(true) {
                 wake.push(vcpu);
             }
             wake
@@ -935,7 +935,7 @@ mod shared {
                 .map_err(FabricError::IoApic)?;
             let mut wake = self.ioapic_service(now);
             for i in 0..self.apics.len() {
-                if self.locked(i, |a| a.has_work()) == Some(true) {
+                if self.locked(i, |a| a.needs_kick()) == Some(true) {
                     wake.push(i);
                 }
             }

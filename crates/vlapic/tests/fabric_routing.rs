@@ -333,17 +333,24 @@ fn msi_redirection_hint_is_lowest_priority() {
     );
 }
 
-// The Wake reports only vCPUs that can take something now: a vector below the target's
-// PPR class is posted to IRR but needs no kick (SDM §11.8.3.1).
+// The Wake reports vCPUs that can take something now, and those where only TPR holds a
+// posted vector back (a running vCPU must arm its TPR poll: lowering CR8 may not exit);
+// a vector below the class in service needs no kick, the EOI exit will come (SDM §11.8.3.1).
 #[test]
-fn wake_only_when_deliverable() {
+fn wake_only_when_deliverable_or_held_by_tpr() {
     let f = xapic_vm(2);
     w32(&f, 1, TPR, 0x60);
     let w = xapic_ipi(&f, 0, 1, 0x4051);
-    assert!(w.is_empty());
+    assert_eq!(woken(&w), [1], "held back by TPR alone: kicked");
     assert!(irr(&f, 1, 0x51));
     let w = xapic_ipi(&f, 0, 1, 0x4071);
     assert_eq!(woken(&w), [1]);
+    // vCPU 1 takes 0x71 (ISR class 7) and drops TPR: 0x61 is then below the class in service.
+    assert_eq!(f.plan_entry(1, 0, true).and_then(|p| p.inject), Some(0x71));
+    w32(&f, 1, TPR, 0x00);
+    let w = xapic_ipi(&f, 0, 1, 0x4061);
+    assert!(w.is_empty(), "below the in-service class: no kick");
+    assert!(irr(&f, 1, 0x61));
 }
 
 // LINT pins go to the vCPU's own LVT (SDM §11.5.1): LINT1 programmed as NMI.
