@@ -23,16 +23,23 @@ pub struct PollConfig {
     pub tpr_poll_ns: u64,
     /// While a vector waits for the interrupt window, kick this often (VM ns).
     pub window_poll_ns: u64,
+    /// When a vector becomes held back by TPR alone while the vCPU runs, single-step
+    /// the guest for up to this many instructions (`KVM_GUESTDBG_SINGLESTEP`), folding
+    /// CR8 after each: a `mov cr8` that lowers TPR right after the exit (the usual
+    /// pattern: raise TPR, post, lower TPR) releases the vector at once instead of at
+    /// the next poll. 0 disables stepping.
+    pub tpr_step_instructions: u32,
     /// Longest sleep of a vCPU parked in userspace (HLT, wait-for-SIPI) before it
     /// re-checks (a safety net: kicks and the timer service wake it on time).
     pub park_timeout: Duration,
 }
 
 impl Default for PollConfig {
-    /// 200 µs TPR poll, 20 µs window poll, 100 ms park timeout.
+    /// 200 µs TPR poll, 4 single-steps, 20 µs window poll, 100 ms park timeout.
     fn default() -> Self {
         Self {
             tpr_poll_ns: 200_000,
+            tpr_step_instructions: 4,
             window_poll_ns: 20_000,
             park_timeout: Duration::from_millis(100),
         }
@@ -43,6 +50,12 @@ impl PollConfig {
     /// This configuration with a TPR poll period.
     pub fn with_tpr_poll_ns(mut self, ns: u64) -> Self {
         self.tpr_poll_ns = ns;
+        self
+    }
+
+    /// This configuration with a TPR single-step budget (0: no stepping).
+    pub fn with_tpr_step_instructions(mut self, n: u32) -> Self {
+        self.tpr_step_instructions = n;
         self
     }
 

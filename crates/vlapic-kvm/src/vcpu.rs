@@ -46,6 +46,8 @@ pub enum Handled {
     IrqWindow,
     /// The guest lowered CR8 and KVM said so.
     SetTpr,
+    /// One single-stepped instruction while a vector was held back by TPR.
+    Step,
     /// `KVM_RUN` was interrupted (a kick, a timer, a poll).
     Kick,
 }
@@ -109,6 +111,12 @@ pub struct ApicVcpu {
     reset_sregs: kvm_sregs,
     counters: VcpuCounters,
     mirror_base: bool,
+    /// A KVM_NMI was issued and KVM may still hold it (not yet delivered).
+    nmi_outstanding: bool,
+    /// Single-steps left in this held-by-TPR episode, and whether one was seen.
+    step_left: u32,
+    held_seen: bool,
+    stepping: bool,
 }
 
 impl std::fmt::Debug for ApicVcpu {
@@ -167,6 +175,10 @@ impl ApicVcpu {
             reset_sregs,
             counters: VcpuCounters::default(),
             mirror_base: false,
+            nmi_outstanding: false,
+            step_left: 0,
+            held_seen: false,
+            stepping: false,
         })
     }
 
@@ -276,7 +288,8 @@ impl ApicVcpu {
     fn arm(&mut self, plan: &EntryPlan, now: u64) {
         let poll = self.rt.poll();
         let running = matches!(self.state, RunState::Running | RunState::Halted(true));
-        let p = if plan.request_window && running {
+        let nmi_wait = self.carried.nmi > 0 || self.nmi_outstanding;
+        let p = if (plan.request_window || nmi_wait) && running {
             Some(poll.window_poll_ns)
         } else if plan.held_by_tpr && self.state == RunState::Running {
             Some(poll.tpr_poll_ns)
@@ -298,7 +311,12 @@ impl ApicVcpu {
 
     /// Acts on the events of a plan: INIT, SIPI, NMI, ExtINT. Returns whether the
     /// vCPU can enter the guest.
-    fn take_events(&mut self, events: Events, can_inject: bool) -> Result<bool, Error> {
+    fn take_events(
+        &mut self,
+        events: Events,
+        kvm_nmi: bool,
+        can_inject: bool,
+    ) -> Result<bool, Error> {
         if events.init {
             reset::init(&self.fd, &self.reset_sregs)?;
             self.state = RunState::WaitForSipi;
@@ -313,11 +331,22 @@ impl ApicVcpu {
         if self.state == RunState::WaitForSipi {
             return Ok(false);
         }
-        // One KVM_NMI per NMI: KVM, like the core, takes one and latches one.
-        for _ in 0..events.nmi {
-            self.fd.nmi().map_err(|e| Error::kvm("KVM_NMI", e))?;
-            self.counters.nmis += 1;
-            self.state = RunState::Running;
+        // One KVM_NMI at a time, and only when KVM holds none of ours: a second one
+        // given while KVM still queues the first could be collapsed by KVM although the
+        // core would latch it (one in service, one latched: SDM Vol. 3A §6.7.1). The rest
+        // waits here; the window poll brings the vCPU back for it.
+        if events.nmi > 0 {
+            if kvm_nmi {
+                self.carried.nmi = self.carried.nmi.saturating_add(events.nmi).min(2);
+                // The NMI KVM holds wakes the core from HLT: enter the guest for it.
+                self.state = RunState::Running;
+            } else {
+                self.fd.nmi().map_err(|e| Error::kvm("KVM_NMI", e))?;
+                self.counters.nmis += 1;
+                self.nmi_outstanding = true;
+                self.carried.nmi = self.carried.nmi.saturating_add(events.nmi - 1).min(2);
+                self.state = RunState::Running;
+            }
         }
         if events.extint {
             let src = self.rt.extint_source().cloned();
@@ -337,6 +366,53 @@ impl ApicVcpu {
             }
         }
         Ok(true)
+    }
+
+    /// Single-steps a few instructions after a vector became held back by TPR alone
+    /// (KVM checklist item 5): the guest usually lowers CR8 right away, without an exit.
+    fn step_for_tpr(&mut self, plan: &EntryPlan) -> Result<(), Error> {
+        let budget = self.rt.poll().tpr_step_instructions;
+        if plan.held_by_tpr && plan.inject.is_none() && self.state == RunState::Running {
+            if !self.held_seen {
+                self.held_seen = true;
+                self.step_left = budget;
+            }
+        } else {
+            self.held_seen = false;
+            self.step_left = 0;
+        }
+        let step = self.step_left > 0;
+        self.step_left = self.step_left.saturating_sub(1);
+        if step != self.stepping {
+            let dbg = kvm_bindings::kvm_guest_debug {
+                control: if step {
+                    kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+                } else {
+                    0
+                },
+                ..Default::default()
+            };
+            self.fd
+                .set_guest_debug(&dbg)
+                .map_err(|e| Error::kvm("KVM_SET_GUEST_DEBUG", e))?;
+            self.stepping = step;
+        }
+        Ok(())
+    }
+
+    /// Whether KVM still holds an NMI we gave it (queued or being injected); asked of
+    /// KVM only while one may be outstanding.
+    fn kvm_holds_nmi(&mut self) -> bool {
+        if !self.nmi_outstanding {
+            return false;
+        }
+        let held = self
+            .fd
+            .get_vcpu_events()
+            .map(|e| e.nmi.pending != 0 || e.nmi.injected != 0)
+            .unwrap_or(false);
+        self.nmi_outstanding = held;
+        held
     }
 
     /// Runs the vCPU once: plans the entry with the APIC (injecting, NMI, INIT/SIPI),
@@ -363,18 +439,21 @@ impl ApicVcpu {
                 RunState::Halted(halt_if) => halt_if && if_flag,
                 RunState::WaitForSipi => false,
             };
-        // NMIs carried from before go first: no vector overtakes them.
+        // NMIs go before any vector (SDM Vol. 3A §6.9): while KVM still holds an NMI
+        // we gave it, or we have one to give, no KVM_INTERRUPT (KVM would deliver a
+        // queued vector first); the vector waits for the window.
         let carried = std::mem::take(&mut self.carried);
+        let kvm_nmi = self.kvm_holds_nmi();
+        let apic_nmi = fabric
+            .read_apic(self.index, |a| a.events().nmi > 0)
+            .unwrap_or(false);
+        let nmi_first = kvm_nmi || carried.nmi > 0 || apic_nmi;
         let plan = fabric
-            .plan_entry(
-                self.index,
-                now,
-                can_inject && carried.nmi == 0 && !carried.extint,
-            )
+            .plan_entry(self.index, now, can_inject && !nmi_first && !carried.extint)
             .ok_or(Error::NoSuchVcpu(self.index))?;
         let events = merge_events(carried, plan.events);
         self.arm(&plan, now);
-        if !self.take_events(events, can_inject && plan.inject.is_none())? {
+        if !self.take_events(events, kvm_nmi, can_inject && plan.inject.is_none())? {
             return Ok(self.park(true));
         }
         if let Some(v) = plan.inject {
@@ -390,6 +469,7 @@ impl ApicVcpu {
                 return Ok(self.park(!halt_if));
             }
         }
+        self.step_for_tpr(&plan)?;
         {
             let r = self.fd.get_kvm_run();
             r.request_interrupt_window = u8::from(plan.request_window || self.carried.extint);
@@ -501,6 +581,7 @@ fn decode<'a>(
         VcpuExit::Hlt => Decoded::Done(Handled::Hlt, false),
         VcpuExit::IrqWindowOpen => Decoded::Done(Handled::IrqWindow, false),
         VcpuExit::SetTpr => Decoded::Done(Handled::SetTpr, false),
+        VcpuExit::Debug(_) => Decoded::Done(Handled::Step, false),
         VcpuExit::Intr => Decoded::Done(Handled::Kick, false),
         VcpuExit::Shutdown => Decoded::Pass(Exit::Shutdown),
         VcpuExit::FailEntry(reason, cpu) => Decoded::Pass(Exit::FailEntry(reason, cpu)),

@@ -106,6 +106,7 @@ pub const SCENARIOS: &[Scenario] = &[
         priority::tpr_immediate_eoi,
     ),
     sc("tpr-cr8-x2apic", 1, X2apic, priority::tpr_cr8),
+    sc("self-ipi-cr8-x2apic", 1, X2apic, priority::self_ipi_cr8),
     sc("ipi-fixed-x2apic", 2, X2apic, ipi::ipi_fixed),
     sc("ipi-broadcast-x2apic", 1, X2apic, ipi::ipi_broadcast),
     sc("ipi-all-but-self-x2apic", 1, X2apic, ipi::ipi_all_but_self),

@@ -430,3 +430,64 @@ pub fn tpr_cr8() -> Res {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// self-ipi-cr8 (kvm-unit-tests vmexit x2apic_self_ipi_tpr)
+// ---------------------------------------------------------------------------
+
+static CR8_HITS: AtomicU32 = AtomicU32::new(0);
+
+fn cr8_handler(_f: &mut Frame) {
+    CR8_HITS.fetch_add(1, SeqCst);
+    apic::eoi();
+}
+
+/// `mov cr8, 15; wrmsr SELF_IPI 0xB0; mov cr8, 0`: the self IPI waits in IRR while
+/// TPR[7:4] = 15 and is taken as soon as `mov cr8, 0` drops TPR (SDM §11.8.6.1: a CR8
+/// write changes TPR at once; §11.8.3.1: IRR above PPR is dispatched) — checked by the
+/// very next instruction, in every round. A VMM that gets no exit on CR8 lowering must
+/// still deliver it (vlapic-kvm single-steps after the exit that left it held back).
+pub fn self_ipi_cr8() -> Res {
+    const ROUNDS: u32 = 200;
+    idt::set_handler(0xB0, cr8_handler);
+    let (mut late, mut lost) = (0u32, 0u32);
+    cpu::sti();
+    for _ in 0..ROUNDS {
+        let before = CR8_HITS.load(SeqCst);
+        let seen: u32;
+        // SAFETY: CPL 0, x2APIC mode (the runner switched): SELF IPI is MSR 0x83F; CR8
+        // writes only change the task priority; the load reads a static.
+        unsafe {
+            core::arch::asm!(
+                "mov cr8, {hi}",
+                "wrmsr",
+                "mov cr8, {lo}",
+                "mov {seen:e}, dword ptr [{hits}]",
+                hi = in(reg) 15u64,
+                lo = in(reg) 0u64,
+                hits = in(reg) CR8_HITS.as_ptr(),
+                seen = out(reg) seen,
+                in("ecx") 0x83Fu32,
+                in("eax") 0xB0u32,
+                in("edx") 0u32,
+                options(nostack),
+            );
+        }
+        if seen == before {
+            late += 1;
+            if !time::wait_until(time::us(10_000), || CR8_HITS.load(SeqCst) != before) {
+                lost += 1;
+            }
+        }
+    }
+    cpu::cli();
+    write_cr8(0);
+    ensure!(
+        late == 0 && lost == 0,
+        "of {} rounds: {} took 0xB0 late (not right after mov cr8, 0), {} never",
+        ROUNDS,
+        late,
+        lost
+    );
+    Ok(())
+}
