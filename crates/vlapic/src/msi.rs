@@ -40,6 +40,7 @@ impl fmt::Display for MsiError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for MsiError {}
 
 /// A decoded MSI.

@@ -460,6 +460,7 @@ impl fmt::Display for ImportError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for ImportError {}
 
 /// A byte-format decoding error: where, in which field, and why.
@@ -494,4 +495,5 @@ impl fmt::Display for DecodeError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for DecodeError {}

@@ -24,6 +24,8 @@ pub const RTE_REMOTE_IRR: u64 = 1 << 14;
 pub const RTE_LEVEL: u64 = 1 << 15;
 
 /// Architectural state of one IOAPIC.
+///
+/// With the `serde` feature it implements `Serialize` and `Deserialize`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct IoApicState {
@@ -114,6 +116,7 @@ impl fmt::Display for IoApicError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for IoApicError {}
 
 impl IoApicState {
@@ -146,6 +149,8 @@ impl IoApicState {
 }
 
 /// The state of a whole interrupt fabric: every local APIC and the IOAPIC.
+///
+/// With the `serde` feature it implements `Serialize` and `Deserialize`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FabricState {
@@ -189,6 +194,7 @@ impl fmt::Display for FabricError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for FabricError {}
 
 impl FabricState {

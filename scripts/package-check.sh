@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Package each publishable crate and test the packaged copy as crates.io users get it:
+# `cargo package` (which also builds the unpacked crate), then unpack the .crate file
+# outside the workspace and run `cargo test` there — unit, integration and doc tests,
+# the README's examples included — with default features and with all features.
+# Catches files the package leaves out (README, licences, golden files, includes of
+# paths outside the crate) and doc tests that only pass inside the repository.
+#
+# Usage: scripts/package-check.sh [CRATE...]   (default: every crate that publishes:
+# vlapic). Needs crates.io (the index and the dev-dependencies). Exits non-zero on the
+# first failure. Called by .ci/run after the main test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+crates=("$@")
+if [ ${#crates[@]} -eq 0 ]; then
+  crates=(vlapic)
+fi
+
+# The unpacked copies get their own target directory: the workspace's stays untouched
+# and reruns are incremental.
+check_target="$root/target/package-check"
+work=$(mktemp -d "${TMPDIR:-/tmp}/vlapic-package-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+for crate in "${crates[@]}"; do
+  # `cargo pkgid` prints e.g. path+file:///…/crates/vlapic#0.1.0 (or …#name@0.1.0).
+  pkgid=$(cargo pkgid -p "$crate")
+  ver=${pkgid##*[#@]}
+  echo "== package-check: $crate $ver"
+
+  # 1. Package (cargo verifies the packaged crate builds). --allow-dirty: CI and
+  #    local runs may have uncommitted changes; the check is about contents.
+  cargo package -p "$crate" --allow-dirty
+  crate_file="$root/target/package/$crate-$ver.crate"
+  test -f "$crate_file" || { echo "package-check: $crate_file missing" >&2; exit 1; }
+
+  # 2. What must ship.
+  listing=$(cargo package -p "$crate" --allow-dirty --list)
+  for f in Cargo.toml README.md CHANGELOG.md LICENSE-MIT LICENSE-APACHE src/lib.rs; do
+    if ! grep -qx "$f" <<<"$listing"; then
+      echo "package-check: $crate: $f is not in the package" >&2
+      exit 1
+    fi
+  done
+
+  # 3. Unpack outside the workspace (inside it, cargo would take the repository's
+  #    Cargo.toml for the package's workspace root) and test it there. The packaged
+  #    crate has no lock file of its own: use the workspace's, so the dependency
+  #    versions are the ones the workspace tests with.
+  tar -xzf "$crate_file" -C "$work"
+  dir="$work/$crate-$ver"
+  if [ ! -f "$dir/Cargo.lock" ]; then
+    cp "$root/Cargo.lock" "$dir/Cargo.lock"
+  fi
+  (
+    cd "$dir"
+    export CARGO_TARGET_DIR="$check_target/$crate"
+    cargo test
+    cargo test --all-features
+  )
+  echo "== package-check: $crate $ver OK"
+done
