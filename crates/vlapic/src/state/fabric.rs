@@ -41,6 +41,7 @@ pub struct IoApicState {
 
 /// A rule an [`IoApicState`] breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IoApicError {
     /// ID above 0xF.
     Id(u8),
@@ -162,6 +163,7 @@ pub struct FabricState {
 
 /// A rule a [`FabricState`] breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FabricError {
     /// The number of APIC states differs from the number of configured APICs.
     ApicCount {
