@@ -652,3 +652,30 @@ fn every_replay_export_passes_inspect_unchanged() {
     assert_eq!(v["apic_base_from"], "default");
     assert_eq!(v["ldr"], 0x0500_0000);
 }
+
+// The example trace in `replay --help` prints what its comments say it prints.
+#[test]
+fn replay_help_example_is_true() {
+    let help = stdout(&vlapic(&["replay", "--help"]));
+    let example: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Example trace:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(example.len(), 5, "{help}");
+    let p = tmp("help.trace");
+    std::fs::write(&p, example.join("\n")).unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let printed: Vec<String> = example
+        .iter()
+        .filter_map(|l| l.split_once("# prints ").map(|(_, p)| p))
+        .map(|p| p.trim_end_matches(" (PPR)").to_string())
+        .collect();
+    assert_eq!(printed.len(), 3);
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().take(3).collect();
+    assert_eq!(lines, printed, "{out}");
+}
