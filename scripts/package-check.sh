@@ -6,9 +6,16 @@
 # Catches files the package leaves out (README, licences, golden files, includes of
 # paths outside the crate) and doc tests that only pass inside the repository.
 #
-# Usage: scripts/package-check.sh [CRATE...]   (default: every crate that publishes:
-# vlapic). Needs crates.io (the index and the dev-dependencies). Exits non-zero on the
-# first failure. Called by .ci/run after the main test command.
+# Usage: scripts/package-check.sh [CRATE...]   (default: the crates listed below).
+# Needs crates.io (the index and the dev-dependencies). Exits non-zero on the first
+# failure. Called by .ci/run after the main test command.
+#
+# A new publishable crate (no `publish = false`) follows crates/vlapic: its own
+# README.md, CHANGELOG.md and copies of LICENSE-MIT/LICENSE-APACHE in its directory,
+# `readme`/`keywords`/`categories`/`include`/docs.rs metadata in its Cargo.toml, and
+# its name in the default list here. (A crate that depends on another workspace crate
+# by path also needs a `version` on that dependency; check with this cargo whether
+# both can be packaged in one `cargo package -p A -p B` before the first is published.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
