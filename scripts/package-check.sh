@@ -25,11 +25,14 @@ if [ ${#crates[@]} -eq 0 ]; then
   crates=(vlapic)
 fi
 
-# The unpacked copies get their own target directory: the workspace's stays untouched
-# and reruns are incremental.
+# The unpacked copies get their own target directory (the workspace's stays untouched;
+# dependencies are reused across runs) and a fixed place outside the workspace, one per
+# checkout, so that paths compiled into test binaries (CARGO_MANIFEST_DIR) stay valid.
+# Each run unpacks afresh with new modification times (tar -m), so cargo rebuilds the
+# crate itself every time and never reuses a binary built from an older package.
 check_target="$root/target/package-check"
-work=$(mktemp -d "${TMPDIR:-/tmp}/vlapic-package-check.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+work="${TMPDIR:-/tmp}/vlapic-package-check-$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
+mkdir -p "$work"
 
 for crate in "${crates[@]}"; do
   # `cargo pkgid` prints e.g. path+file:///…/crates/vlapic#0.1.0 (or …#name@0.1.0).
@@ -53,11 +56,12 @@ for crate in "${crates[@]}"; do
   done
 
   # 3. Unpack outside the workspace (inside it, cargo would take the repository's
-  #    Cargo.toml for the package's workspace root) and test it there. The packaged
-  #    crate has no lock file of its own: use the workspace's, so the dependency
-  #    versions are the ones the workspace tests with.
-  tar -xzf "$crate_file" -C "$work"
+  #    Cargo.toml for the package's workspace root) and test it there. Cargo ships
+  #    the workspace's lock file in the package; should it not (older cargo), use the
+  #    workspace's, so the dependency versions are the ones the workspace tests with.
   dir="$work/$crate-$ver"
+  rm -rf "$dir"
+  tar -xzmf "$crate_file" -C "$work"
   if [ ! -f "$dir/Cargo.lock" ]; then
     cp "$root/Cargo.lock" "$dir/Cargo.lock"
   fi

@@ -297,29 +297,26 @@ fn kvm_apic_base(bytes: &[u8], opts: &StateOpts) -> (u64, BaseFrom) {
 
 /// Decodes bytes in a format; the error is `field (byte N): reason`.
 fn decode(bytes: &[u8], fmt: Format, opts: &StateOpts) -> Result<(LapicState, BaseFrom), String> {
-    let from = match fmt {
-        Format::Kvm => kvm_apic_base(bytes, opts).1,
-        _ => BaseFrom::File,
-    };
     let r = match fmt {
         Format::Native => native::decode_lapic(bytes),
-        Format::Kvm => kvm::decode(
-            bytes,
-            KvmExtra {
-                apic_base: kvm_apic_base(bytes, opts).0,
+        Format::Kvm => {
+            let (apic_base, from) = kvm_apic_base(bytes, opts);
+            let extra = KvmExtra {
+                apic_base,
                 tsc_deadline: opts.tsc_deadline,
-            },
-            opts.now,
-            &opts.clock(),
-        ),
+            };
+            return kvm::decode(bytes, extra, opts.now, &opts.clock())
+                .map(|st| (st, from))
+                .map_err(|e| e.to_string());
+        }
         Format::Bhyve => bhyve::decode(bytes, opts.tsc_deadline),
         Format::Json => {
             return serde_json::from_slice::<LapicState>(bytes)
-                .map(|st| (st, from))
+                .map(|st| (st, BaseFrom::File))
                 .map_err(|e| format!("json (line {}, column {}): {e}", e.line(), e.column()))
         }
     };
-    r.map(|st| (st, from)).map_err(|e| e.to_string())
+    r.map(|st| (st, BaseFrom::File)).map_err(|e| e.to_string())
 }
 
 fn encode(state: &LapicState, fmt: Format, opts: &StateOpts) -> Vec<u8> {
