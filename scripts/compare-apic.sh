@@ -63,7 +63,15 @@ def load(mode):
 u, k = load("user"), load("kernel")
 print(f"kernel: {kernel}")
 print(f"{'':34} {'vlapic (userspace)':>20} {'KVM in-kernel':>20}")
-for label, key in [("outcome", "outcome"), ("passed", "passed"), ("failed", "failed"),
+def outcome(js):
+    # run --json schema 1: outcome is {kind, code, message, text}.
+    o = js.get("outcome")
+    if not isinstance(o, dict):
+        return "-"
+    return o["kind"] if o.get("code") is None else f"{o['kind']} {o['code']}"
+
+print(f"{'outcome':34} {outcome(u['js']):>20} {outcome(k['js']):>20}")
+for label, key in [("passed", "passed"), ("failed", "failed"),
                    ("max nesting (verifier)", "max_nesting"), ("violations", "violations")]:
     print(f"{label:34} {str(u['js'].get(key, '-')):>20} {str(k['js'].get(key, '-')):>20}")
 print(f"{'exit status':34} {u['rc']:>20} {k['rc']:>20}")

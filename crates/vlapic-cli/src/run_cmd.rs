@@ -36,6 +36,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
     /// Print the summary as one JSON object on stdout (guest console goes to stderr).
+    /// The object has `"schema": 1`; its keys are stable within a schema version:
+    /// `outcome` is `{kind, code, message, text}`, `done` is `{line, passed, failed,
+    /// skipped}` or null, numbers (addresses and ports too) are JSON integers, and
+    /// what does not exist is null, never 0. See docs/vmm.md.
     #[arg(long)]
     pub json: bool,
     /// Do not copy the guest console to the terminal.
@@ -93,7 +97,8 @@ pub struct BenchArgs {
     /// Wall-clock limit per run, seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
-    /// Print the comparison as one JSON object.
+    /// Print the comparison as one JSON object: `{"schema": 1, "user": RUN, "kernel":
+    /// RUN}`, each RUN being a `vlapic run --json` object.
     #[arg(long)]
     pub json: bool,
 }
@@ -227,7 +232,11 @@ pub fn bench(a: BenchArgs) -> ExitCode {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"user": user.json(), "kernel": kern.json()})
+            serde_json::json!({
+                "schema": vlapic_vmm::summary::JSON_SCHEMA,
+                "user": user.json(),
+                "kernel": kern.json(),
+            })
         );
     } else {
         println!(

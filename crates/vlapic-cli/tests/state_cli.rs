@@ -236,21 +236,23 @@ msr-write 0x80B 1
 eoi
 ";
 
+// Every line carries the number of the trace line that produced it; the summary `end`.
 const EXPECTED: &str = "\
-0x41
-0x61
-0x81
-0xa0 = 0x80
-0x802 = #GP
-0x1b = 0xfee00900
-ioapic-eoi 0x41
-0xa0 = 0x80
-none
-ioapic-eoi 0x41
-0x35
-0x80b <- #GP
-verifier violations 0
-deepest nesting 3
+5: 0x41
+7: 0x61
+9: 0x81
+11: 0xa0 = 0x80
+12: 0x802 = #GP
+13: 0x1b = 0xfee00900
+17: ioapic-eoi 0x41
+19: 0xa0 = 0x80
+20: none
+23: ioapic-eoi 0x41
+24: 0x35
+28: 0x802 = 0x0
+29: 0x80b <- #GP
+end: verifier violations 0
+end: deepest nesting 3
 ";
 
 // The replay tool reproduces issue 4's acceptance scenario through every format.
@@ -267,8 +269,7 @@ fn replay_prints_reads_acks_and_verifier_summary() {
         assert_eq!(o.status.code(), Some(0), "{fmt}: {}", stderr(&o));
         let s = stdout(&o);
         // After the x2APIC switch the ID MSR reads the ID.
-        let expected = EXPECTED.replace("0x80b <- #GP", "0x802 = 0x0\n0x80b <- #GP");
-        assert_eq!(s, expected, "{fmt}");
+        assert_eq!(s, EXPECTED, "{fmt}");
     }
 }
 
@@ -308,4 +309,373 @@ fn help_explains_subcommands_with_examples() {
     }
     let o = vlapic(&["replay", "--help"]);
     assert!(stdout(&o).contains("mmio-write 0xF0 0x1FF"));
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}{}", stdout(o), stderr(o)))
+}
+
+// `inspect --json` schema 1: the version key, every documented key, integers for
+// numbers, null (not 0) for what does not exist.
+#[test]
+fn inspect_json_schema_1_keys_and_nulls() {
+    let o = vlapic(&["inspect", "--json", "--now", "2000", &golden("nested.kvm")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["schema"], 1);
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut want = vec![
+        "schema",
+        "file",
+        "format",
+        "mode",
+        "id",
+        "version",
+        "tpr",
+        "ppr",
+        "apr",
+        "ldr",
+        "dfr",
+        "svr",
+        "software_enabled",
+        "spurious_vector",
+        "isr",
+        "irr",
+        "tmr",
+        "esr",
+        "esr_pending",
+        "icr",
+        "lvt",
+        "timer",
+        "apic_base",
+        "apic_base_from",
+        "apic_base_decoded",
+        "valid",
+        "violations",
+    ];
+    want.sort_unstable();
+    assert_eq!(keys, want);
+    assert_eq!(v["format"], "kvm");
+    // A kvm page has no APIC base: the default, and JSON says so.
+    assert_eq!(v["apic_base_from"], "default");
+    assert_eq!(v["apic_base"], 0xFEE0_0900u64);
+    // Vectors and register values are integers, never hex strings.
+    assert_eq!(v["lvt"]["timer"]["vector"], 0xEC);
+    assert_eq!(v["lvt"]["timer"]["value"], 0x0002_00EC);
+    assert_eq!(v["lvt"]["timer"]["timer_mode"], "periodic");
+    // Vector 0 is a value (LINT0 ExtINT), not "none".
+    assert_eq!(v["lvt"]["lint0"]["vector"], 0);
+    assert_eq!(v["lvt"]["lint0"]["delivery_mode"], "extint");
+    assert_eq!(v["timer"]["armed"], true);
+    assert_eq!(v["timer"]["deadline_ns"], 6000);
+    assert_eq!(v["timer"]["current_count"], 0xFA0);
+    assert_eq!(v["timer"]["now_ns"], 2000);
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["violations"], serde_json::json!([]));
+
+    // A timer that is not armed has no deadline: null, not 0.
+    let p = tmp("unarmed.trace");
+    let out = tmp("unarmed.native");
+    std::fs::write(
+        &p,
+        format!("mmio-write 0xF0 0x1FF\nexport native {}\n", out.display()),
+    )
+    .unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json_of(&vlapic(&["inspect", "--json", out.to_str().unwrap()]));
+    assert_eq!(v["timer"]["armed"], false);
+    assert_eq!(v["timer"]["deadline_ns"], serde_json::Value::Null);
+    assert_eq!(v["apic_base_from"], "file");
+    // A rule without a byte offset in the format (json) is null too.
+    let bad = tmp("bad.json");
+    let mut s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("nested.json")).unwrap()).unwrap();
+    s["tpr"] = serde_json::json!(0x100);
+    std::fs::write(&bad, s.to_string()).unwrap();
+    let o = vlapic(&["inspect", "--json", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_of(&o);
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["violations"][0]["rule"], "VVE_BAD_TPR");
+    assert_eq!(v["violations"][0]["offset"], serde_json::Value::Null);
+}
+
+// INVALID is coloured only on a terminal: piped output stays plain.
+#[test]
+fn inspect_text_has_no_colour_when_piped() {
+    let bad = broken_bhyve();
+    let o = vlapic(&["inspect", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let s = stdout(&o);
+    assert!(s.contains("\nINVALID: 2 rule(s) broken\n"), "{s}");
+    assert!(!s.contains('\x1b'), "escape codes in piped output: {s:?}");
+}
+
+// `convert` detects the input format as `inspect` does; `--from` still overrides.
+#[test]
+fn convert_detects_the_input_format() {
+    for (input, name) in [
+        ("nested.bhyve", "bhyve"),
+        ("nested.json", "json"),
+        ("nested.native", "native"),
+    ] {
+        let out = tmp(&format!("detected-{name}.native"));
+        let o = vlapic(&[
+            "convert",
+            "--to",
+            "native",
+            &golden(input),
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(golden("nested.native")).unwrap(),
+            "{name}"
+        );
+    }
+    // A KVM page (by its size), at the golden time.
+    let out = tmp("detected-kvm.kvm");
+    let o = vlapic(&[
+        "convert",
+        "--to",
+        "kvm",
+        "--now",
+        "2000",
+        &golden("nested.kvm"),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(golden("nested.kvm")).unwrap()
+    );
+    // Undetectable input names the option that sets the format.
+    let junk = tmp("junk.bin");
+    std::fs::write(&junk, b"\x01\x02\x03").unwrap();
+    let o = vlapic(&[
+        "convert",
+        "--to",
+        "native",
+        junk.to_str().unwrap(),
+        tmp("never2.native").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("junk.bin: format (byte 0x0): not recognised (3 bytes); use --from"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+// `replay --json`: one object, every event with its trace line; errors too.
+#[test]
+fn replay_json_events_carry_their_line() {
+    let p = tmp("json.trace");
+    std::fs::write(
+        &p,
+        "# comment\n\
+         mmio-write 0xF0 0x1FF\n\
+         irq 0x41 level\n\
+         ack\n\
+         ack\n\
+         mmio-read 0xA0\n\
+         msr-read 0x802\n\
+         mmio-write 0x310 0x01000000\n\
+         mmio-write 0x300 0x4051\n\
+         eoi\n\
+         irq 0 edge\n",
+    )
+    .unwrap();
+    let o = vlapic(&["replay", "--json", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["error"], serde_json::Value::Null);
+    assert_eq!(
+        v["events"],
+        serde_json::json!([
+            {"line": 4, "kind": "ack", "vector": 0x41},
+            {"line": 5, "kind": "ack", "vector": null},
+            {"line": 6, "kind": "mmio_read", "offset": 0xA0, "value": 0x40},
+            {"line": 7, "kind": "msr_read", "msr": 0x802, "value": null, "gp": true},
+            {"line": 9, "kind": "ipi", "mode": "fixed", "vector": 0x51, "dest": 1,
+             "dest_mode": "physical", "shorthand": "none"},
+            {"line": 10, "kind": "ioapic_eoi", "vector": 0x41},
+        ])
+    );
+    assert_eq!(
+        v["verifier"],
+        serde_json::json!({"violations": 0, "first": null, "max_depth": 1})
+    );
+    // The same trace as text: `N: ` on every line, `end: ` on the summary.
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(
+        stdout(&o),
+        "4: 0x41\n5: none\n6: 0xa0 = 0x40\n7: 0x802 = #GP\n\
+         9: ipi Fixed vector 0x51 dest 0x1 Physical None\n10: ioapic-eoi 0x41\n\
+         end: verifier violations 0\nend: deepest nesting 1\n"
+    );
+    // A bad line: the events before it, and the error with its line.
+    std::fs::write(
+        &p,
+        "mmio-write 0xF0 0x1FF\nirq 0x30 edge\nack\nfrobnicate\n",
+    )
+    .unwrap();
+    let o = vlapic(&["replay", "--json", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_of(&o);
+    assert_eq!(
+        v["events"],
+        serde_json::json!([{"line": 3, "kind": "ack", "vector": 0x30}])
+    );
+    assert_eq!(v["error"]["line"], 4);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("json.trace:4: unknown operation `frobnicate`"),
+        "{v}"
+    );
+}
+
+// Every file `vlapic replay` exports — every format, xAPIC and x2APIC, timers armed,
+// software- and hardware-disabled — passes `vlapic inspect` as written, with no
+// options, and all formats show the same state.
+#[test]
+fn every_replay_export_passes_inspect_unchanged() {
+    const FORMATS: [&str; 4] = ["native", "kvm", "bhyve", "json"];
+    let steps: [(&str, &str); 7] = [
+        ("reset", ""),
+        (
+            "xapic-nested",
+            "mmio-write 0xF0 0x1FF\nmmio-write 0x80 0x20\nirq 0x41 level\nack\n\
+             irq 0x61 edge\nack\nirq 0x35 edge\nmmio-write 0xD0 0x05000000\n",
+        ),
+        (
+            "xapic-timer",
+            "mmio-write 0x3E0 0x3\nmmio-write 0x320 0x200EC\nmmio-write 0x380 10000\ntime 300\n",
+        ),
+        ("sw-disabled", "mmio-write 0xF0 0xFF\n"),
+        ("hw-disabled", "msr-write 0x1B 0xFEE00100\n"),
+        (
+            "x2apic",
+            "msr-write 0x1B 0xFEE00900\nmsr-write 0x1B 0xFEE00D00\nmsr-write 0x80F 0x1FF\n\
+             irq 0x52 edge\nack\nmsr-write 0x808 0x30\n",
+        ),
+        (
+            "x2apic-timer",
+            "msr-write 0x83E 0x1\nmsr-write 0x832 0x20051\nmsr-write 0x838 5000\ntime 900\n",
+        ),
+    ];
+    let mut trace = String::new();
+    for (name, ops) in steps {
+        trace.push_str(ops);
+        for fmt in FORMATS {
+            let f = tmp(&format!("export-{name}.{fmt}"));
+            trace.push_str(&format!("export {fmt} {}\n", f.display()));
+        }
+    }
+    let p = tmp("exports.trace");
+    std::fs::write(&p, &trace).unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for (name, _) in steps {
+        let mut views = Vec::new();
+        for fmt in FORMATS {
+            let f = tmp(&format!("export-{name}.{fmt}"));
+            let o = vlapic(&["inspect", "--json", f.to_str().unwrap()]);
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{name}.{fmt}: {}{}",
+                stdout(&o),
+                stderr(&o)
+            );
+            let v = json_of(&o);
+            assert_eq!(v["format"], fmt, "{name}: detected format");
+            assert_eq!(v["valid"], true, "{name}.{fmt}: {v:#}");
+            // The text view agrees and never says INVALID.
+            let o = vlapic(&["inspect", f.to_str().unwrap()]);
+            assert!(
+                stdout(&o).contains("valid: every import rule holds"),
+                "{name}.{fmt}: {}",
+                stdout(&o)
+            );
+            views.push((fmt, v));
+        }
+        // The same architectural state through every format (a kvm page cannot hold
+        // "hardware-disabled": it reads as the reset xAPIC state it equals).
+        let native = &views[0].1;
+        for (fmt, v) in &views[1..] {
+            let mut keys = vec![
+                "id", "tpr", "ppr", "ldr", "svr", "isr", "irr", "tmr", "icr", "lvt",
+            ];
+            if !(*fmt == "kvm" && name == "hw-disabled") {
+                keys.push("mode");
+            }
+            for k in keys {
+                assert_eq!(v[k], native[k], "{name}: {k} in {fmt} vs native");
+            }
+        }
+    }
+    // The x2APIC kvm page is recognised by its shape and said so.
+    let f = tmp("export-x2apic.kvm");
+    let v = json_of(&vlapic(&["inspect", "--json", f.to_str().unwrap()]));
+    assert_eq!(v["mode"], "x2apic");
+    assert_eq!(v["apic_base_from"], "inferred-x2apic");
+    assert_eq!(v["apic_base"], 0xFEE0_0D00u64);
+    let o = vlapic(&["inspect", f.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains("inferred: x2APIC, as the page's ID and LDR are x2APIC-shaped"),
+        "{}",
+        stdout(&o)
+    );
+    // --apic-base still decides when given.
+    let o = vlapic(&[
+        "inspect",
+        "--json",
+        "--apic-base",
+        "0xFEE00900",
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_of(&o);
+    assert_eq!(v["apic_base_from"], "option");
+    assert_eq!(v["violations"][0]["field"], "ldr");
+    // The xAPIC kvm page keeps the default.
+    let f = tmp("export-xapic-nested.kvm");
+    let v = json_of(&vlapic(&["inspect", "--json", f.to_str().unwrap()]));
+    assert_eq!(v["apic_base_from"], "default");
+    assert_eq!(v["ldr"], 0x0500_0000);
+}
+
+// The example trace in `replay --help` prints what its comments say it prints.
+#[test]
+fn replay_help_example_is_true() {
+    let help = stdout(&vlapic(&["replay", "--help"]));
+    let example: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Example trace:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(example.len(), 5, "{help}");
+    let p = tmp("help.trace");
+    std::fs::write(&p, example.join("\n")).unwrap();
+    let o = vlapic(&["replay", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let printed: Vec<String> = example
+        .iter()
+        .filter_map(|l| l.split_once("# prints ").map(|(_, p)| p))
+        .map(|p| p.trim_end_matches(" (PPR)").to_string())
+        .collect();
+    assert_eq!(printed.len(), 3);
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().take(3).collect();
+    assert_eq!(lines, printed, "{out}");
 }

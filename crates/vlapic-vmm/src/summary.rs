@@ -67,6 +67,11 @@ pub struct RunReport {
     pub tsc_hz: u64,
 }
 
+/// Version of the `vlapic run --json` object (its `"schema"` key), documented in
+/// docs/vmm.md. Raised whenever a key is removed, renamed or changes type or
+/// meaning; adding a key does not raise it.
+pub const JSON_SCHEMA: u32 = 1;
+
 /// Exit codes of `vlapic run`, documented in docs/vmm.md.
 pub mod exit_code {
     /// Every scenario passed (at least one ran) and the guest ended cleanly.
@@ -252,7 +257,51 @@ impl RunReport {
         s
     }
 
-    /// The same as one JSON object.
+    /// `outcome` as a JSON object: `kind` (`debug_exit`, `all_stopped`, `timeout`,
+    /// `guest_crash`, `vmm_error`, `saved`), `code` (the debug-exit value, else null),
+    /// `message` (crash, error or save detail, else null) and `text` (the summary's
+    /// human-readable line).
+    fn outcome_json(&self) -> serde_json::Value {
+        let (kind, code, message) = match &self.outcome {
+            Outcome::DebugExit(n) => ("debug_exit", Some(*n), None),
+            Outcome::AllStopped => ("all_stopped", None, None),
+            Outcome::Timeout => ("timeout", None, None),
+            Outcome::GuestCrash(m) => ("guest_crash", None, Some(m.as_str())),
+            Outcome::VmmError(m) => ("vmm_error", None, Some(m.as_str())),
+            Outcome::Saved(m) => ("saved", None, Some(m.as_str())),
+        };
+        serde_json::json!({
+            "kind": kind,
+            "code": code,
+            "message": message,
+            "text": self.outcome_text(),
+        })
+    }
+
+    /// The guest's `DONE passed=P failed=F skipped=S` line as `{"line", "passed",
+    /// "failed", "skipped"}` (a count the line lacks is null); null without one.
+    fn done_json(&self) -> serde_json::Value {
+        let Some(line) = &self.console.done else {
+            return serde_json::Value::Null;
+        };
+        let count = |key: &str| -> Option<u64> {
+            line.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.parse().ok())
+        };
+        serde_json::json!({
+            "line": line,
+            "passed": count("passed"),
+            "failed": count("failed"),
+            "skipped": count("skipped"),
+        })
+    }
+
+    /// The same as one JSON object, version [`JSON_SCHEMA`] (key `"schema"`). Every
+    /// number is a JSON integer (addresses, ports and MSR indexes too; never a hex
+    /// string) except the `elapsed_*` times; a value that does not exist is `null`,
+    /// never 0. Keys are listed in docs/vmm.md.
     pub fn json(&self) -> serde_json::Value {
         let t = self.total_exits();
         let exits: serde_json::Map<String, serde_json::Value> = EXIT_NAMES
@@ -291,13 +340,16 @@ impl RunReport {
                     "elapsed_ms": s.elapsed.as_secs_f64() * 1e3, "exits": ex})
             })
             .collect();
+        // The first odd port/address/MSR exists only if one was seen (port 0 is a port).
+        let first = |n: u64, v: u64| (n > 0).then_some(v);
         serde_json::json!({
-            "outcome": self.outcome_text(),
+            "schema": JSON_SCHEMA,
+            "outcome": self.outcome_json(),
             "exit_code": self.exit_code(),
             "passed": self.passed(),
             "failed": self.failed(),
             "skipped": self.skipped(),
-            "done": self.console.done,
+            "done": self.done_json(),
             "bench": self.console.bench.iter().map(|b| serde_json::json!({"name": b.name, "cycles": b.cycles, "iters": b.iters})).collect::<Vec<_>>(),
             "scenarios": scenarios,
             "max_nesting": self.max_nesting,
@@ -311,12 +363,250 @@ impl RunReport {
             "unknown_ports": self.unknown_ports,
             "wild_mmio": self.wild_mmio,
             "msr_gp": self.msr_gp,
-            "first_unknown_port": self.first_odd[0],
-            "first_wild_mmio": self.first_odd[1],
-            "first_gp_msr": self.first_odd[2],
+            "first_unknown_port": first(self.unknown_ports, self.first_odd[0]),
+            "first_wild_mmio": first(self.wild_mmio, self.first_odd[1]),
+            "first_gp_msr": first(self.msr_gp, self.first_odd[2]),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "tsc_hz": self.tsc_hz,
             "vcpus": vcpus,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::{BenchLine, Scenario};
+    use serde_json::{json, Value};
+
+    /// Every top-level key of schema 1, in documentation order (docs/vmm.md).
+    const KEYS_V1: [&str; 26] = [
+        "schema",
+        "outcome",
+        "exit_code",
+        "passed",
+        "failed",
+        "skipped",
+        "done",
+        "bench",
+        "scenarios",
+        "max_nesting",
+        "migrations",
+        "max_downtime_us",
+        "nested_migrations",
+        "max_in_service_migrated",
+        "violations",
+        "interrupts",
+        "exits",
+        "unknown_ports",
+        "wild_mmio",
+        "msr_gp",
+        "first_unknown_port",
+        "first_wild_mmio",
+        "first_gp_msr",
+        "elapsed_s",
+        "tsc_hz",
+        "vcpus",
+    ];
+
+    fn report(outcome: Outcome) -> RunReport {
+        let mut console = ConsoleLog::default();
+        console.scenarios.push(Scenario {
+            name: "nested".into(),
+            status: "PASS".into(),
+            detail: String::new(),
+            exits: [0, 2, 0, 3, 0, 0, 0, 0, 0, 0, 0],
+            elapsed: Duration::from_millis(4),
+        });
+        console.scenarios.push(Scenario {
+            name: "timer".into(),
+            status: "FAIL".into(),
+            detail: "late by 3 ms".into(),
+            exits: [0; EXIT_REASONS],
+            elapsed: Duration::from_millis(1),
+        });
+        console.bench.push(BenchLine {
+            name: "ipi".into(),
+            cycles: 1200,
+            iters: 1000,
+        });
+        console.done = Some("DONE passed=1 failed=1 skipped=0".into());
+        RunReport {
+            outcome,
+            console,
+            vcpus: vec![VcpuReport {
+                index: 0,
+                state: "halted".into(),
+                rip: 0x10_0000,
+                exits: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0],
+                interrupts: 42,
+                nmis: 1,
+                sipis: 0,
+                apic: "xapic".into(),
+            }],
+            max_nesting: 3,
+            violations: 0,
+            migrations: 2,
+            max_downtime_us: 900,
+            nested_migrations: 1,
+            max_in_service_migrated: 3,
+            unknown_ports: 0,
+            wild_mmio: 0,
+            msr_gp: 0,
+            first_odd: [0; 3],
+            elapsed: Duration::from_millis(1500),
+            tsc_hz: 2_000_000_000,
+        }
+    }
+
+    fn keys(v: &Value) -> Vec<&str> {
+        let mut k: Vec<&str> = v
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        k.sort_unstable();
+        k
+    }
+
+    // Schema 1 is a contract: exactly these keys, `schema` = 1, and the types below.
+    #[test]
+    fn json_schema_1_has_exactly_the_documented_keys() {
+        let v = report(Outcome::DebugExit(0)).json();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(JSON_SCHEMA, 1);
+        let mut want = KEYS_V1.to_vec();
+        want.sort_unstable();
+        assert_eq!(keys(&v), want);
+        assert_eq!(v["exit_code"], 1, "a FAIL line fails the run");
+        assert_eq!(v["passed"], 1);
+        assert_eq!(v["failed"], 1);
+        assert_eq!(v["skipped"], 0);
+        assert_eq!(v["max_nesting"], 3);
+        assert_eq!(v["migrations"], 2);
+        assert_eq!(v["max_downtime_us"], 900);
+        assert_eq!(v["nested_migrations"], 1);
+        assert_eq!(v["max_in_service_migrated"], 3);
+        assert_eq!(v["violations"], 0);
+        assert_eq!(v["interrupts"], json!([42]));
+        assert_eq!(v["tsc_hz"], 2_000_000_000u64);
+        assert_eq!(v["elapsed_s"], 1.5);
+        assert_eq!(
+            v["bench"],
+            json!([{"name": "ipi", "cycles": 1200, "iters": 1000}])
+        );
+        // Exits by reason: every reason, as integers.
+        let exits = v["exits"].as_object().expect("exits");
+        assert_eq!(exits.len(), EXIT_REASONS);
+        assert_eq!(v["exits"]["io_out"], 2);
+        assert_eq!(v["exits"]["kick"], 10);
+        assert_eq!(v["exits"]["other"], 0);
+        // Scenarios: only the non-zero exits.
+        assert_eq!(
+            v["scenarios"][0],
+            json!({"name": "nested", "status": "PASS", "detail": "",
+                   "elapsed_ms": 4.0, "exits": {"io_out": 2, "mmio_write": 3}})
+        );
+        assert_eq!(v["scenarios"][1]["status"], "FAIL");
+        assert_eq!(v["scenarios"][1]["detail"], "late by 3 ms");
+        // vCPUs: RIP is an integer, not a hex string.
+        let cpu = &v["vcpus"][0];
+        assert_eq!(
+            keys(cpu),
+            [
+                "apic",
+                "exits",
+                "index",
+                "interrupts",
+                "nmis",
+                "rip",
+                "sipis",
+                "state"
+            ]
+        );
+        assert_eq!(cpu["rip"], 0x10_0000);
+        assert_eq!(cpu["state"], "halted");
+        assert_eq!(cpu["exits"]["hlt"], 7);
+    }
+
+    // `outcome` is split into fields; what does not apply is null.
+    #[test]
+    fn json_outcome_is_kind_code_message() {
+        let cases = [
+            (Outcome::DebugExit(0), "debug_exit", json!(0), Value::Null),
+            (Outcome::DebugExit(7), "debug_exit", json!(7), Value::Null),
+            (Outcome::AllStopped, "all_stopped", Value::Null, Value::Null),
+            (Outcome::Timeout, "timeout", Value::Null, Value::Null),
+            (
+                Outcome::GuestCrash("vcpu1: triple fault".into()),
+                "guest_crash",
+                Value::Null,
+                json!("vcpu1: triple fault"),
+            ),
+            (
+                Outcome::VmmError("KVM_RUN: EFAULT".into()),
+                "vmm_error",
+                Value::Null,
+                json!("KVM_RUN: EFAULT"),
+            ),
+            (
+                Outcome::Saved("/tmp/s.vlsave: 1 bytes".into()),
+                "saved",
+                Value::Null,
+                json!("/tmp/s.vlsave: 1 bytes"),
+            ),
+        ];
+        for (outcome, kind, code, message) in cases {
+            let r = report(outcome);
+            let o = &r.json()["outcome"];
+            assert_eq!(keys(o), ["code", "kind", "message", "text"], "{o}");
+            assert_eq!(o["kind"], kind);
+            assert_eq!(o["code"], code, "{kind}");
+            assert_eq!(o["message"], message, "{kind}");
+            assert_eq!(o["text"], r.outcome_text());
+        }
+        let o = report(Outcome::DebugExit(0)).json();
+        assert_eq!(o["outcome"]["code"], 0, "code 0 is a value, not null");
+        assert_eq!(o["outcome"]["text"], "guest exit 0 (status 1)");
+    }
+
+    // `done` is the parsed DONE line, or null when the guest printed none.
+    #[test]
+    fn json_done_is_parsed_or_null() {
+        let r = report(Outcome::DebugExit(0));
+        assert_eq!(
+            r.json()["done"],
+            json!({"line": "DONE passed=1 failed=1 skipped=0",
+                   "passed": 1, "failed": 1, "skipped": 0})
+        );
+        let mut r = report(Outcome::Timeout);
+        r.console.done = None;
+        assert_eq!(r.json()["done"], Value::Null);
+        // A count the line lacks is null, not 0.
+        r.console.done = Some("DONE passed=5".into());
+        let d = &r.json()["done"];
+        assert_eq!(d["passed"], 5);
+        assert_eq!(d["failed"], Value::Null);
+        assert_eq!(d["skipped"], Value::Null);
+    }
+
+    // "None seen" is null; port 0, address 0 and MSR 0 are real values.
+    #[test]
+    fn json_first_odd_values_are_null_only_when_none_was_seen() {
+        let v = report(Outcome::DebugExit(0)).json();
+        assert_eq!(v["unknown_ports"], 0);
+        assert_eq!(v["first_unknown_port"], Value::Null);
+        assert_eq!(v["first_wild_mmio"], Value::Null);
+        assert_eq!(v["first_gp_msr"], Value::Null);
+        let mut r = report(Outcome::DebugExit(0));
+        r.unknown_ports = 3;
+        r.wild_mmio = 1;
+        r.msr_gp = 2;
+        r.first_odd = [0, 0xFED0_0000, 0];
+        let v = r.json();
+        assert_eq!(v["first_unknown_port"], 0);
+        assert_eq!(v["first_wild_mmio"], 0xFED0_0000u64);
+        assert_eq!(v["first_gp_msr"], 0);
     }
 }

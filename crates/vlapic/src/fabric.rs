@@ -616,6 +616,7 @@ fn check_fabric_import(
 // ----- the shared fabric ---------------------------------------------------------
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 pub use shared::SharedFabric;
 
 #[cfg(feature = "std")]

@@ -148,6 +148,7 @@ impl fmt::Display for GpFault {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for GpFault {}
 
 /// Side effects of one register access, returned to the embedder instead of being
@@ -438,18 +439,21 @@ impl LocalApic {
 
     /// The nesting verifier.
     #[cfg(feature = "verify")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "verify")))]
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
     }
 
     /// Turns the nesting verifier on (rebuilt from ISR) or off.
     #[cfg(feature = "verify")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "verify")))]
     pub fn set_verifier_enabled(&mut self, on: bool) {
         self.verifier.set_enabled(on, &self.isr);
     }
 
     /// Resets the verifier's counters (the shadow is rebuilt from ISR).
     #[cfg(feature = "verify")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "verify")))]
     pub fn clear_verifier_counters(&mut self) {
         self.verifier.clear_counters(&self.isr);
     }

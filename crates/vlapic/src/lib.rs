@@ -26,7 +26,33 @@
 //! assert_eq!(fx.eoi, None);                              // edge: nothing for the IOAPIC
 //! assert_eq!(apic.ppr(), 0x00);
 //! ```
+//!
+//! A VM's APICs and IOAPIC together live in [`fabric::Fabric`] (single-threaded) or
+//! `fabric::SharedFabric` (shared by vCPU threads, feature `std`); saved state and its
+//! file formats are in [`state`].
+//!
+//! # Cargo features
+//!
+//! * **`std`** (default): [`std::error::Error`](core::error::Error) for the error types
+//!   ([`GpFault`], [`msi::MsiError`], [`state::ImportError`], [`state::DecodeError`],
+//!   [`state::fabric::IoApicError`], [`state::fabric::FabricError`]) and
+//!   `fabric::SharedFabric`, the fabric shared by vCPU threads. Without it the crate is
+//!   `#![no_std]` and needs only `alloc`.
+//! * **`verify`** (default): the nesting verifier — the `verifier` module and
+//!   `LocalApic::{verifier, set_verifier_enabled, clear_verifier_counters}`. Without
+//!   it [`LapicConfig::verify`] is accepted and ignored, and nothing is checked.
+//! * **`serde`** (off): `Serialize`/`Deserialize` for the state types
+//!   ([`state::LapicState`], [`state::fabric::IoApicState`],
+//!   [`state::fabric::FabricState`]). The native binary format needs no dependency.
+//!
+//! Items that need a feature say so in their documentation (on docs.rs, which builds
+//! with every feature, as a "feature" badge).
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.85. Raising it is a minor-version change.
 #![cfg_attr(not(feature = "std"), no_std)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(clippy::arithmetic_side_effects)]
@@ -50,6 +76,7 @@ pub mod state;
 pub mod timer;
 pub mod vector_set;
 #[cfg(feature = "verify")]
+#[cfg_attr(docsrs, doc(cfg(feature = "verify")))]
 pub mod verifier;
 pub mod x2apic;
 
@@ -62,7 +89,9 @@ pub use timer::TimerClock;
 pub use vector_set::VectorSet;
 pub use x2apic::is_apic_msr;
 
-/// The README's Rust examples, compiled and run as doc tests so they cannot rot.
+/// The crate README's Rust examples, compiled and run as doc tests so they cannot
+/// rot. The README is inside the package, so this also runs in the packaged crate
+/// (`scripts/package-check.sh`).
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -20,6 +20,7 @@ use core::fmt;
 
 /// Why an MSI write was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum MsiError {
     /// Address bits 63:20 are not 0x0000_0000_FEE.
     NotInterruptAddress,
@@ -40,6 +41,7 @@ impl fmt::Display for MsiError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for MsiError {}
 
 /// A decoded MSI.

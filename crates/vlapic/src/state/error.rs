@@ -118,6 +118,7 @@ impl fmt::Display for Field {
 /// A validation rule a state breaks. Import stops at the first;
 /// [`crate::state::LapicState::validate`] lists them all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ImportError {
     /// IA32_APIC_BASE sets reserved bits (at or above MAXPHYADDR, bits 7:0, 9,
     /// EXTD without x2APIC support) — illumos VVE_BAD_MSR_BASE.
@@ -460,6 +461,7 @@ impl fmt::Display for ImportError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for ImportError {}
 
 /// A byte-format decoding error: where, in which field, and why.
@@ -494,4 +496,5 @@ impl fmt::Display for DecodeError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for DecodeError {}

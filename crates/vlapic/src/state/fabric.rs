@@ -24,6 +24,8 @@ pub const RTE_REMOTE_IRR: u64 = 1 << 14;
 pub const RTE_LEVEL: u64 = 1 << 15;
 
 /// Architectural state of one IOAPIC.
+///
+/// With the `serde` feature it implements `Serialize` and `Deserialize`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct IoApicState {
@@ -39,6 +41,7 @@ pub struct IoApicState {
 
 /// A rule an [`IoApicState`] breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum IoApicError {
     /// ID above 0xF.
     Id(u8),
@@ -114,6 +117,7 @@ impl fmt::Display for IoApicError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for IoApicError {}
 
 impl IoApicState {
@@ -146,6 +150,8 @@ impl IoApicState {
 }
 
 /// The state of a whole interrupt fabric: every local APIC and the IOAPIC.
+///
+/// With the `serde` feature it implements `Serialize` and `Deserialize`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct FabricState {
@@ -157,6 +163,7 @@ pub struct FabricState {
 
 /// A rule a [`FabricState`] breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FabricError {
     /// The number of APIC states differs from the number of configured APICs.
     ApicCount {
@@ -189,6 +196,7 @@ impl fmt::Display for FabricError {
 }
 
 #[cfg(feature = "std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "std")))]
 impl std::error::Error for FabricError {}
 
 impl FabricState {

@@ -19,6 +19,8 @@ use crate::VectorSet;
 /// as read (derived in x2APIC mode); `icr` is `(high << 32) | low` in xAPIC mode
 /// and the 64-bit x2APIC ICR otherwise; `timer_deadline` is absolute VM time in
 /// nanoseconds, 0 meaning "not armed".
+///
+/// With the `serde` feature it implements `Serialize` and `Deserialize`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct LapicState {
