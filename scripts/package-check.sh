@@ -34,6 +34,16 @@ check_target="$root/target/package-check"
 work="${TMPDIR:-/tmp}/vlapic-package-check-$(printf '%s' "$root" | cksum | cut -d' ' -f1)"
 mkdir -p "$work"
 
+# vlapic-kvm depends on vlapic, which is not on crates.io yet: cargo packages and
+# verifies the two together (through a temporary local registry). Its packaged tests
+# need /dev/kvm and run in the workspace (`cargo test -p vlapic-kvm`).
+echo "== package-check: vlapic + vlapic-kvm packaged and built together"
+cargo package -p vlapic -p vlapic-kvm --allow-dirty
+listing=$(cargo package -p vlapic-kvm --allow-dirty --list)
+for f in Cargo.toml README.md CHANGELOG.md LICENSE-MIT LICENSE-APACHE src/lib.rs examples/two_vcpus.rs; do
+  grep -qx "$f" <<<"$listing" || { echo "package-check: vlapic-kvm: $f is not in the package" >&2; exit 1; }
+done
+
 for crate in "${crates[@]}"; do
   # `cargo pkgid` prints e.g. path+file:///…/crates/vlapic#0.1.0 (or …#name@0.1.0).
   pkgid=$(cargo pkgid -p "$crate")
