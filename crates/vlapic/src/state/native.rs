@@ -239,11 +239,13 @@ pub fn unframe(bytes: &[u8]) -> Result<(Kind, &[u8]), DecodeError> {
             "not a vlapic native state file",
         ));
     }
-    if le_u16(bytes, 8, "format_version")? != FORMAT_VERSION {
-        return Err(DecodeError::new(
+    let version = le_u16(bytes, 8, "format_version")?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::version(
             8,
             "format_version",
-            "unsupported format version",
+            version,
+            FORMAT_VERSION,
         ));
     }
     let kind = Kind::from_u16(le_u16(bytes, 10, "kind")?).ok_or(DecodeError::new(
