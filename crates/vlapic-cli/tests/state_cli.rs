@@ -431,7 +431,7 @@ fn endless_input_is_refused_quickly() {
         let took = start.elapsed();
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         assert!(
-            stderr(&o).contains(&format!("/dev/zero: file (byte ")) && stderr(&o).contains(limit),
+            stderr(&o).contains("/dev/zero: file (byte ") && stderr(&o).contains(limit),
             "{args:?}: {}",
             stderr(&o)
         );

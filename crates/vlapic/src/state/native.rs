@@ -46,10 +46,10 @@ const fn varint_max(bits: u32) -> usize {
 
 /// Bytes the canonical varint of `n` takes.
 const fn varint_len(mut n: u64) -> usize {
-    let mut len = 1;
+    let mut len: usize = 1;
     while n >= 0x80 {
         n >>= 7;
-        len += 1;
+        len = len.saturating_add(1);
     }
     len
 }
