@@ -271,3 +271,47 @@ fn periodic_to_one_shot_expires_at_the_count_zero() {
     assert_eq!(take(&mut a, 2000), Some(VEC as u8));
     assert_eq!(a.next_timer_deadline(), None, "one-shot: done");
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // The minimum period changes when interrupts come, never what TMCCT reads
+        // (SDM §11.5.4: the count reloads every period), and expiries it spaces are
+        // at least the minimum apart.
+        #[test]
+        fn minimum_period_leaves_the_count_architectural(
+            count in 1u32..5000,
+            dcr in prop::sample::select(vec![0x0u32, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xB]),
+            start in 0u64..10_000,
+            steps in prop::collection::vec(1u64..150_000, 1..40),
+        ) {
+            let mut limited = apic();
+            let mut arch = apic_min(0);
+            for a in [&mut limited, &mut arch] {
+                let _ = a.write_register(TDCR, dcr, start);
+                let _ = a.write_register(LVT_TIMER, PERIODIC | VEC, start);
+                let _ = a.write_register(TMICT, count, start);
+            }
+            let mut now = start;
+            // Expiry instants: the timer's deadline moves only when one is processed.
+            let mut expiry = limited.timer().deadline();
+            for step in steps {
+                now += step;
+                prop_assert_eq!(
+                    limited.read_register(TMCCT, now),
+                    arch.read_register(TMCCT, now),
+                    "TMCCT at {}", now
+                );
+                let _ = take(&mut limited, now);
+                let next = limited.timer().deadline();
+                if let (Some(prev), Some(d)) = (expiry, next) {
+                    prop_assert!(d == prev || d - prev >= 200 * US, "{} after {}", d, prev);
+                }
+                expiry = next;
+                let _ = take(&mut arch, now);
+            }
+        }
+    }
+}
