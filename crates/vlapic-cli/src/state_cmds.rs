@@ -1,9 +1,11 @@
 //! `vlapic inspect`, `vlapic convert` and `vlapic replay`: saved APIC state read,
 //! checked against the import rules, shown, converted, and replayed traffic.
 //!
-//! Exit codes: 0 success; 1 invalid input (a state file breaks a rule or cannot be
-//! decoded, a trace line is malformed, an import in a trace is refused); 2 usage
-//! (clap); 3 I/O error. Errors are one line: file, field, byte offset, reason.
+//! Exit codes: 0 success; 1 invalid input (a state file breaks a rule, cannot be
+//! decoded or is larger than its format allows, a trace line is malformed, an import
+//! in a trace is refused); 2 usage: bad arguments (clap) or an input file that cannot
+//! be opened or read (as `vlapic run` for its `--restore` file); 3 I/O error writing
+//! an output. Errors are one line: file, field, byte offset, reason.
 
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
@@ -38,12 +40,18 @@ JSON output (inspect --json, replay --json) carries \"schema\": 1; within a sche
 keep their names, types and meanings. Numbers (vectors, register values, addresses) are JSON
 integers; a value that does not exist is null, never 0.
 
-Exit codes (inspect, convert, replay): 0 success; 1 invalid state, undecodable file or bad trace
-line (one line names the file, field and byte offset); 2 usage error; 3 I/O error.";
+Exit codes (inspect, convert, replay): 0 success; 1 invalid state, undecodable or oversized file
+or bad trace line (one line names the file, field and byte offset); 2 usage error or unreadable
+input file; 3 I/O error writing an output.
+
+Size limits, checked before reading: kvm 1024 bytes, bhyve 200, native 270, json 64 KiB (64 KiB
+when the format is detected), replay traces 64 MiB.";
 
 /// Exit code: invalid state, undecodable file, bad trace.
 const EXIT_INVALID: u8 = 1;
-/// Exit code: I/O error.
+/// Exit code: usage error, including an input file that cannot be opened or read.
+const EXIT_USAGE: u8 = 2;
+/// Exit code: I/O error writing an output.
 const EXIT_IO: u8 = 3;
 
 /// A state file format.
@@ -152,7 +160,7 @@ impl StateOpts {
 /// Arguments of `vlapic inspect`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example:\n  vlapic inspect --format kvm --apic-base 0xFEE00900 cpu0.lapic\n  vlapic inspect --json cpu0.vlapic\n\nA kvm page does not hold IA32_APIC_BASE: without --apic-base it is taken as an enabled\nxAPIC BSP, or as x2APIC when the page's ID and LDR are x2APIC-shaped (reported as inferred).\n\n--json prints one object with \"schema\": 1 (stable keys; see docs/state-formats.md):\nnumbers are JSON integers, a value that does not exist is null.\n\nExit codes: 0 valid, 1 invalid or undecodable (every broken rule is listed), 3 I/O error."
+    after_help = "Example:\n  vlapic inspect --format kvm --apic-base 0xFEE00900 cpu0.lapic\n  vlapic inspect --json cpu0.vlapic\n\nA kvm page does not hold IA32_APIC_BASE: without --apic-base it is taken as an enabled\nxAPIC BSP, or as x2APIC when the page's ID and LDR are x2APIC-shaped (reported as inferred).\n\n--json prints one object with \"schema\": 1 (stable keys; see docs/state-formats.md):\nnumbers are JSON integers, a value that does not exist is null.\n\nExit codes: 0 valid, 1 invalid, undecodable or too large (every broken rule is listed), 2 unreadable file."
 )]
 pub struct InspectArgs {
     /// Input format (default: detected from the magic or the size).
@@ -171,7 +179,7 @@ pub struct InspectArgs {
 /// Arguments of `vlapic convert`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example:\n  vlapic convert --to kvm --now 5000000 cpu0.bhyve cpu0.kvm\n\nWithout --from the input format is detected as inspect does (native magic, 1024-byte kvm\npage, 200-byte bhyve, JSON).\nThe input is validated as import does; invalid state is refused (exit 1, the rule named).\nExit codes: 0 converted, 1 invalid or undecodable input, 3 I/O error."
+    after_help = "Example:\n  vlapic convert --to kvm --now 5000000 cpu0.bhyve cpu0.kvm\n\nWithout --from the input format is detected as inspect does (native magic, 1024-byte kvm\npage, 200-byte bhyve, JSON).\nThe input is validated as import does; invalid state is refused (exit 1, the rule named).\nExit codes: 0 converted, 1 invalid, undecodable or too large input, 2 unreadable input, 3 output not written."
 )]
 pub struct ConvertArgs {
     /// Input format (default: detected from the magic or the size, as inspect does).
@@ -191,7 +199,7 @@ pub struct ConvertArgs {
 /// Arguments of `vlapic replay`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Trace lines (numbers decimal or 0x-hex, `#` starts a comment):\n  time NS | mmio-read OFF | mmio-write OFF VALUE | msr-read MSR | msr-write MSR VALUE\n  irq VECTOR edge|level | ack | eoi | export kvm|bhyve|native FILE | import kvm|bhyve|native FILE\n\nExample trace:\n  mmio-write 0xF0 0x1FF   # software enable\n  irq 0x41 level\n  ack                     # prints 3: 0x41\n  mmio-read 0xA0          # prints 4: 0xa0 = 0x40 (PPR)\n  eoi                     # prints 5: ioapic-eoi 0x41\n\nOne fresh APIC: ID 0, BSP, xAPIC mode at 0xFEE00000, verifier on. Every output line starts\nwith the number of the trace line that produced it (`N: `). Reads print `OFF = VALUE` or\n`MSR = #GP`; faulting writes print `MSR <- #GP`; ack prints the vector or `none`. The last\nlines (`end: `) give the verifier's violations and deepest nesting.\n--json prints one object instead: {\"schema\": 1, \"trace\", \"events\": [{\"line\", \"kind\", ...}],\n\"verifier\": {...}, \"error\": null or {\"line\", \"message\"}} (see docs/state-formats.md).\nExit codes: 0 done, 1 bad trace line or refused import, 3 I/O error."
+    after_help = "Trace lines (numbers decimal or 0x-hex, `#` starts a comment):\n  time NS | mmio-read OFF | mmio-write OFF VALUE | msr-read MSR | msr-write MSR VALUE\n  irq VECTOR edge|level | ack | eoi | export kvm|bhyve|native FILE | import kvm|bhyve|native FILE\n\nExample trace:\n  mmio-write 0xF0 0x1FF   # software enable\n  irq 0x41 level\n  ack                     # prints 3: 0x41\n  mmio-read 0xA0          # prints 4: 0xa0 = 0x40 (PPR)\n  eoi                     # prints 5: ioapic-eoi 0x41\n\nOne fresh APIC: ID 0, BSP, xAPIC mode at 0xFEE00000, verifier on. Every output line starts\nwith the number of the trace line that produced it (`N: `). Reads print `OFF = VALUE` or\n`MSR = #GP`; faulting writes print `MSR <- #GP`; ack prints the vector or `none`. The last\nlines (`end: `) give the verifier's violations and deepest nesting.\n--json prints one object instead: {\"schema\": 1, \"trace\", \"events\": [{\"line\", \"kind\", ...}],\n\"verifier\": {...}, \"error\": null or {\"line\", \"message\"}} (see docs/state-formats.md).\nExit codes: 0 done, 1 bad trace line, refused import or trace over 64 MiB, 2 unreadable trace or imported file, 3 export not written."
 )]
 pub struct ReplayArgs {
     /// Print one JSON object ("schema": 1) with every event and its trace line.
@@ -218,6 +226,14 @@ impl Failure {
     fn io(path: &Path, e: std::io::Error) -> Self {
         Self {
             code: EXIT_IO,
+            msg: format!("{}: {e}", path.display()),
+        }
+    }
+
+    /// An input that cannot be opened or read: a usage error, as in `vlapic run`.
+    fn unreadable(path: &Path, e: std::io::Error) -> Self {
+        Self {
+            code: EXIT_USAGE,
             msg: format!("{}: {e}", path.display()),
         }
     }
@@ -355,22 +371,50 @@ fn rule_line(path: &Path, fmt: Format, state: &LapicState, e: &ImportError) -> S
     }
 }
 
-/// Largest input read (state files are at most a few KiB; traces can be long).
-const MAX_INPUT: u64 = 256 << 20;
+/// Largest JSON state file: a pretty-printed `LapicState` is under 3 KiB; 64 KiB
+/// leaves room for any hand formatting.
+const MAX_JSON: u64 = 64 << 10;
+/// Largest replay trace (about three million lines).
+const MAX_TRACE: u64 = 64 << 20;
 
-fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+/// The most bytes a state file in `fmt` can hold (`None`: not known yet, the largest
+/// of them), and how the limit is named in the error.
+fn state_limit(fmt: Option<Format>) -> (u64, String) {
+    let n = match fmt {
+        Some(Format::Native) => native::MAX_LAPIC_FILE,
+        Some(Format::Kvm) => kvm::PAGE_SIZE,
+        Some(Format::Bhyve) => bhyve::SIZE,
+        Some(Format::Json) | None => MAX_JSON as usize,
+    };
+    let what = match fmt {
+        Some(f) => format!("the most a {} state file can be", f.name()),
+        None => "the most any state format takes".into(),
+    };
+    (n as u64, what)
+}
+
+fn too_large(path: &Path, limit: u64, what: &str) -> Failure {
+    Failure::invalid(format!(
+        "{}: file (byte {limit:#x}): larger than {limit} bytes, {what}",
+        path.display()
+    ))
+}
+
+/// Reads at most `limit` bytes: a longer input is refused before it is read into
+/// memory (a regular file by its size, anything else after `limit + 1` bytes).
+fn read(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Failure> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| Failure::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Failure::unreadable(path, e))?;
+    let meta = file.metadata().map_err(|e| Failure::unreadable(path, e))?;
+    if meta.is_file() && meta.len() > limit {
+        return Err(too_large(path, limit, what));
+    }
     let mut bytes = Vec::new();
-    file.take(MAX_INPUT.saturating_add(1))
+    file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| Failure::io(path, e))?;
-    if bytes.len() as u64 > MAX_INPUT {
-        return Err(Failure::invalid(format!(
-            "{}: file (byte {MAX_INPUT:#x}): larger than {} MiB",
-            path.display(),
-            MAX_INPUT >> 20
-        )));
+        .map_err(|e| Failure::unreadable(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(path, limit, what));
     }
     Ok(bytes)
 }
@@ -385,9 +429,16 @@ struct Loaded {
 /// Reads and decodes a state file; without `fmt` the format is detected (`flag`
 /// names the option that sets it, for the error).
 fn load(path: &Path, fmt: Option<Format>, flag: &str, opts: &StateOpts) -> Result<Loaded, Failure> {
-    let bytes = read(path)?;
+    let (limit, what) = state_limit(fmt);
+    let bytes = read(path, limit, &what)?;
     let fmt = match fmt.or_else(|| detect(&bytes)) {
-        Some(f) => f,
+        Some(f) => {
+            let (limit, what) = state_limit(Some(f));
+            if bytes.len() as u64 > limit {
+                return Err(too_large(path, limit, &what));
+            }
+            f
+        }
         None => {
             return Err(Failure::invalid(format!(
                 "{}: format (byte 0x0): not recognised ({} bytes); use {flag}",
@@ -1071,7 +1122,7 @@ fn replay_line(
 }
 
 fn replay_inner(a: &ReplayArgs) -> Result<ExitCode, Failure> {
-    let bytes = read(&a.trace)?;
+    let bytes = read(&a.trace, MAX_TRACE, "the most a replay trace can be")?;
     let text = String::from_utf8(bytes).map_err(|e| {
         Failure::invalid(format!(
             "{}: byte {:#x}: not UTF-8",

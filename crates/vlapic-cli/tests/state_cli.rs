@@ -1,5 +1,6 @@
 //! The `vlapic` tool's state subcommands, run as a user would: inspect, convert,
-//! replay, their error lines and exit codes (0 ok, 1 invalid, 2 usage, 3 I/O).
+//! replay, their error lines and exit codes (0 ok, 1 invalid, 2 usage or unreadable
+//! input, 3 output not written).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -186,7 +187,7 @@ fn decode_errors_and_exit_codes() {
     assert!(stderr(&o)
         .contains("short.kvm: page (byte 0x64): kvm_lapic_state must be exactly 1024 bytes"));
     let o = vlapic(&["inspect", "/nonexistent/x.kvm"]);
-    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(o.status.code(), Some(2), "unreadable input: usage error");
     let o = vlapic(&["convert", "--from", "nope", "--to", "kvm", "a", "b"]);
     assert_eq!(o.status.code(), Some(2));
     let mut n = std::fs::read(golden("nested.native")).unwrap();
@@ -678,4 +679,178 @@ fn replay_help_example_is_true() {
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().take(3).collect();
     assert_eq!(lines, printed, "{out}");
+}
+
+// Issue 10 finding 3: every input has a size bound that follows from its format
+// (kvm_lapic_state is 1024 bytes, vdi_lapic_v1 200, a native LAPIC file at most 270,
+// JSON at most 64 KiB, a trace at most 64 MiB), checked before the file is read into
+// memory: one byte over is refused with one line naming the file and the limit, as
+// invalid input (exit 1).
+#[test]
+fn inputs_one_byte_over_their_format_bound_are_refused() {
+    let mut native = std::fs::read(golden("nested.native")).unwrap();
+    native.resize(271, 0);
+    let cases: [(&str, Vec<u8>, Option<&str>, &str); 6] = [
+        (
+            "over.kvm",
+            vec![0u8; 1025],
+            Some("kvm"),
+            "1024 bytes, the most a kvm",
+        ),
+        (
+            "over.bhyve",
+            vec![0u8; 201],
+            Some("bhyve"),
+            "200 bytes, the most a bhyve",
+        ),
+        (
+            "over.native",
+            native.clone(),
+            Some("native"),
+            "270 bytes, the most a native",
+        ),
+        (
+            "detected.native",
+            native,
+            None,
+            "270 bytes, the most a native",
+        ),
+        (
+            "over.json",
+            [b"{".as_slice(), &[b' '; 65536]].concat(),
+            Some("json"),
+            "65536 bytes, the most a json",
+        ),
+        (
+            "over.bin",
+            vec![7u8; 65537],
+            None,
+            "65536 bytes, the most any state",
+        ),
+    ];
+    for (name, bytes, fmt, limit) in cases {
+        let p = tmp(name);
+        std::fs::write(&p, &bytes).unwrap();
+        let mut args = vec!["inspect"];
+        if let Some(f) = fmt {
+            args.extend(["--format", f]);
+        }
+        args.push(p.to_str().unwrap());
+        let o = vlapic(&args);
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{name}: one line: {e}");
+        assert!(e.contains(&format!("{name}: file (byte ")), "{name}: {e}");
+        assert!(e.contains(&format!("larger than {limit}")), "{name}: {e}");
+    }
+    // The same bound for convert's input.
+    let p = tmp("over-convert.kvm");
+    std::fs::write(&p, [0u8; 1025]).unwrap();
+    let out = tmp("never-written.native");
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "kvm",
+        "--to",
+        "native",
+        p.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("larger than 1024 bytes"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    // Exactly at the bound is read (and then judged on its content).
+    let p = tmp("exact.kvm");
+    std::fs::write(&p, [0u8; 1024]).unwrap();
+    let o = vlapic(&["inspect", "--format", "kvm", p.to_str().unwrap()]);
+    assert!(!stderr(&o).contains("larger than"), "{}", stderr(&o));
+}
+
+// An endless input (/dev/zero) is refused at the bound, quickly, by every reader.
+#[test]
+fn endless_input_is_refused_quickly() {
+    if !Path::new("/dev/zero").exists() {
+        return;
+    }
+    for (args, limit) in [
+        (vec!["inspect", "/dev/zero"], "65536 bytes"),
+        (
+            vec!["inspect", "--format", "bhyve", "/dev/zero"],
+            "200 bytes",
+        ),
+        (
+            vec![
+                "convert",
+                "--from",
+                "json",
+                "--to",
+                "kvm",
+                "/dev/zero",
+                "/dev/null",
+            ],
+            "65536 bytes",
+        ),
+        (vec!["replay", "/dev/zero"], "67108864 bytes"),
+    ] {
+        let start = std::time::Instant::now();
+        let o = vlapic(&args);
+        let took = start.elapsed();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("/dev/zero: file (byte ") && stderr(&o).contains(limit),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(took.as_secs() < 10, "{args:?} took {took:?}");
+    }
+}
+
+// Issue 10 finding 6: an input path that cannot be opened or read is a usage error,
+// exit 2 in every subcommand (as `vlapic run --restore`, docs/vmm.md); exit 3 stays for
+// failing to write an output.
+#[test]
+fn unreadable_input_exits_2_unwritable_output_exits_3() {
+    let dir = tmp("a-directory");
+    std::fs::create_dir_all(&dir).unwrap();
+    for args in [
+        vec!["inspect", "/nonexistent/x.kvm"],
+        vec!["inspect", dir.to_str().unwrap()],
+        vec![
+            "convert",
+            "--from",
+            "kvm",
+            "--to",
+            "native",
+            "/nonexistent/x.kvm",
+            "/dev/null",
+        ],
+        vec!["replay", "/nonexistent/x.trace"],
+    ] {
+        let o = vlapic(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{args:?}: {}", stderr(&o));
+    }
+    let t = tmp("import-missing.trace");
+    std::fs::write(&t, "import kvm /nonexistent/x.kvm\n").unwrap();
+    let o = vlapic(&["replay", t.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("import-missing.trace:1: "),
+        "{}",
+        stderr(&o)
+    );
+    let o = vlapic(&[
+        "convert",
+        "--from",
+        "kvm",
+        "--to",
+        "native",
+        &golden("nested.kvm"),
+        "/nonexistent/dir/out.native",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
 }

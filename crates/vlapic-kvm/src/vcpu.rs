@@ -195,6 +195,8 @@ impl ApicVcpu {
     /// Replaces the KVM vCPU (live migration into a new VM) and returns the old one.
     pub fn replace_fd(&mut self, fd: VcpuFd) -> VcpuFd {
         self.unregister();
+        // The new vCPU has no guest-debug (single-step) setting yet.
+        self.stepping = false;
         std::mem::replace(&mut self.fd, fd)
     }
 
@@ -382,7 +384,6 @@ impl ApicVcpu {
             self.step_left = 0;
         }
         let step = self.step_left > 0;
-        self.step_left = self.step_left.saturating_sub(1);
         if step != self.stepping {
             let dbg = kvm_bindings::kvm_guest_debug {
                 control: if step {
@@ -517,6 +518,9 @@ impl ApicVcpu {
         };
         match decoded {
             Decoded::Done(h, base_written) => {
+                if h == Handled::Step {
+                    self.step_left = self.step_left.saturating_sub(1);
+                }
                 if h == Handled::Hlt {
                     // SAFETY: as for `slot`.
                     self.state = RunState::Halted(unsafe { slot.if_flag() });

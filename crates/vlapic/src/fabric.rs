@@ -27,7 +27,11 @@
 //! priority (PPR, all 8 bits) wins. Ties go to the first target at or after a
 //! rotating arbitration pointer, which then moves just past the winner, so repeated
 //! ties rotate over the tied APICs (the P6 rotating arbitration ID). No
-//! software-enabled target: the message is dropped. The same applies to an MSI with
+//! software-enabled target: the message is dropped. The priorities are read one
+//! lock at a time, so the winner can be software-disabled by its own vCPU before the
+//! delivery reaches it; it then refuses, and arbitration runs again among the
+//! candidates that have not refused (at most once per candidate). A message is
+//! therefore lost only if no destination accepts it when it arrives. The same applies to an MSI with
 //! the redirection hint and to IOAPIC entries in lowest-priority mode. Focus
 //! processor checking is not modelled (SVR bit 9 is reserved since the Pentium 4).
 //!
@@ -206,10 +210,50 @@ fn route_message<A: ApicAccess>(
 ) -> Routed {
     let d = msg.delivery;
     if d.mode == DeliveryMode::LowestPriority {
+        return route_lowest_priority(apics, map, rotor, msg, sender, now, wake);
+    }
+    let mut accepted = 0usize;
+    map.resolve(&msg.dest, sender, |t| {
+        if deliver_one(apics, t, d, now, wake) {
+            accepted = accepted.saturating_add(1);
+        }
+    });
+    Routed {
+        accepted,
+        rotor: None,
+    }
+}
+
+/// Lowest-priority routing: arbitration, then delivery to the winner. The winner
+/// can be disabled by its own vCPU between the priority reads and the delivery
+/// (each under its own lock); it then refuses, and arbitration runs again among the
+/// candidates that have not refused, so a message is lost only if no candidate
+/// accepts it at delivery time. Each round excludes one more candidate, so there are
+/// at most as many rounds as candidates.
+fn route_lowest_priority<A: ApicAccess>(
+    apics: &mut A,
+    map: &RouteMap,
+    rotor: usize,
+    msg: &Message,
+    sender: Option<usize>,
+    now: u64,
+    wake: &mut Wake,
+) -> Routed {
+    let d = msg.delivery;
+    let n = map.len().max(1);
+    let start = rotor.checked_rem(n).unwrap_or(0);
+    // Candidates that refused because they were disabled at delivery (allocated only
+    // when the race happens).
+    let mut refused: Vec<usize> = Vec::new();
+    let mut rotor_out = None;
+    loop {
         let mut winner: Option<(u8, usize, usize)> = None; // (ppr, distance, index)
-        let n = map.len().max(1);
-        let start = rotor.checked_rem(n).unwrap_or(0);
+        let mut candidates = 0usize;
         map.resolve(&msg.dest, sender, |t| {
+            candidates = candidates.saturating_add(1);
+            if refused.contains(&t) {
+                return;
+            }
             let Some((enabled, ppr)) = apics.with(t, |a| (a.is_enabled(), a.ppr())) else {
                 return;
             };
@@ -228,24 +272,58 @@ fn route_message<A: ApicAccess>(
         let Some((_, _, w)) = winner else {
             return Routed {
                 accepted: 0,
-                rotor: None,
+                rotor: rotor_out,
             };
         };
-        let accepted = usize::from(deliver_one(apics, w, d, now, wake));
-        return Routed {
-            accepted,
-            rotor: Some(w.wrapping_add(1).checked_rem(n).unwrap_or(0)),
-        };
-    }
-    let mut accepted = 0usize;
-    map.resolve(&msg.dest, sender, |t| {
-        if deliver_one(apics, t, d, now, wake) {
-            accepted = accepted.saturating_add(1);
+        rotor_out = Some(w.wrapping_add(1).checked_rem(n).unwrap_or(0));
+        match deliver_to(apics, w, d, now, wake) {
+            Outcome::Accepted => {
+                return Routed {
+                    accepted: 1,
+                    rotor: rotor_out,
+                }
+            }
+            Outcome::Disabled if refused.len() < candidates => refused.push(w),
+            Outcome::Disabled | Outcome::Refused => {
+                return Routed {
+                    accepted: 0,
+                    rotor: rotor_out,
+                }
+            }
         }
-    });
-    Routed {
-        accepted,
-        rotor: None,
+    }
+}
+
+/// What one target did with a message.
+enum Outcome {
+    /// Taken.
+    Accepted,
+    /// Refused because the APIC was (software- or hardware-) disabled when it arrived.
+    Disabled,
+    /// Refused for another reason (an illegal vector, which latched ESR).
+    Refused,
+}
+
+fn deliver_to<A: ApicAccess>(
+    apics: &mut A,
+    t: usize,
+    d: Delivery,
+    now: u64,
+    wake: &mut Wake,
+) -> Outcome {
+    let Some((ok, work, enabled)) = apics.with(t, |a| {
+        let ok = a.deliver(d, now);
+        (ok, ok && a.needs_kick(), a.is_enabled())
+    }) else {
+        return Outcome::Refused;
+    };
+    if work {
+        wake.push(t);
+    }
+    match (ok, enabled) {
+        (true, _) => Outcome::Accepted,
+        (false, false) => Outcome::Disabled,
+        (false, true) => Outcome::Refused,
     }
 }
 
@@ -256,16 +334,7 @@ fn deliver_one<A: ApicAccess>(
     now: u64,
     wake: &mut Wake,
 ) -> bool {
-    let Some((ok, work)) = apics.with(t, |a| {
-        let ok = a.deliver(d, now);
-        (ok, ok && a.needs_kick())
-    }) else {
-        return false;
-    };
-    if work {
-        wake.push(t);
-    }
-    ok
+    matches!(deliver_to(apics, t, d, now, wake), Outcome::Accepted)
 }
 
 /// Fires IOAPIC pins through `route` (which returns how many APICs accepted), setting
@@ -948,5 +1017,112 @@ mod shared {
         pub fn route_map(&self) -> Arc<RouteMap> {
             self.map()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::Destination;
+
+    /// Disables APIC `victim` (SVR bit 8 clear) just before the `at`-th access, as
+    /// another vCPU thread could between arbitration and delivery.
+    struct DisableBefore<'a> {
+        inner: CoreAccess<'a>,
+        calls: usize,
+        at: usize,
+        victim: usize,
+    }
+
+    impl ApicAccess for DisableBefore<'_> {
+        fn with<R>(&mut self, idx: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+            self.calls += 1;
+            if self.calls == self.at {
+                let victim = self.victim;
+                self.inner.with(victim, |a| {
+                    let _ = a.write_register(0xF0, 0xFF, 0);
+                });
+            }
+            self.inner.with(idx, f)
+        }
+    }
+
+    fn lowest(vector: u8) -> Message {
+        Message {
+            delivery: Delivery {
+                mode: DeliveryMode::LowestPriority,
+                vector,
+                level_triggered: false,
+            },
+            dest: Destination::physical(0xFF, false),
+        }
+    }
+
+    // Finding 4 (issue 10): the arbitration winner is software-disabled after the
+    // priorities were read (two reads, then the delivery is access 3). SDM §11.6.2.4:
+    // the message goes to a destination processor that can take it; APIC 1 can.
+    #[test]
+    fn lowest_priority_retries_when_the_winner_refuses() {
+        let mut core = Core::new(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
+        for i in 0..2 {
+            let _ = core.with(i, |a| a.write_register(0xF0, 0x1FF, 0));
+        }
+        let (acc, map) = core.access();
+        let map = map.clone();
+        let mut acc = DisableBefore {
+            inner: acc,
+            calls: 0,
+            at: 3,
+            victim: 0,
+        };
+        let mut wake = Wake::default();
+        let r = route_message(&mut acc, &map, 0, &lowest(0x41), None, 5, &mut wake);
+        assert_eq!(r.accepted, 1, "delivered to the APIC still enabled");
+        assert_eq!(
+            r.rotor,
+            Some(0),
+            "rotor moves past the actual winner (1 of 2)"
+        );
+        assert_eq!(wake.vcpus, [1]);
+        assert!(core.apics[1].irr().contains(0x41));
+        assert!(!core.apics[0].irr().contains(0x41));
+        assert_eq!(core.apics[0].stats().refused_disabled, 1);
+    }
+
+    // No candidate accepts: the retries end (bounded by the candidate count) and the
+    // message is dropped, as with no software-enabled target at all.
+    #[test]
+    fn lowest_priority_retry_is_bounded() {
+        let mut core = Core::new(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
+        let _ = core.with(0, |a| a.write_register(0xF0, 0x1FF, 0));
+        let (acc, map) = core.access();
+        let map = map.clone();
+        let mut acc = DisableBefore {
+            inner: acc,
+            calls: 0,
+            at: 3,
+            victim: 0,
+        };
+        let mut wake = Wake::default();
+        let r = route_message(&mut acc, &map, 0, &lowest(0x41), None, 5, &mut wake);
+        assert_eq!(r.accepted, 0);
+        assert!(wake.vcpus.is_empty());
+        assert!(acc.calls <= 6, "{} accesses", acc.calls);
+    }
+
+    // A refusal by an enabled winner (illegal vector: ESR, SDM §11.5.3) is not retried:
+    // every candidate would refuse it the same way, latching ESR on each.
+    #[test]
+    fn lowest_priority_illegal_vector_is_not_retried() {
+        let mut f = Fabric::new(FabricConfig::with_vcpus(2));
+        for i in 0..2 {
+            let _ = f.lapic_mmio_write(i, 0xF0, &0x1FFu32.to_le_bytes(), 0);
+        }
+        let wake = f.send(&lowest(0x05), 0);
+        assert!(wake.is_empty());
+        let esr: Vec<u32> = (0..2)
+            .filter_map(|i| f.apic(i).map(|a| a.esr_pending()))
+            .collect();
+        assert_eq!(esr.iter().filter(|&&e| e != 0).count(), 1, "{esr:?}");
     }
 }

@@ -61,6 +61,11 @@ pub struct LapicConfig {
     pub max_phys_addr: u8,
     /// Timer and TSC time base.
     pub clock: TimerClock,
+    /// Minimum spacing of periodic timer expiries in microseconds (KVM's
+    /// `min_timer_period_us`, default 200; 0 disables it). A guest programming a
+    /// shorter period gets its interrupts this far apart; TMCCT still counts with the
+    /// architectural period. One-shot and TSC-deadline modes are not limited.
+    pub min_timer_period_us: u32,
     /// Run the nesting verifier from the start (feature `verify`).
     pub verify: bool,
 }
@@ -77,6 +82,7 @@ impl Default for LapicConfig {
             cmci: true,
             max_phys_addr: 46,
             clock: TimerClock::default(),
+            min_timer_period_us: 200,
             verify: false,
         }
     }
@@ -202,9 +208,12 @@ pub struct Stats {
     pub refused_disabled: u64,
     /// ICR writes that sent nothing (invalid combination, reserved mode, INIT de-assert).
     pub ipi_dropped: u64,
-    /// Timer expiries delivered or masked.
+    /// Timer expiries processed: delivered, dropped by the mask, or re-setting a
+    /// vector already in IRR.
     pub timer_expired: u64,
-    /// Periodic expiries missed because time was reported late.
+    /// Periodic expiries (at the period, or the minimum period if longer) that
+    /// passed without being processed one by one: time was reported late, or no
+    /// deadline was reported because the expiry would have changed nothing.
     pub timer_missed: u64,
     /// Accesses to reserved xAPIC offsets.
     pub reserved_access: u64,
@@ -472,9 +481,10 @@ impl LocalApic {
         if now > self.now {
             self.now = now;
         }
+        let min_period_ns = u64::from(self.cfg.min_timer_period_us).saturating_mul(1_000);
         let exp = self
             .timer
-            .expire(self.now, self.timer_mode(), &self.cfg.clock);
+            .expire(self.now, self.timer_mode(), &self.cfg.clock, min_period_ns);
         if exp.fired {
             self.stats.timer_expired = self.stats.timer_expired.saturating_add(1);
             self.stats.timer_missed = self.stats.timer_missed.saturating_add(exp.missed);
@@ -483,9 +493,22 @@ impl LocalApic {
         exp.fired
     }
 
-    /// Absolute VM time at which the timer next needs [`LocalApic::advance`].
+    /// Absolute VM time at which the timer next needs [`LocalApic::advance`]; `None`
+    /// when no timer runs or when its expiry would change nothing: the LVT timer is
+    /// masked, or its vector already waits in IRR as an edge interrupt (a TPR- or
+    /// IF-blocked guest), so another expiry would only set the same bit. The timer
+    /// still counts: TMCCT, IA32_TSC_DEADLINE and the periodic phase are brought up to
+    /// date by every call that takes `now`. The answer changes with the LVT timer
+    /// (reported as `timer_changed`) and when the vector leaves IRR
+    /// ([`LocalApic::acknowledge`], [`LocalApic::plan_entry`]), so re-read it before
+    /// every guest entry ([`crate::EntryPlan::timer_deadline`] is this after the
+    /// acknowledge), and advance to the current time before acknowledging.
     pub fn next_timer_deadline(&self) -> Option<u64> {
-        self.timer.deadline()
+        let deadline = self.timer.deadline()?;
+        let lvt = self.lvt(Lvt::Timer);
+        let vector = lvt::vector(lvt);
+        let idle = lvt::is_masked(lvt) || (self.irr.contains(vector) && !self.tmr.contains(vector));
+        (!idle).then_some(deadline)
     }
 
     // ----- interrupt arrival, acceptance, EOI --------------------------------
@@ -956,7 +979,8 @@ impl LocalApic {
         if entry == Lvt::Timer {
             let old_mode = TimerMode::from_lvt(old).unwrap_or(TimerMode::OneShot);
             let new_mode = TimerMode::from_lvt(new).unwrap_or(TimerMode::OneShot);
-            self.timer.change_mode(old_mode, new_mode);
+            self.timer
+                .change_mode(old_mode, new_mode, self.now, &self.cfg.clock);
             return true;
         }
         false

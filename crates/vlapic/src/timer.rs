@@ -11,6 +11,13 @@
 //! however many expiries were missed (IRR holds one bit per vector anyway); a
 //! periodic timer's next expiry is the first period boundary after `now`, so the
 //! phase never drifts and there is no burst. Missed periods are counted.
+//!
+//! Minimum period (KVM's `min_timer_period_us`, see
+//! [`crate::LapicConfig::min_timer_period_us`]): in periodic mode successive
+//! expiries are at least that far apart. The count itself stays architectural: TMCCT
+//! counts down from the initial count and reloads every period, in phase with the
+//! first expiry after the timer was armed (the *anchor*), even when expiries are
+//! spaced further apart than the period.
 
 use crate::lvt::TimerMode;
 
@@ -84,8 +91,13 @@ pub struct Expiry {
 pub struct Timer {
     initial: u32,
     dcr: u32,
+    /// The next expiry to process (in periodic mode with a minimum period, possibly
+    /// later than the next time the count reaches zero).
     deadline: Option<u64>,
     tsc_deadline: u64,
+    /// A VM time at which the count reaches (or reached) zero: the periodic count runs
+    /// in phase with it. Set whenever counting (re)starts.
+    anchor: u64,
 }
 
 impl Timer {
@@ -102,6 +114,30 @@ impl Timer {
     /// Absolute VM time of the next expiry, if the timer is armed.
     pub fn deadline(&self) -> Option<u64> {
         self.deadline
+    }
+
+    /// Absolute VM time at which the count next reaches zero, as seen at `now`: the
+    /// architectural expiry time (what the saved state records). It equals
+    /// [`Timer::deadline`] except for a periodic timer whose expiries are spaced by a
+    /// minimum period longer than its period; a deadline already due is returned as is.
+    pub fn counting_deadline(&self, now: u64, mode: TimerMode, clock: &TimerClock) -> Option<u64> {
+        let deadline = self.deadline?;
+        if mode != TimerMode::Periodic || deadline <= now {
+            return Some(deadline);
+        }
+        let left = self.periodic_remaining(now, clock).unwrap_or(0);
+        Some(now.saturating_add(left).min(deadline))
+    }
+
+    /// Nanoseconds from `now` until a periodic count next reaches zero (in `1..=period`
+    /// once the anchor has passed); `None` when the period is 0 or overflows.
+    fn periodic_remaining(&self, now: u64, clock: &TimerClock) -> Option<u64> {
+        let period = self.period_ns(clock).filter(|&p| p > 0)?;
+        if now < self.anchor {
+            return Some(self.anchor.saturating_sub(now));
+        }
+        let into = now.saturating_sub(self.anchor).checked_rem(period)?;
+        Some(period.saturating_sub(into))
     }
 
     /// IA32_TSC_DEADLINE as stored (0 = disarmed). Reads through the MSR report 0
@@ -125,6 +161,8 @@ impl Timer {
     /// Current count register at VM time `now` (SDM §11.5.4): 0 in TSC-deadline mode
     /// or when not counting; otherwise the ticks left, clamped to the initial count
     /// (illumos 15251: an imported expiry further out than the initial count allows).
+    /// A periodic count reloads every period in phase with the anchor, whatever the
+    /// spacing of expiries (see the module docs on the minimum period).
     pub fn current_count(&self, now: u64, mode: TimerMode, clock: &TimerClock) -> u32 {
         if mode == TimerMode::TscDeadline {
             return 0;
@@ -132,7 +170,12 @@ impl Timer {
         let Some(deadline) = self.deadline else {
             return 0;
         };
-        let remaining = deadline.saturating_sub(now);
+        let remaining = if mode == TimerMode::Periodic {
+            self.periodic_remaining(now, clock)
+                .unwrap_or_else(|| deadline.saturating_sub(now))
+        } else {
+            deadline.saturating_sub(now)
+        };
         let tick = self.tick_ns(clock).max(1);
         let ticks = remaining.div_ceil(tick);
         u32::try_from(ticks).unwrap_or(u32::MAX).min(self.initial)
@@ -146,6 +189,7 @@ impl Timer {
         }
         self.initial = value;
         self.deadline = self.period_ns(clock).and_then(|p| now.checked_add(p));
+        self.anchor = self.deadline.unwrap_or(0);
     }
 
     /// A write to the divide configuration register. A running count keeps its
@@ -157,16 +201,24 @@ impl Timer {
             self.deadline = u64::from(left)
                 .checked_mul(self.tick_ns(clock))
                 .and_then(|d| now.checked_add(d));
+            self.anchor = self.deadline.unwrap_or(0);
         }
     }
 
-    /// The LVT timer mode changed. Switching into or out of TSC-deadline mode
+    /// The LVT timer mode changed at `now`. Switching into or out of TSC-deadline mode
     /// disarms the timer (SDM §11.5.4.1); one-shot ↔ periodic keeps counting and the
-    /// mode in force at expiry decides whether it reloads.
-    pub fn change_mode(&mut self, old: TimerMode, new: TimerMode) {
-        if old != new && (old == TimerMode::TscDeadline || new == TimerMode::TscDeadline) {
+    /// mode in force at expiry decides whether it reloads (leaving periodic mode, the
+    /// next expiry is when the count reaches zero, whatever the minimum period).
+    pub fn change_mode(&mut self, old: TimerMode, new: TimerMode, now: u64, clock: &TimerClock) {
+        if old == new {
+            return;
+        }
+        if old == TimerMode::TscDeadline || new == TimerMode::TscDeadline {
             self.deadline = None;
             self.tsc_deadline = 0;
+        } else if old == TimerMode::Periodic {
+            self.deadline = self.counting_deadline(now, old, clock);
+            self.anchor = self.deadline.unwrap_or(0);
         }
     }
 
@@ -197,8 +249,15 @@ impl Timer {
 
     /// Checks for expiry at `now`, reloading a periodic timer (see the module docs
     /// for the catch-up policy). A periodic timer never re-arms with a zero period
-    /// (illumos 16183).
-    pub fn expire(&mut self, now: u64, mode: TimerMode, clock: &TimerClock) -> Expiry {
+    /// (illumos 16183); its expiries are `max(period, min_period_ns)` apart (0: no
+    /// minimum), and `missed` counts in that spacing.
+    pub fn expire(
+        &mut self,
+        now: u64,
+        mode: TimerMode,
+        clock: &TimerClock,
+        min_period_ns: u64,
+    ) -> Expiry {
         let Some(deadline) = self.deadline else {
             return Expiry::default();
         };
@@ -215,6 +274,7 @@ impl Timer {
             TimerMode::OneShot => {}
             TimerMode::Periodic => {
                 if let Some(period) = self.period_ns(clock).filter(|&p| p > 0) {
+                    let period = period.max(min_period_ns);
                     let late = now.saturating_sub(deadline);
                     out.missed = late.checked_div(period).unwrap_or(0);
                     self.deadline = out
@@ -271,6 +331,7 @@ impl Timer {
                 _ => None,
             },
         };
+        self.anchor = self.deadline.unwrap_or(0);
         clamped
     }
 }
@@ -302,12 +363,12 @@ mod tests {
         assert_eq!(t.current_count(100, TimerMode::OneShot, &CLK), 1000);
         assert_eq!(t.current_count(600, TimerMode::OneShot, &CLK), 500);
         assert_eq!(t.deadline(), Some(1100));
-        assert!(!t.expire(1099, TimerMode::OneShot, &CLK).fired);
-        assert!(t.expire(1100, TimerMode::OneShot, &CLK).fired);
+        assert!(!t.expire(1099, TimerMode::OneShot, &CLK, 0).fired);
+        assert!(t.expire(1100, TimerMode::OneShot, &CLK, 0).fired);
         assert_eq!(t.deadline(), None);
         assert_eq!(t.current_count(2000, TimerMode::OneShot, &CLK), 0);
         assert!(
-            !t.expire(5000, TimerMode::OneShot, &CLK).fired,
+            !t.expire(5000, TimerMode::OneShot, &CLK, 0).fired,
             "fires once"
         );
     }
@@ -317,7 +378,7 @@ mod tests {
         let mut t = Timer::default();
         t.write_divide(0xB, 0, TimerMode::Periodic, &CLK);
         t.write_initial(100, 0, TimerMode::Periodic, &CLK);
-        let e = t.expire(350, TimerMode::Periodic, &CLK);
+        let e = t.expire(350, TimerMode::Periodic, &CLK, 0);
         assert_eq!(
             e,
             Expiry {
@@ -381,7 +442,7 @@ mod tests {
             0,
             "initial count ignored in TSC-deadline mode"
         );
-        assert!(t.expire(2001, TimerMode::TscDeadline, &CLK).fired);
+        assert!(t.expire(2001, TimerMode::TscDeadline, &CLK, 0).fired);
         assert_eq!(
             t.read_tsc_deadline(TimerMode::TscDeadline),
             0,
@@ -398,7 +459,7 @@ mod tests {
             "beyond 64-bit ns: never arrives"
         );
         assert!(
-            !t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz)
+            !t.expire(u64::MAX - 1, TimerMode::TscDeadline, &one_hz, 0)
                 .fired
         );
     }
@@ -407,12 +468,12 @@ mod tests {
     fn mode_switch_to_tsc_deadline_disarms() {
         let mut t = Timer::default();
         t.write_initial(10, 0, TimerMode::OneShot, &CLK);
-        t.change_mode(TimerMode::OneShot, TimerMode::Periodic);
+        t.change_mode(TimerMode::OneShot, TimerMode::Periodic, 0, &CLK);
         assert!(
             t.deadline().is_some(),
             "one-shot -> periodic keeps counting"
         );
-        t.change_mode(TimerMode::Periodic, TimerMode::TscDeadline);
+        t.change_mode(TimerMode::Periodic, TimerMode::TscDeadline, 0, &CLK);
         assert_eq!(t.deadline(), None);
     }
 

@@ -141,12 +141,13 @@ fn timer_deadline_is_read_after_advance() {
     let mut a = xapic();
     let _ = a.write_register(TDCR, 0xB, 0); // divide by 1: 1 ns per tick
     let _ = a.write_register(LVT_TIMER, 0x2_0041, 0); // periodic, vector 0x41
-    let _ = a.write_register(TMICT, 100, 0);
-    let p = a.plan_entry(50, true);
-    assert_eq!((p.inject, p.timer_deadline), (None, Some(100)));
-    let p = a.plan_entry(100, true);
+                                                      // 1 ms period (above the default 200 µs minimum period).
+    let _ = a.write_register(TMICT, 1_000_000, 0);
+    let p = a.plan_entry(500_000, true);
+    assert_eq!((p.inject, p.timer_deadline), (None, Some(1_000_000)));
+    let p = a.plan_entry(1_000_000, true);
     assert_eq!(p.inject, Some(0x41));
-    assert_eq!(p.timer_deadline, Some(200));
+    assert_eq!(p.timer_deadline, Some(2_000_000));
     // One-shot: after expiry no deadline remains.
     let mut b = xapic();
     let _ = b.write_register(TDCR, 0xB, 0);

@@ -227,7 +227,8 @@ fn decode_errors_carry_offsets() {
         Err(DecodeError {
             offset: 0x20,
             field: "id",
-            reason: "xAPIC ID register bits 23:0 are not zero"
+            reason: "xAPIC ID register bits 23:0 are not zero",
+            version: None,
         })
     );
     let mut b = bhyve::encode(&golden_state());
@@ -244,6 +245,34 @@ fn decode_errors_carry_offsets() {
     assert_eq!(
         native::decode_lapic(&n).unwrap_err().field,
         "format_version"
+    );
+}
+
+// Issue 10 finding 6: a file from another format version says which version it
+// holds and which one this build reads (docs/state-formats.md, native header).
+#[test]
+fn unsupported_native_version_names_both_versions() {
+    let mut n = native::encode_lapic(&golden_state());
+    n[8..10].copy_from_slice(&7u16.to_le_bytes());
+    let e = native::decode_lapic(&n).unwrap_err();
+    assert_eq!((e.offset, e.field), (8, "format_version"));
+    assert_eq!(
+        e.version,
+        Some(vlapic::state::VersionMismatch {
+            found: 7,
+            supported: 1
+        })
+    );
+    assert_eq!(
+        e.to_string(),
+        "format_version (byte 0x8): unsupported format version 7 (this build reads version 1)"
+    );
+    n[8..10].copy_from_slice(&0x0100u16.to_le_bytes());
+    let e = native::decode_fabric(&n).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("version 256 (this build reads version 1)"),
+        "{e}"
     );
 }
 

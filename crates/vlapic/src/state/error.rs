@@ -473,6 +473,18 @@ pub struct DecodeError {
     pub field: &'static str,
     /// What was wrong.
     pub reason: &'static str,
+    /// For a file of another format version: the version it holds and the one this
+    /// build reads (shown in the message).
+    pub version: Option<VersionMismatch>,
+}
+
+/// The format version a file holds, and the one this build reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VersionMismatch {
+    /// Version in the file.
+    pub found: u16,
+    /// Version this build reads and writes.
+    pub supported: u16,
 }
 
 impl DecodeError {
@@ -481,6 +493,22 @@ impl DecodeError {
             offset,
             field,
             reason,
+            version: None,
+        }
+    }
+
+    /// An unsupported format version at `offset`.
+    pub(crate) const fn version(
+        offset: usize,
+        field: &'static str,
+        found: u16,
+        supported: u16,
+    ) -> Self {
+        Self {
+            offset,
+            field,
+            reason: "unsupported format version",
+            version: Some(VersionMismatch { found, supported }),
         }
     }
 }
@@ -491,7 +519,11 @@ impl fmt::Display for DecodeError {
             f,
             "{} (byte {:#x}): {}",
             self.field, self.offset, self.reason
-        )
+        )?;
+        if let Some(v) = self.version {
+            write!(f, " {} (this build reads version {})", v.found, v.supported)?;
+        }
+        Ok(())
     }
 }
 

@@ -139,7 +139,7 @@ impl LocalApic {
     pub fn export(&self) -> LapicState {
         let deadline = self
             .timer
-            .deadline()
+            .counting_deadline(self.now, self.timer_mode(), &self.cfg.clock)
             .map(|d| d.clamp(1, i64::MAX as u64))
             .unwrap_or(0);
         LapicState {

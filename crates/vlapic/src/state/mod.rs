@@ -40,6 +40,6 @@ pub mod native;
 pub mod validate;
 mod wire;
 
-pub use error::{DecodeError, Field, ImportError};
+pub use error::{DecodeError, Field, ImportError, VersionMismatch};
 pub use fabric::{FabricError, FabricState, IoApicError, IoApicState};
 pub use lapic::LapicState;

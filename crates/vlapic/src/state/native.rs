@@ -39,6 +39,44 @@ pub const MAX_APICS: usize = 4096;
 /// Largest body accepted (a full fabric of [`MAX_APICS`] APICs fits easily).
 pub const MAX_BODY: usize = 1 << 20;
 
+/// Most bytes a canonical varint of a `bits`-bit integer takes (7 bits a byte).
+const fn varint_max(bits: u32) -> usize {
+    bits.div_ceil(7) as usize
+}
+
+/// Bytes the canonical varint of `n` takes.
+const fn varint_len(mut n: u64) -> usize {
+    let mut len: usize = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len = len.saturating_add(1);
+    }
+    len
+}
+
+/// Largest LAPIC body: four u64 fields (APIC base, ICR, timer expiry, TSC deadline)
+/// and 42 u32 fields (7 registers, ISR/TMR/IRR as 24 words, ESR and its latch, 7
+/// LVTs, initial count and divide), each at its longest varint.
+pub const MAX_LAPIC_BODY: usize = 4 * varint_max(64) + 42 * varint_max(32);
+/// Largest IOAPIC body: ID and IOREGSEL bytes, [`MAX_PINS`] redirection entries
+/// (u64) and pin levels (bool), each sequence with its length.
+pub const MAX_IOAPIC_BODY: usize = 2
+    + varint_len(MAX_PINS as u64)
+    + MAX_PINS * varint_max(64)
+    + varint_len(MAX_PINS as u64)
+    + MAX_PINS;
+/// Largest fabric body: [`MAX_APICS`] LAPIC bodies with their count, and an IOAPIC.
+pub const MAX_FABRIC_BODY: usize =
+    varint_len(MAX_APICS as u64) + MAX_APICS * MAX_LAPIC_BODY + MAX_IOAPIC_BODY;
+/// Largest native LAPIC file (270 bytes): a reader need never take more.
+pub const MAX_LAPIC_FILE: usize = HEADER_LEN + MAX_LAPIC_BODY + TRAILER_LEN;
+/// Largest native IOAPIC file.
+pub const MAX_IOAPIC_FILE: usize = HEADER_LEN + MAX_IOAPIC_BODY + TRAILER_LEN;
+/// Largest native fabric file ([`MAX_APICS`] APICs and a 120-pin IOAPIC).
+pub const MAX_FABRIC_FILE: usize = HEADER_LEN + MAX_FABRIC_BODY + TRAILER_LEN;
+
+const _: () = assert!(MAX_FABRIC_BODY <= MAX_BODY);
+
 /// What a native file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -51,6 +89,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The largest native file holding this kind of state.
+    pub const fn max_file_len(self) -> usize {
+        match self {
+            Kind::Lapic => MAX_LAPIC_FILE,
+            Kind::IoApic => MAX_IOAPIC_FILE,
+            Kind::Fabric => MAX_FABRIC_FILE,
+        }
+    }
+
     fn from_u16(v: u16) -> Option<Self> {
         match v {
             1 => Some(Kind::Lapic),
@@ -239,11 +286,13 @@ pub fn unframe(bytes: &[u8]) -> Result<(Kind, &[u8]), DecodeError> {
             "not a vlapic native state file",
         ));
     }
-    if le_u16(bytes, 8, "format_version")? != FORMAT_VERSION {
-        return Err(DecodeError::new(
+    let version = le_u16(bytes, 8, "format_version")?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::version(
             8,
             "format_version",
-            "unsupported format version",
+            version,
+            FORMAT_VERSION,
         ));
     }
     let kind = Kind::from_u16(le_u16(bytes, 10, "kind")?).ok_or(DecodeError::new(
@@ -352,4 +401,58 @@ pub fn field_offset(state: &LapicState, field: Field) -> usize {
     write_lapic(&mut out, state, Some(&mut offsets));
     let i = Field::ALL.iter().position(|&f| f == field).unwrap_or(0);
     HEADER_LEN.saturating_add(offsets.get(i).copied().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn widest_lapic() -> LapicState {
+        LapicState {
+            apic_base: u64::MAX,
+            id: u32::MAX,
+            version: u32::MAX,
+            tpr: u32::MAX,
+            apr: u32::MAX,
+            ldr: u32::MAX,
+            dfr: u32::MAX,
+            svr: u32::MAX,
+            isr: [u32::MAX; 8],
+            tmr: [u32::MAX; 8],
+            irr: [u32::MAX; 8],
+            esr: u32::MAX,
+            esr_pending: u32::MAX,
+            icr: u64::MAX,
+            lvt: [u32::MAX; 7],
+            timer_initial: u32::MAX,
+            timer_divide: u32::MAX,
+            timer_deadline: u64::MAX,
+            tsc_deadline: u64::MAX,
+        }
+    }
+
+    // The size bounds readers use (issue 10, finding 3) are the encodings of the
+    // widest values, and every such file decodes.
+    #[test]
+    fn size_bounds_are_the_widest_encodings() {
+        let lapic = encode_lapic(&widest_lapic());
+        assert_eq!(lapic.len(), MAX_LAPIC_FILE);
+        assert_eq!(MAX_LAPIC_FILE, 270);
+        assert!(decode_lapic(&lapic).is_ok());
+        let io = IoApicState {
+            id: u8::MAX,
+            select: u8::MAX,
+            redirection: alloc::vec![u64::MAX; MAX_PINS],
+            pin_levels: alloc::vec![true; MAX_PINS],
+        };
+        assert_eq!(encode_ioapic(&io).len(), MAX_IOAPIC_FILE);
+        let fabric = FabricState {
+            apics: alloc::vec![widest_lapic(); MAX_APICS],
+            ioapic: io,
+        };
+        let f = encode_fabric(&fabric);
+        assert_eq!(f.len(), MAX_FABRIC_FILE);
+        assert_eq!(Kind::Fabric.max_file_len(), MAX_FABRIC_FILE);
+        assert!(decode_fabric(&f).is_ok());
+    }
 }
