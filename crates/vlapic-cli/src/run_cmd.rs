@@ -109,14 +109,15 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// The `--kernel` image, or the built-in test guest.
-fn load_kernel(path: &Option<PathBuf>) -> Result<Vec<u8>, ExitCode> {
+/// An image larger than guest RAM cannot be loaded: `--memory` bounds what is read.
+fn load_kernel(path: &Option<PathBuf>, memory_mib: u64) -> Result<Vec<u8>, ExitCode> {
     match path {
-        Some(p) => std::fs::read(p).map_err(|e| {
-            fail(
-                exit_code::SETUP,
-                format!("cannot read {}: {e}", p.display()),
-            )
-        }),
+        Some(p) => vlapic_vmm::files::read_bounded(
+            p,
+            memory_mib.saturating_mul(1 << 20),
+            &format!("the --memory {memory_mib} MiB of guest RAM it must fit in"),
+        )
+        .map_err(|e| fail(exit_code::SETUP, e)),
         None => vlapic_vmm::guest::test_guest()
             .map(<[u8]>::to_vec)
             .ok_or_else(|| {
@@ -133,24 +134,21 @@ pub fn run(a: RunArgs) -> ExitCode {
     let kernel = if a.restore.is_some() {
         Vec::new()
     } else {
-        match load_kernel(&a.kernel) {
+        match load_kernel(&a.kernel, a.memory) {
             Ok(k) => k,
             Err(code) => return code,
         }
     };
     let mut modules = Vec::new();
     for p in &a.module {
-        match std::fs::read(p) {
+        let limit = a.memory.saturating_mul(1 << 20);
+        let why = format!("the --memory {} MiB of guest RAM it must fit in", a.memory);
+        match vlapic_vmm::files::read_bounded(p, limit, &why) {
             Ok(data) => modules.push(Module {
                 data,
                 cmdline: p.display().to_string(),
             }),
-            Err(e) => {
-                return fail(
-                    exit_code::SETUP,
-                    format!("cannot read module {}: {e}", p.display()),
-                )
-            }
+            Err(e) => return fail(exit_code::SETUP, format!("module {e}")),
         }
     }
     let cfg = VmConfig {
@@ -207,7 +205,7 @@ pub fn run(a: RunArgs) -> ExitCode {
 /// `vlapic bench`: the same guest with vlapic in userspace and with KVM's
 /// in-kernel irqchip, side by side (BENCH lines, per-scenario time and exits).
 pub fn bench(a: BenchArgs) -> ExitCode {
-    let kernel = match load_kernel(&a.kernel) {
+    let kernel = match load_kernel(&a.kernel, VmConfig::default().memory_mib) {
         Ok(k) => k,
         Err(code) => return code,
     };

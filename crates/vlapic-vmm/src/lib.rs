@@ -2,11 +2,12 @@
 //! `vlapic` (no in-kernel irqchip), on `vlapic-kvm`: loader, platform devices,
 //! migration, save files and the run report.
 
-// Dependency order, bottom-up (tests/layering.rs enforces it): stats, wire, outcome,
-// memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
+// Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
+// outcome, memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
 // migrate → savefile, summary → vm. Nothing imports savefile or summary but vm.
 pub mod console;
 pub mod devices;
+pub mod files;
 pub mod gate;
 pub mod guest;
 pub mod loader;

@@ -6,7 +6,6 @@
 //! checked, every section must appear once in its place, nothing may follow the
 //! last one, and any problem is one message naming what is wrong (never a panic).
 
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -556,19 +555,75 @@ pub(crate) fn capture(
 /// Writes `bytes` to `path` through a temporary file in the same directory and a
 /// rename, so a failed save never leaves a partial file under `path`.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot write {}: {e}", path.display())
-    })
+    crate::files::write_atomic(path, bytes)
+}
+
+/// The most bytes a save file for `vcpus` vCPUs and `memory_mib` MiB of RAM can take:
+/// every page non-zero, plus per vCPU at most 1 MiB of KVM state (XSAVE, up to 4096
+/// MSRs, registers), plus 64 MiB for the fabric, the console transcript and devices.
+pub fn max_size(vcpus: u32, memory_mib: u64) -> u64 {
+    let pages = memory_mib.saturating_mul(1 << 20);
+    let index = (pages / PAGE as u64).saturating_mul(4);
+    pages
+        .saturating_add(index)
+        .saturating_add(u64::from(vcpus).saturating_mul(1 << 20))
+        .saturating_add(64 << 20)
+}
+
+/// Reads a save file, bounded by what its own header allows: the fixed prefix and the
+/// HEAD section are read first (magic, version, total length, vCPUs, memory), the
+/// announced length is checked against [`max_size`], and only then is the rest read
+/// (at most that length). `/dev/zero` or a huge file is refused after a few bytes.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    // PREFIX, then the HEAD tag (4) and length (8), then vcpus (u32) and memory (u64).
+    let mut head = vec![0u8; PREFIX + 12 + 12];
+    let mut got = 0;
+    while got < head.len() {
+        let n = f
+            .read(head.get_mut(got..).unwrap_or(&mut []))
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    head.truncate(got);
+    if head.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+        return Err("not a vlapic save file (bad magic)".into());
+    }
+    if got < PREFIX + 24 {
+        // Let the decoder name what is missing.
+        return Ok(head);
+    }
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(head.get(o..o + 8).unwrap_or(&[0; 8]));
+        u64::from_le_bytes(b)
+    };
+    let total = u64_at(16);
+    let vcpus = u32::try_from(u64_at(PREFIX + 12) & 0xFFFF_FFFF).unwrap_or(u32::MAX);
+    let memory_mib = u64_at(PREFIX + 16);
+    if vcpus == 0 || vcpus as usize > MAX_VCPUS {
+        return Err(format!("HEAD: {vcpus} vCPUs (must be 1 to {MAX_VCPUS})"));
+    }
+    if !(crate::memory::MIN_MEMORY_MIB..=crate::memory::MAX_MEMORY_MIB).contains(&memory_mib) {
+        return Err(format!("HEAD: memory {memory_mib} MiB out of range"));
+    }
+    let bound = max_size(vcpus, memory_mib);
+    if total > bound {
+        return Err(format!(
+            "the header announces {total} bytes, more than a save file of {vcpus} vCPUs and \
+             {memory_mib} MiB can take ({bound})"
+        ));
+    }
+    let rest = total.saturating_sub(head.len() as u64);
+    let mut bytes = head;
+    f.take(rest.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

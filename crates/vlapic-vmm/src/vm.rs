@@ -134,7 +134,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let restore = match &cfg.restore {
         Some(p) => {
             let what = |e: String| VmmError::SaveFile(format!("{}: {e}", p.display()));
-            let bytes = std::fs::read(p).map_err(|e| what(format!("cannot read: {e}")))?;
+            let bytes = savefile::read_file(p).map_err(what)?;
             Some(SaveFile::decode(&bytes).map_err(what)?)
         }
         None => None,

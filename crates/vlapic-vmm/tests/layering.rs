@@ -6,7 +6,8 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 16] = [
+const LAYERS: [&str; 17] = [
+    "files",
     "stats", "wire", "outcome", "memory", "guest", "console", "snapshot", "loader", "devices",
     "gate", "shared", "vcpu", "migrate", "savefile", "summary", "vm",
 ];

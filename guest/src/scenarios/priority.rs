@@ -445,8 +445,9 @@ fn cr8_handler(_f: &mut Frame) {
 /// `mov cr8, 15; wrmsr SELF_IPI 0xB0; mov cr8, 0`: the self IPI waits in IRR while
 /// TPR[7:4] = 15 and is taken as soon as `mov cr8, 0` drops TPR (SDM §11.8.6.1: a CR8
 /// write changes TPR at once; §11.8.3.1: IRR above PPR is dispatched) — checked by the
-/// very next instruction (all but a few rounds) and never lost. A VMM that gets no exit on CR8 lowering must
-/// still deliver it (vlapic-kvm single-steps after the exit that left it held back).
+/// very next instruction (all but a few rounds) and never lost. A VMM that gets no exit
+/// on CR8 lowering must still deliver it (vlapic-kvm single-steps after the exit that
+/// left it held back).
 pub fn self_ipi_cr8() -> Res {
     const ROUNDS: u32 = 200;
     idt::set_handler(0xB0, cr8_handler);
