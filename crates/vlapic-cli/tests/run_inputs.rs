@@ -54,7 +54,11 @@ fn restore_announcing_too_much_is_refused() {
     std::fs::write(&p, &f).expect("write");
     let (o, _) = vlapic(&["run", "--restore", p.to_str().expect("utf-8")]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    assert!(err(&o).contains("announces 1099511627776 bytes"), "{}", err(&o));
+    assert!(
+        err(&o).contains("announces 1099511627776 bytes"),
+        "{}",
+        err(&o)
+    );
 }
 
 /// A kernel or module that cannot fit in guest RAM is refused by its size.
@@ -66,10 +70,18 @@ fn images_larger_than_guest_ram_are_refused() {
     let b = big.to_str().expect("utf-8");
     let (o, _) = vlapic(&["run", "--kernel", b, "--memory", "16"]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    assert!(err(&o).contains("larger than 16777216 bytes"), "{}", err(&o));
+    assert!(
+        err(&o).contains("larger than 16777216 bytes"),
+        "{}",
+        err(&o)
+    );
     let (o, _) = vlapic(&["run", "--kernel", "/dev/zero", "--memory", "16"]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    assert!(err(&o).contains("larger than 16777216 bytes"), "{}", err(&o));
+    assert!(
+        err(&o).contains("larger than 16777216 bytes"),
+        "{}",
+        err(&o)
+    );
     let small = tmp("small.img");
     std::fs::write(&small, b"not a kernel").expect("write");
     let (o, _) = vlapic(&[
@@ -82,5 +94,9 @@ fn images_larger_than_guest_ram_are_refused() {
         "16",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", err(&o));
-    assert!(err(&o).contains("module") && err(&o).contains("larger than"), "{}", err(&o));
+    assert!(
+        err(&o).contains("module") && err(&o).contains("larger than"),
+        "{}",
+        err(&o)
+    );
 }

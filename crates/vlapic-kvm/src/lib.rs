@@ -86,6 +86,11 @@
 //! 13. **The xAPIC page is per vCPU and relocatable**: it is routed inside the fabric
 //!     by the vCPU index ([`vlapic::fabric::SharedFabric::mmio_read`]), never on a
 //!     shared MMIO bus.
+//! 14. **A relocated xAPIC page over RAM is not an APIC.** KVM only exits for MMIO
+//!     where no memory slot is, and slots are VM-wide while the page is per vCPU;
+//!     [`ApicRuntime::refuse_apic_page_in`] makes such a WRMSR to IA32_APIC_BASE #GP
+//!     (a deliberate deviation: hardware accepts any base) instead of letting the base
+//!     read back an address whose accesses reach RAM.
 #![deny(missing_docs)]
 #![cfg(target_arch = "x86_64")]
 

@@ -1,6 +1,7 @@
 //! The VM-wide half shared by every vCPU thread: the fabric (replaceable for
 //! migration), VM time, one kicker per vCPU, the timer service and the stop flag.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -82,6 +83,8 @@ pub struct ApicRuntime {
     stop: AtomicBool,
     poll: PollConfig,
     extint: Option<ExtIntSource>,
+    /// Guest-physical ranges an xAPIC page may not be moved over (guest RAM).
+    no_apic_page: RwLock<Vec<Range<u64>>>,
 }
 
 impl std::fmt::Debug for ApicRuntime {
@@ -128,6 +131,7 @@ impl ApicRuntime {
             stop: AtomicBool::new(false),
             poll,
             extint,
+            no_apic_page: RwLock::new(Vec::new()),
         }))
     }
 
@@ -208,6 +212,36 @@ impl ApicRuntime {
         Ok(())
     }
 
+    /// Refuses (#GP) a WRMSR to IA32_APIC_BASE that would put an enabled xAPIC page
+    /// inside one of `ranges` (guest RAM). The page of a userspace APIC is an MMIO
+    /// exit only where KVM has no memory slot: over RAM, the guest's accesses would
+    /// reach RAM while the base MSR reads back the new address. KVM's memory slots are
+    /// VM-wide and the page is per vCPU, so the slot cannot be split for one vCPU; this
+    /// is a deliberate deviation (real hardware accepts any base).
+    pub fn refuse_apic_page_in(&self, ranges: Vec<Range<u64>>) {
+        *self
+            .no_apic_page
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = ranges;
+    }
+
+    /// Whether writing `value` to IA32_APIC_BASE is refused by
+    /// [`ApicRuntime::refuse_apic_page_in`]: EN set, EXTD clear, and the 4 KiB page at
+    /// the base inside a refused range.
+    pub fn apic_base_refused(&self, value: u64) -> bool {
+        const EN: u64 = 1 << 11;
+        const EXTD: u64 = 1 << 10;
+        if value & EN == 0 || value & EXTD != 0 {
+            return false;
+        }
+        let page = value & 0x000F_FFFF_FFFF_F000;
+        self.no_apic_page
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|r| r.start < page.saturating_add(0x1000) && page < r.end)
+    }
+
     /// Kicks sent to `vcpu` so far.
     pub fn kicks_sent(&self, vcpu: usize) -> u64 {
         self.kicks
@@ -268,5 +302,38 @@ impl Drop for ApicRuntime {
         if let Some(t) = lock(&self.timer_thread).take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vlapic::fabric::FabricConfig;
+
+    /// Relocating the xAPIC page over RAM is refused; the default page, x2APIC mode
+    /// and a disabled APIC are not (SDM Vol. 3A §11.4.5 gives any base; our deviation).
+    #[test]
+    fn apic_page_over_ram_is_refused() {
+        let rt = ApicRuntime::new(
+            SharedFabric::new(FabricConfig::with_vcpus(1)),
+            VmClock::new(0, 0, 1_000_000_000),
+        )
+        .expect("runtime");
+        let en = 1u64 << 11;
+        assert!(!rt.apic_base_refused(0x10_0000 | en), "nothing refused yet");
+        rt.refuse_apic_page_in(vec![0..64 << 20]);
+        assert!(rt.apic_base_refused(0x10_0000 | en | (1 << 8)));
+        assert!(rt.apic_base_refused(0x3FF_F000 | en), "last RAM page");
+        assert!(
+            !rt.apic_base_refused(0x400_0000 | en),
+            "first page above RAM"
+        );
+        assert!(!rt.apic_base_refused(0xFEE0_0000 | en | (1 << 8)));
+        assert!(!rt.apic_base_refused(0x10_0000), "disabled: no page");
+        assert!(
+            !rt.apic_base_refused(0x10_0000 | en | (1 << 10)),
+            "x2APIC: no page"
+        );
+        rt.stop();
     }
 }

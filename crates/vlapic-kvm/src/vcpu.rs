@@ -568,6 +568,10 @@ fn decode<'a>(
                 }
             }
         }
+        VcpuExit::X86Wrmsr(m) if m.index == MSR_APIC_BASE && rt.apic_base_refused(m.data) => {
+            *m.error = 1;
+            Decoded::Done(Handled::MsrFault(m.index), false)
+        }
         VcpuExit::X86Wrmsr(m) => {
             match is_apic_msr(m.index).then(|| fabric.lapic_msr_write(me, m.index, m.data, now)) {
                 Some(Ok(w)) => {

@@ -9,17 +9,12 @@ use std::path::{Path, PathBuf};
 /// `limit + 1` bytes and refused if that much came. `what` names the input and the
 /// limit's reason in the one-line error.
 pub fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let too_big = || {
-        format!(
-            "{}: larger than {limit} bytes ({what})",
-            path.display()
-        )
-    };
+    let too_big = || format!("{}: larger than {limit} bytes ({what})", path.display());
     if meta.is_file() && meta.len() > limit {
         return Err(too_big());
     }

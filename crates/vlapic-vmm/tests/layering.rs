@@ -7,9 +7,8 @@ use std::path::Path;
 
 /// The modules, bottom-up.
 const LAYERS: [&str; 17] = [
-    "files",
-    "stats", "wire", "outcome", "memory", "guest", "console", "snapshot", "loader", "devices",
-    "gate", "shared", "vcpu", "migrate", "savefile", "summary", "vm",
+    "files", "stats", "wire", "outcome", "memory", "guest", "console", "snapshot", "loader",
+    "devices", "gate", "shared", "vcpu", "migrate", "savefile", "summary", "vm",
 ];
 
 /// Module names declared in `lib.rs`.
