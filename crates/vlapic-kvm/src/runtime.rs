@@ -321,7 +321,8 @@ mod tests {
         .expect("runtime");
         let en = 1u64 << 11;
         assert!(!rt.apic_base_refused(0x10_0000 | en), "nothing refused yet");
-        rt.refuse_apic_page_in(vec![0..64 << 20]);
+        let ram = 0..64 << 20;
+        rt.refuse_apic_page_in(vec![ram]);
         assert!(rt.apic_base_refused(0x10_0000 | en | (1 << 8)));
         assert!(rt.apic_base_refused(0x3FF_F000 | en), "last RAM page");
         assert!(

@@ -334,7 +334,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     };
     let rt = ApicRuntime::new(chip, clock.clone()).map_err(|e| VmmError::Setup(e.to_string()))?;
     // The xAPIC page may not be moved over guest RAM (see ApicRuntime::refuse_apic_page_in).
-    rt.refuse_apic_page_in(vec![0..ram.size()]);
+    let ram_range = 0..ram.size();
+    rt.refuse_apic_page_in(vec![ram_range]);
     let carry = restore
         .as_ref()
         .map_or((0, 0), |f| (f.stats.max_nesting, f.stats.violations));
