@@ -54,6 +54,11 @@
 //! 4. **Fold `kvm_run.cr8` into TPR before handling the exit.** A guest doing
 //!    `mov cr8, 5` and then reading TPR must see 5. kvm-ioctls' `VcpuExit` borrows
 //!    the vCPU, so [`ApicVcpu`] reads `cr8` from the mapping before decoding the exit.
+//!    And the other way: KVM loads the guest's CR8 from `kvm_run.cr8` at *every*
+//!    `KVM_RUN`, so it must hold TPR[7:4] before each one — including the re-entry that
+//!    completes an instruction before a pause, on a vCPU that was just restored into a
+//!    new VM (its `kvm_run` is zeroed): back-to-back migrations otherwise dropped a
+//!    guest's CR8 to 0 and delivered a vector it was holding back.
 //! 5. **Lowering CR8 may not exit** (`KVM_EXIT_SET_TPR` is not guaranteed: on nested
 //!    hosts it never comes). While a vector is held back by TPR alone
 //!    ([`vlapic::LocalApic::held_back_by_tpr`]) and the vCPU runs, the adapter has it

@@ -490,6 +490,13 @@ impl ApicVcpu {
         self.ensure_registered();
         self.kick.set_immediate_exit();
         let fabric = self.rt.fabric();
+        // KVM loads CR8 from kvm_run.cr8 at every KVM_RUN: give it TPR, or a vCPU that
+        // never entered since `replace_fd` (its kvm_run is zeroed) would lose its CR8.
+        let cr8 = fabric
+            .read_apic(self.index, |a| a.cr8())
+            .ok_or(Error::NoSuchVcpu(self.index))?;
+        self.fd.get_kvm_run().cr8 = cr8;
+        self.last_cr8 = cr8;
         match self.enter(&fabric)? {
             Exit::Handled(Handled::Kick) => Ok(None),
             other => Ok(Some(other)),
