@@ -55,7 +55,7 @@
 //!    `mov cr8, 5` and then reading TPR must see 5. kvm-ioctls' `VcpuExit` borrows
 //!    the vCPU, so [`ApicVcpu`] reads `cr8` from the mapping before decoding the exit.
 //!    And the other way: KVM loads the guest's CR8 from `kvm_run.cr8` at *every*
-//!    `KVM_RUN`, so it must hold TPR[7:4] before each one — including the re-entry that
+//!    `KVM_RUN`, so it must hold `TPR[7:4]` before each one — including the re-entry that
 //!    completes an instruction before a pause, on a vCPU that was just restored into a
 //!    new VM (its `kvm_run` is zeroed): back-to-back migrations otherwise dropped a
 //!    guest's CR8 to 0 and delivered a vector it was holding back.
