@@ -68,11 +68,8 @@ impl VectorSet {
     /// Adds or removes vector `v`.
     #[inline]
     pub fn assign(&mut self, v: u8, present: bool) {
-        if present {
-            self.insert(v)
-        } else {
-            self.remove(v)
-        }
+        let (w, m) = slot(v);
+        self.words[w] = (self.words[w] & !m) | (m & 0u32.wrapping_sub(u32::from(present)));
     }
 
     /// The highest vector in the set, scanning words 7 down to 0.
@@ -127,6 +124,96 @@ impl VectorSet {
             words: self.words,
             word: 0,
         }
+    }
+}
+
+/// A [`VectorSet`] with a derived summary byte: bit `i` is set exactly when word `i`
+/// is not empty. The highest vector is then two bit scans instead of a walk over the
+/// eight words. The summary is a cache in the sense of issue 14: only this type's
+/// methods change the set and each keeps the summary in step, every construction
+/// derives it afresh ([`SummarySet::from_set`]), and [`SummarySet::is_consistent`]
+/// compares it with a fresh derivation (the property tests call it after every
+/// operation). Reads go to the plain set through `Deref`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct SummarySet {
+    set: VectorSet,
+    summary: u8,
+}
+
+/// The summary byte of a set, derived from its words.
+const fn summary_of(set: &VectorSet) -> u8 {
+    let mut s = 0u8;
+    let mut i = 0usize;
+    while i < 8 {
+        if set.words[i] != 0 {
+            s |= 1 << i;
+        }
+        i += 1;
+    }
+    s
+}
+
+impl SummarySet {
+    /// The empty set.
+    pub(crate) const EMPTY: Self = Self {
+        set: VectorSet::EMPTY,
+        summary: 0,
+    };
+
+    /// A set with its summary derived from the words.
+    pub(crate) const fn from_set(set: VectorSet) -> Self {
+        Self {
+            summary: summary_of(&set),
+            set,
+        }
+    }
+
+    /// Whether the summary equals a fresh derivation from the words.
+    pub(crate) fn is_consistent(&self) -> bool {
+        self.summary == summary_of(&self.set)
+    }
+
+    /// Adds vector `v`.
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, v: u8) {
+        let (w, m) = slot(v);
+        self.set.words[w] |= m;
+        self.summary |= 1 << w;
+    }
+
+    /// Removes vector `v`.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, v: u8) {
+        let (w, m) = slot(v);
+        let word = self.set.words[w] & !m;
+        self.set.words[w] = word;
+        self.summary &= !(u8::from(word == 0) << w);
+    }
+
+    /// The highest vector in the set, from the summary: no word walk.
+    #[inline(always)]
+    pub(crate) fn highest(&self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        // summary != 0: the top set bit is 0..=7, the word it names is not empty.
+        let i = (31 ^ u32::from(self.summary).leading_zeros()) & 7;
+        let w = self.set.words[i as usize];
+        Some((i << 5 | (31 ^ w.leading_zeros())) as u8)
+    }
+}
+
+impl core::ops::Deref for SummarySet {
+    type Target = VectorSet;
+    #[inline(always)]
+    fn deref(&self) -> &VectorSet {
+        &self.set
+    }
+}
+
+impl fmt::Debug for SummarySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.set.fmt(f)
     }
 }
 
@@ -205,6 +292,42 @@ mod tests {
         assert_eq!(all.len(), 256);
         let v: Vec<u8> = all.iter().collect();
         assert_eq!(v, (0..=255u8).collect::<Vec<_>>());
+    }
+
+    // Issue 14: the summary-indexed highest() equals the word scan after any
+    // insert/remove sequence, and the summary stays a fresh derivation.
+    #[test]
+    fn summary_set_tracks_the_words() {
+        let mut s = SummarySet::EMPTY;
+        let mut plain = VectorSet::EMPTY;
+        let mut x = 0x9E37_79B9u32;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x >> 8) as u8;
+            if x & 1 == 0 {
+                s.insert(v);
+                plain.insert(v);
+            } else {
+                s.remove(v);
+                plain.remove(v);
+            }
+            assert!(s.is_consistent());
+            assert_eq!(*s, plain);
+            assert_eq!(s.highest(), plain.highest());
+        }
+        assert_eq!(SummarySet::from_set(plain), s);
+    }
+
+    #[test]
+    fn assign_sets_and_clears() {
+        let mut s = VectorSet::EMPTY;
+        s.assign(0x40, true);
+        s.assign(0x41, true);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0x40, 0x41]);
+        s.assign(0x40, false);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0x41]);
     }
 
     #[test]

@@ -7,6 +7,15 @@
 //! depth never exceeds 15. A violation is counted and recorded (first and last);
 //! the shadow is then rebuilt from ISR so one fault is reported once. Nothing here
 //! is ever read to compute PPR or choose the EOI vector, and nothing panics.
+//!
+//! Cost (issue 14): each step checks in O(1), whatever the depth. Two values derived
+//! from the stack are kept in step with every push and pop: the number of adjacent
+//! pairs whose classes do not increase (zero unless a restore installed a bad ISR)
+//! and the stack's vectors as a [`VectorSet`]. With no such pair the stack is
+//! strictly ascending, so it equals ISR's bits in ascending order exactly when that
+//! set equals ISR: one 256-bit comparison instead of a walk. The walk itself remains
+//! as [`Verifier::audit`], run on restore (rebuild) and on demand, and
+//! [`Verifier::is_consistent`] re-derives both values from the stack for the tests.
 
 use crate::priority::class;
 use crate::VectorSet;
@@ -65,6 +74,10 @@ pub struct Verifier {
     enabled: bool,
     stack: [u8; MAX_DEPTH],
     depth: u8,
+    /// The vectors of `stack[..depth]` (derived).
+    members: VectorSet,
+    /// Adjacent pairs of `stack[..depth]` whose classes do not increase (derived).
+    disorder: u8,
     max_depth: u8,
     violations: u64,
     first: Option<Violation>,
@@ -92,6 +105,8 @@ impl Verifier {
             self.rebuild(isr);
         } else {
             self.depth = 0;
+            self.members = VectorSet::EMPTY;
+            self.disorder = 0;
         }
     }
 
@@ -143,22 +158,74 @@ impl Verifier {
         if !self.enabled {
             return;
         }
+        self.load(isr);
+        self.note_depth();
+        self.audit_at(isr, Checkpoint::Restore);
+    }
+
+    /// Checks the whole shadow stack against `isr` by walking it (the check every
+    /// step made before issue 14): classes strictly increase and the stack equals
+    /// ISR's bits in ascending order. A violation is recorded as a restore-time one.
+    /// Returns whether the invariant held (true while disabled).
+    pub fn audit(&mut self, isr: &VectorSet) -> bool {
+        !self.enabled || self.audit_at(isr, Checkpoint::Restore)
+    }
+
+    fn audit_at(&mut self, isr: &VectorSet, at: Checkpoint) -> bool {
+        let stack = self.stack();
+        let kind = if stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+            ViolationKind::ClassOrder
+        } else if !stack.iter().copied().eq(isr.iter()) {
+            ViolationKind::IsrMismatch
+        } else {
+            return true;
+        };
+        self.record(kind, at, None, isr);
+        false
+    }
+
+    /// Whether the values derived from the stack (its vector set and its count of
+    /// class-order breaks) equal a fresh derivation. Always true unless this module
+    /// has a bug; the property tests assert it after every operation.
+    pub fn is_consistent(&self) -> bool {
+        let stack = self.stack();
+        let members: VectorSet = stack.iter().copied().collect();
+        let disorder = stack
+            .windows(2)
+            .filter(|w| class(w[1]) <= class(w[0]))
+            .count();
+        members == self.members && disorder == usize::from(self.disorder)
+    }
+
+    /// Replaces the shadow by ISR's bits in ascending order (at most 15 of them).
+    fn load(&mut self, isr: &VectorSet) {
         self.depth = 0;
+        self.members = VectorSet::EMPTY;
+        self.disorder = 0;
+        let mut below: Option<u8> = None;
         for v in isr.iter() {
             if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
                 *slot = v;
                 self.depth = self.depth.saturating_add(1);
+                self.members.insert(v);
+                if below.is_some_and(|b| class(v) <= class(b)) {
+                    self.disorder = self.disorder.saturating_add(1);
+                }
+                below = Some(v);
             }
         }
-        self.note_depth();
-        self.check(isr, Checkpoint::Restore, None);
     }
 
     /// An interrupt was accepted; `isr` is ISR after the accept.
+    #[inline(always)]
     pub fn on_accept(&mut self, vector: u8, isr: &VectorSet) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.accept_checked(vector, isr);
         }
+    }
+
+    #[inline(never)]
+    fn accept_checked(&mut self, vector: u8, isr: &VectorSet) {
         if let Some(&top) = self.stack().last() {
             if class(vector) <= class(top) {
                 self.record(
@@ -172,8 +239,10 @@ impl Verifier {
         }
         match self.stack.get_mut(usize::from(self.depth)) {
             Some(slot) => {
+                // Pushed above a lower class: no new class-order break.
                 *slot = vector;
                 self.depth = self.depth.saturating_add(1);
+                self.members.insert(vector);
                 self.note_depth();
                 self.check(isr, Checkpoint::Accept, Some(vector));
             }
@@ -187,10 +256,15 @@ impl Verifier {
     }
 
     /// An EOI retired `vector`; `isr` is ISR after the EOI.
+    #[inline(always)]
     pub fn on_eoi(&mut self, vector: u8, isr: &VectorSet) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.eoi_checked(vector, isr);
         }
+    }
+
+    #[inline(never)]
+    fn eoi_checked(&mut self, vector: u8, isr: &VectorSet) {
         let Some(&top) = self.stack().last() else {
             self.record(ViolationKind::Underflow, Checkpoint::Eoi, Some(vector), isr);
             return;
@@ -204,7 +278,15 @@ impl Verifier {
             );
             return;
         }
+        let depth = usize::from(self.depth);
+        if let Some(&[below, _]) = self.stack.get(depth.saturating_sub(2)..depth) {
+            if class(top) <= class(below) {
+                self.disorder = self.disorder.saturating_sub(1);
+            }
+        }
         self.depth = self.depth.saturating_sub(1);
+        // The stack holds distinct vectors (it is ascending), so the top leaves the set.
+        self.members.remove(top);
         self.check(isr, Checkpoint::Eoi, Some(vector));
     }
 
@@ -219,11 +301,14 @@ impl Verifier {
         self.max_depth = self.max_depth.max(self.depth);
     }
 
+    /// The per-step check, O(1): the same verdict as [`Verifier::audit`]'s walk.
+    /// No class-order break means the stack is strictly ascending, and then it equals
+    /// ISR's bits in ascending order exactly when its vector set equals ISR.
+    #[inline]
     fn check(&mut self, isr: &VectorSet, at: Checkpoint, vector: Option<u8>) {
-        let stack = self.stack();
-        if stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+        if self.disorder != 0 {
             self.record(ViolationKind::ClassOrder, at, vector, isr);
-        } else if !stack.iter().copied().eq(isr.iter()) {
+        } else if self.members != *isr {
             self.record(ViolationKind::IsrMismatch, at, vector, isr);
         }
     }
@@ -244,13 +329,7 @@ impl Verifier {
         self.last = Some(v);
         // Resynchronise from the architectural truth, without re-checking (a
         // class-order fault in ISR itself would otherwise be reported twice).
-        self.depth = 0;
-        for v in isr.iter() {
-            if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
-                *slot = v;
-                self.depth = self.depth.saturating_add(1);
-            }
-        }
+        self.load(isr);
         self.note_depth();
     }
 }
