@@ -603,7 +603,14 @@ impl LocalApic {
     #[inline]
     pub fn pending_vector(&self) -> Option<u8> {
         let v = self.irr.highest()?;
-        priority::above_ppr(v, self.ppr()).then_some(v)
+        (priority::class(v) > self.ppr_class()).then_some(v)
+    }
+
+    /// PPR[7:4] = max(TPR[7:4], ISRV[7:4]) (SDM §11.8.3.1), ISRV's class read from
+    /// ISR's derived class summary: what [`LocalApic::ppr`] would give, shifted.
+    #[inline(always)]
+    fn ppr_class(&self) -> u8 {
+        priority::class(self.tpr).max(self.isr.top_class())
     }
 
     /// Whether the vCPU has anything to take: a deliverable vector or an event.
@@ -619,7 +626,9 @@ impl LocalApic {
         let v = self.pending_vector()?;
         self.irr.remove(v);
         self.isr.insert(v);
-        self.stats.accepted = self.stats.accepted.saturating_add(1);
+        // One per accepted interrupt: a u64 cannot wrap in any VM's lifetime (584
+        // years at 10^9 a second), so the plain increment skips saturation's compare.
+        self.stats.accepted = self.stats.accepted.wrapping_add(1);
         #[cfg(feature = "verify")]
         self.verifier.on_accept(v, &self.isr);
         Some(v)

@@ -127,28 +127,29 @@ impl VectorSet {
     }
 }
 
-/// A [`VectorSet`] with a derived summary byte: bit `i` is set exactly when word `i`
-/// is not empty. The highest vector is then two bit scans instead of a walk over the
-/// eight words. The summary is a cache in the sense of issue 14: only this type's
-/// methods change the set and each keeps the summary in step, every construction
-/// derives it afresh ([`SummarySet::from_set`]), and [`SummarySet::is_consistent`]
-/// compares it with a fresh derivation (the property tests call it after every
-/// operation). Reads go to the plain set through `Deref`.
+/// A [`VectorSet`] with a derived summary: bit `c` of the summary is set exactly
+/// when priority class `c` (vectors `16c ..= 16c+15`) has a vector in the set. The
+/// highest class is then one bit scan, and the highest vector two, instead of a walk
+/// over the eight words. The summary is a cache in the sense of issue 14: only this
+/// type's methods change the set and each keeps the summary in step, every
+/// construction derives it afresh ([`SummarySet::from_set`]), and
+/// [`SummarySet::is_consistent`] compares it with a fresh derivation (the property
+/// tests call it after every operation). Reads go to the plain set through `Deref`.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub(crate) struct SummarySet {
     set: VectorSet,
-    summary: u8,
+    summary: u16,
 }
 
-/// The summary byte of a set, derived from its words.
-const fn summary_of(set: &VectorSet) -> u8 {
-    let mut s = 0u8;
-    let mut i = 0usize;
-    while i < 8 {
-        if set.words[i] != 0 {
-            s |= 1 << i;
+/// The class summary of a set, derived from its words.
+const fn summary_of(set: &VectorSet) -> u16 {
+    let mut s = 0u16;
+    let mut c = 0u32;
+    while c < 16 {
+        if set.words[(c >> 1) as usize] >> ((c & 1) << 4) & 0xFFFF != 0 {
+            s |= 1 << c;
         }
-        i += 1;
+        c += 1;
     }
     s
 }
@@ -178,7 +179,7 @@ impl SummarySet {
     pub(crate) fn insert(&mut self, v: u8) {
         let (w, m) = slot(v);
         self.set.words[w] |= m;
-        self.summary |= 1 << w;
+        self.summary |= 1 << (v >> 4);
     }
 
     /// Removes vector `v`.
@@ -187,7 +188,16 @@ impl SummarySet {
         let (w, m) = slot(v);
         let word = self.set.words[w] & !m;
         self.set.words[w] = word;
-        self.summary &= !(u8::from(word == 0) << w);
+        // The 16 bits of v's class within its word.
+        let group = word >> (v & 16) & 0xFFFF;
+        self.summary &= !(u16::from(group == 0) << (v >> 4));
+    }
+
+    /// The highest class present, 0 for the empty set (as ISRV = 0 has class 0).
+    #[inline(always)]
+    pub(crate) fn top_class(&self) -> u8 {
+        // Setting bit 0 changes nothing but the empty case, which becomes class 0.
+        ((31 ^ u32::from(self.summary | 1).leading_zeros()) & 15) as u8
     }
 
     /// The highest vector in the set, from the summary: no word walk.
@@ -196,10 +206,10 @@ impl SummarySet {
         if self.summary == 0 {
             return None;
         }
-        // summary != 0: the top set bit is 0..=7, the word it names is not empty.
-        let i = (31 ^ u32::from(self.summary).leading_zeros()) & 7;
-        let w = self.set.words[i as usize];
-        Some((i << 5 | (31 ^ w.leading_zeros())) as u8)
+        // summary != 0: its top bit names a class (0..=15) with a vector in its word.
+        let c = (31 ^ u32::from(self.summary).leading_zeros()) & 15;
+        let w = self.set.words[(c >> 1) as usize];
+        Some(((c >> 1) << 5 | (31 ^ w.leading_zeros())) as u8)
     }
 }
 
@@ -316,6 +326,7 @@ mod tests {
             assert!(s.is_consistent());
             assert_eq!(*s, plain);
             assert_eq!(s.highest(), plain.highest());
+            assert_eq!(s.top_class(), plain.highest().unwrap_or(0) >> 4);
         }
         assert_eq!(SummarySet::from_set(plain), s);
     }
