@@ -94,7 +94,12 @@ fn ipi_xapic(n: u64) {
     f.lapic_mmio_write(0, 0x310, &(1u32 << 24).to_le_bytes(), 0);
     let low = 0x41u32.to_le_bytes();
     for _ in 0..n {
-        let w = f.lapic_mmio_write(black_box(0), black_box(0x300), black_box(&low), black_box(0));
+        let w = f.lapic_mmio_write(
+            black_box(0),
+            black_box(0x300),
+            black_box(&low),
+            black_box(0),
+        );
         assert!(w.contains(1));
         black_box(w);
     }

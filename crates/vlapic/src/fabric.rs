@@ -117,6 +117,9 @@ impl Default for FabricConfig {
 /// The vCPUs that need a kick after a fabric operation, sorted, each once.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wake {
+    /// The vCPU to kick when there is exactly one (the unicast case: no allocation).
+    one: Option<u32>,
+    /// Every vCPU to kick when there are two or more; empty otherwise (once normalized).
     vcpus: Vec<u32>,
     timer_changed: bool,
 }
@@ -124,22 +127,26 @@ pub struct Wake {
 impl Wake {
     /// No vCPU to kick.
     pub fn is_empty(&self) -> bool {
-        self.vcpus.is_empty()
+        self.one.is_none() && self.vcpus.is_empty()
     }
 
     /// Number of vCPUs to kick.
     pub fn len(&self) -> usize {
-        self.vcpus.len()
+        usize::from(self.one.is_some()).saturating_add(self.vcpus.len())
     }
 
     /// The vCPU indices to kick, ascending.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.vcpus.iter().map(|&v| v as usize)
+        self.one
+            .iter()
+            .chain(self.vcpus.iter())
+            .map(|&v| v as usize)
     }
 
     /// Whether `vcpu` must be kicked.
     pub fn contains(&self, vcpu: usize) -> bool {
-        u32::try_from(vcpu).is_ok_and(|v| self.vcpus.binary_search(&v).is_ok())
+        u32::try_from(vcpu)
+            .is_ok_and(|v| self.one == Some(v) || self.vcpus.binary_search(&v).is_ok())
     }
 
     /// The accessing APIC reported a timer change (re-read its
@@ -150,21 +157,45 @@ impl Wake {
 
     /// Adds the vCPUs of `other` (and its timer flag).
     pub fn merge(&mut self, other: &Wake) {
-        self.vcpus.extend_from_slice(&other.vcpus);
+        for v in other.iter() {
+            self.push(v);
+        }
         self.timer_changed |= other.timer_changed;
         self.normalize();
     }
 
     fn push(&mut self, vcpu: usize) {
-        if let Ok(v) = u32::try_from(vcpu) {
+        let Ok(v) = u32::try_from(vcpu) else {
+            return;
+        };
+        if !self.vcpus.is_empty() {
             self.vcpus.push(v);
+            return;
+        }
+        match self.one {
+            None => self.one = Some(v),
+            Some(o) if o == v => {}
+            Some(o) => {
+                self.one = None;
+                self.vcpus.extend_from_slice(&[o, v]);
+            }
         }
     }
 
+    /// Sorts and deduplicates; exactly one vCPU is kept in `one`, more in `vcpus`.
     fn normalize(&mut self) {
+        if self.vcpus.is_empty() {
+            return;
+        }
+        if let Some(o) = self.one.take() {
+            self.vcpus.push(o);
+        }
         if self.vcpus.len() > 1 {
             self.vcpus.sort_unstable();
             self.vcpus.dedup();
+        }
+        if self.vcpus.len() == 1 {
+            self.one = self.vcpus.pop();
         }
     }
 }

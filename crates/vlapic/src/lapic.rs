@@ -12,9 +12,9 @@ use crate::lvt::{
 use crate::priority;
 use crate::regs::*;
 use crate::timer::{Timer, TimerClock};
+use crate::vector_set::SummarySet;
 #[cfg(feature = "verify")]
 use crate::verifier::Verifier;
-use crate::vector_set::SummarySet;
 use crate::VectorSet;
 use core::fmt;
 

@@ -149,7 +149,7 @@ const fn summary_of(set: &VectorSet) -> u16 {
         if set.words[(c >> 1) as usize] >> ((c & 1) << 4) & 0xFFFF != 0 {
             s |= 1 << c;
         }
-        c += 1;
+        c = c.wrapping_add(1);
     }
     s
 }

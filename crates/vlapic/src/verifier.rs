@@ -423,4 +423,162 @@ mod tests {
         ver.rebuild(&set(&[0x41, 0x49]));
         assert_eq!(ver.violations(), 1);
     }
+
+    /// The verifier as it was before issue 14: after every step it walks the whole
+    /// shadow stack against ISR. The O(1) checks must give the same verdicts.
+    #[derive(Default)]
+    struct Walking {
+        stack: Vec<u8>,
+        max_depth: u8,
+        kinds: Vec<(ViolationKind, Checkpoint, Option<u8>)>,
+    }
+
+    impl Walking {
+        fn load(&mut self, isr: &VectorSet) {
+            self.stack = isr.iter().take(MAX_DEPTH).collect();
+            self.max_depth = self.max_depth.max(self.stack.len() as u8);
+        }
+        fn record(&mut self, k: ViolationKind, at: Checkpoint, v: Option<u8>, isr: &VectorSet) {
+            self.kinds.push((k, at, v));
+            self.load(isr);
+        }
+        fn check(&mut self, isr: &VectorSet, at: Checkpoint, v: Option<u8>) {
+            if self.stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+                self.record(ViolationKind::ClassOrder, at, v, isr);
+            } else if !self.stack.iter().copied().eq(isr.iter()) {
+                self.record(ViolationKind::IsrMismatch, at, v, isr);
+            }
+        }
+        fn accept(&mut self, v: u8, isr: &VectorSet) {
+            if self.stack.last().is_some_and(|&top| class(v) <= class(top)) {
+                return self.record(ViolationKind::ClassOrder, Checkpoint::Accept, Some(v), isr);
+            }
+            if self.stack.len() == MAX_DEPTH {
+                return self.record(ViolationKind::Overflow, Checkpoint::Accept, Some(v), isr);
+            }
+            self.stack.push(v);
+            self.max_depth = self.max_depth.max(self.stack.len() as u8);
+            self.check(isr, Checkpoint::Accept, Some(v));
+        }
+        fn eoi(&mut self, v: u8, isr: &VectorSet) {
+            match self.stack.last() {
+                None => self.record(ViolationKind::Underflow, Checkpoint::Eoi, Some(v), isr),
+                Some(&top) if top != v => {
+                    self.record(ViolationKind::EoiMismatch, Checkpoint::Eoi, Some(v), isr)
+                }
+                Some(_) => {
+                    self.stack.pop();
+                    self.check(isr, Checkpoint::Eoi, Some(v));
+                }
+            }
+        }
+        fn rebuild(&mut self, isr: &VectorSet) {
+            self.load(isr);
+            self.check(isr, Checkpoint::Restore, None);
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Accept(u8),
+        Eoi(u8),
+        Tpr,
+        Rebuild,
+    }
+
+    /// ISR after a step: mostly what the step itself would leave (legal traffic),
+    /// sometimes a set changed behind the verifier's back (restore, APICv, bugs).
+    fn step() -> impl proptest::strategy::Strategy<Value = (Step, Option<[u32; 8]>)> {
+        use proptest::prelude::*;
+        let s = prop_oneof![
+            4 => any::<u8>().prop_map(Step::Accept),
+            4 => any::<u8>().prop_map(Step::Eoi),
+            1 => Just(Step::Tpr),
+            1 => Just(Step::Rebuild),
+        ];
+        let behind = prop_oneof![
+            6 => Just(None),
+            1 => any::<[u32; 8]>().prop_map(Some),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| {
+                let mut w = [0u32; 8];
+                for v in [a, b] {
+                    w[usize::from(v >> 5)] |= 1 << (v & 31);
+                }
+                Some(w)
+            }),
+        ];
+        (s, behind)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        // Issue 14 point 3: the O(1) per-step checks report exactly the violations the
+        // full walk reported (kind, checkpoint, vector, order), the shadows agree, and
+        // the derived set and class-order count always equal a fresh derivation.
+        #[test]
+        fn constant_time_checks_match_the_full_walk(
+            steps in proptest::collection::vec(step(), 0..120),
+        ) {
+            let mut fast = Verifier::new(true);
+            let mut slow = Walking::default();
+            let mut isr = VectorSet::EMPTY;
+            for (st, behind) in &steps {
+                match *st {
+                    Step::Accept(v) => {
+                        isr.insert(v);
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_accept(v, &isr);
+                        slow.accept(v, &isr);
+                    }
+                    Step::Eoi(v) => {
+                        isr.remove(v);
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_eoi(v, &isr);
+                        slow.eoi(v, &isr);
+                    }
+                    Step::Tpr => {
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_tpr_change(&isr);
+                        slow.check(&isr, Checkpoint::TprChange, None);
+                    }
+                    Step::Rebuild => {
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.rebuild(&isr);
+                        slow.rebuild(&isr);
+                    }
+                }
+                proptest::prop_assert!(fast.is_consistent());
+                proptest::prop_assert_eq!(fast.stack(), &slow.stack[..]);
+                proptest::prop_assert_eq!(fast.max_depth(), slow.max_depth);
+                proptest::prop_assert_eq!(fast.violations(), slow.kinds.len() as u64);
+                let last = fast.last_violation().map(|v| (v.kind, v.at, v.vector));
+                proptest::prop_assert_eq!(last, slow.kinds.last().copied());
+            }
+            let first = fast.first_violation().map(|v| (v.kind, v.at, v.vector));
+            proptest::prop_assert_eq!(first, slow.kinds.first().copied());
+        }
+    }
+
+    // The on-demand walk finds what a bad restore left, and agrees with the O(1) state.
+    #[test]
+    fn audit_walks_the_whole_stack() {
+        let mut ver = Verifier::new(true);
+        ver.on_accept(0x41, &set(&[0x41]));
+        ver.on_accept(0x61, &set(&[0x41, 0x61]));
+        assert!(ver.audit(&set(&[0x41, 0x61])));
+        assert!(
+            !ver.audit(&set(&[0x41, 0x61, 0x81])),
+            "ISR changed behind it"
+        );
+        assert_eq!(
+            ver.last_violation().unwrap().kind,
+            ViolationKind::IsrMismatch
+        );
+        assert!(ver.is_consistent());
+        assert!(
+            Verifier::new(false).audit(&set(&[0x41])),
+            "off: nothing checked"
+        );
+    }
 }
