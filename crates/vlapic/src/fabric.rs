@@ -217,6 +217,7 @@ struct Routed {
 }
 
 /// Routes one message over `map`. `rotor` is the lowest-priority arbitration pointer.
+#[inline]
 fn route_message<A: ApicAccess>(
     apics: &mut A,
     map: &RouteMap,
@@ -271,6 +272,7 @@ fn route_message<A: ApicAccess>(
     }
 }
 
+#[inline]
 fn deliver_one<A: ApicAccess>(
     apics: &mut A,
     t: usize,
@@ -720,6 +722,7 @@ mod shared {
         }
 
         /// Locks one APIC, runs `f`, publishes a changed routing view, unlocks.
+        #[inline]
         fn locked<R>(&self, idx: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
             let mut slot = lock(self.apics.get(idx)?);
             let r = f(&mut slot.apic);
