@@ -638,11 +638,10 @@ impl LocalApic {
     /// if it was level-triggered and EOI broadcast is not suppressed, for the IOAPIC.
     #[inline]
     pub(crate) fn eoi(&mut self) -> Option<u8> {
-        let Some(v) = self.isr.highest() else {
+        let Some(v) = self.isr.pop_highest() else {
             self.stats.spurious_eoi = self.stats.spurious_eoi.saturating_add(1);
             return None;
         };
-        self.isr.remove(v);
         #[cfg(feature = "verify")]
         self.verifier.on_eoi(v, &self.isr);
         if !self.tmr.contains(v) {

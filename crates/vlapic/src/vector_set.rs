@@ -193,6 +193,25 @@ impl SummarySet {
         self.summary &= !(u16::from(group == 0) << (v >> 4));
     }
 
+    /// Removes and returns the highest vector (one lookup for both).
+    #[inline(always)]
+    pub(crate) fn pop_highest(&mut self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        // As in `highest`: class c (0..=15) is occupied, its word is not empty.
+        let c = (31 ^ u32::from(self.summary).leading_zeros()) & 15;
+        let i = (c >> 1) as usize;
+        let w = self.set.words[i];
+        let bit = 31 ^ w.leading_zeros();
+        let rest = w & !(1u32 << bit);
+        self.set.words[i] = rest;
+        // Class c is the half of the word that `bit` is in.
+        let group = rest >> (bit & 16) & 0xFFFF;
+        self.summary &= !(u16::from(group == 0) << c);
+        Some(((c >> 1) << 5 | bit) as u8)
+    }
+
     /// The highest class present, 0 for the empty set (as ISRV = 0 has class 0).
     #[inline(always)]
     pub(crate) fn top_class(&self) -> u8 {
@@ -316,7 +335,13 @@ mod tests {
             x ^= x >> 17;
             x ^= x << 5;
             let v = (x >> 8) as u8;
-            if x & 1 == 0 {
+            if x & 6 == 0 {
+                let top = plain.highest();
+                if let Some(t) = top {
+                    plain.remove(t);
+                }
+                assert_eq!(s.pop_highest(), top);
+            } else if x & 1 == 0 {
                 s.insert(v);
                 plain.insert(v);
             } else {
