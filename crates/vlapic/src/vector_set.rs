@@ -204,7 +204,8 @@ impl SummarySet {
         let i = (c >> 1) as usize;
         let w = self.set.words[i];
         let bit = 31 ^ w.leading_zeros();
-        let rest = w & !(1u32 << bit);
+        // Wrapping: no overflow even if the summary were ever wrong (w == 0).
+        let rest = w & !1u32.wrapping_shl(bit);
         self.set.words[i] = rest;
         // Class c is the half of the word that `bit` is in.
         let group = rest >> (bit & 16) & 0xFFFF;
