@@ -12,7 +12,7 @@ use crate::lvt::{
 use crate::priority;
 use crate::regs::*;
 use crate::timer::{Timer, TimerClock};
-use crate::vector_set::SummarySet;
+use crate::vector_set::{ClassSummarySet, WordSummarySet};
 #[cfg(feature = "verify")]
 use crate::verifier::Verifier;
 use crate::VectorSet;
@@ -238,11 +238,11 @@ pub struct LocalApic {
     pub(crate) ldr: u32,
     pub(crate) dfr: u32,
     pub(crate) svr: u32,
-    /// ISR0–7, with a derived per-word summary for the highest-vector lookup.
-    pub(crate) isr: SummarySet,
+    /// ISR0–7, with a derived per-class summary for the highest-vector lookup.
+    pub(crate) isr: ClassSummarySet,
     pub(crate) tmr: VectorSet,
     /// IRR0–7, with a derived per-word summary for the highest-vector lookup.
-    pub(crate) irr: SummarySet,
+    pub(crate) irr: WordSummarySet,
     pub(crate) esr: u32,
     pub(crate) esr_pending: u32,
     pub(crate) icr: u64,
@@ -272,9 +272,9 @@ impl LocalApic {
             ldr: 0,
             dfr: DFR_FLAT,
             svr: 0xFF,
-            isr: SummarySet::EMPTY,
+            isr: ClassSummarySet::EMPTY,
             tmr: VectorSet::EMPTY,
-            irr: SummarySet::EMPTY,
+            irr: WordSummarySet::EMPTY,
             esr: 0,
             esr_pending: 0,
             icr: 0,
@@ -621,7 +621,7 @@ impl LocalApic {
 
     /// The core takes the pending vector (INTA): IRR → ISR. PPR rises to the
     /// vector's class as a consequence of the ISR bit. Returns the vector.
-    #[inline]
+    #[inline(always)]
     pub fn acknowledge(&mut self) -> Option<u8> {
         let v = self.pending_vector()?;
         self.irr.remove(v);
@@ -1079,9 +1079,9 @@ impl LocalApic {
         self.ldr = 0;
         self.dfr = DFR_FLAT;
         self.svr = 0xFF;
-        self.isr = SummarySet::EMPTY;
+        self.isr = ClassSummarySet::EMPTY;
         self.tmr = VectorSet::EMPTY;
-        self.irr = SummarySet::EMPTY;
+        self.irr = WordSummarySet::EMPTY;
         self.esr = 0;
         self.esr_pending = 0;
         self.icr = 0;
