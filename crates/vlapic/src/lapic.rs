@@ -363,7 +363,7 @@ impl LocalApic {
     }
 
     /// Processor priority, derived from TPR and ISR0–7 (SDM §11.8.3.1) on every call.
-    /// ISR's highest vector is found through its derived word summary (issue 14).
+    /// ISR's highest vector is found through its derived class summary (issue 14).
     #[inline]
     pub fn ppr(&self) -> u8 {
         priority::priority_from_isrv(self.tpr, self.isr.highest().unwrap_or(0))
@@ -442,7 +442,7 @@ impl LocalApic {
     }
 
     /// Whether every derived cache equals a fresh derivation from the architectural
-    /// registers: the word summaries of ISR and IRR (which `ppr`, `pending_vector`,
+    /// registers: the summaries of ISR and IRR (which `ppr`, `pending_vector`,
     /// `acknowledge` and EOI read) and, with the `verify` feature, the verifier's
     /// shadow set. Always true unless this crate has a bug; the property tests assert
     /// it after every operation, and a fuzzer may too.
