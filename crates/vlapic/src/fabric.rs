@@ -130,6 +130,9 @@ impl Default for FabricConfig {
 /// The vCPUs that need a kick after a fabric operation, sorted, each once.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Wake {
+    /// The vCPU to kick when there is exactly one (the unicast case: no allocation).
+    one: Option<u32>,
+    /// Every vCPU to kick when there are two or more; empty otherwise (once normalized).
     vcpus: Vec<u32>,
     timer_changed: bool,
 }
@@ -137,22 +140,26 @@ pub struct Wake {
 impl Wake {
     /// No vCPU to kick.
     pub fn is_empty(&self) -> bool {
-        self.vcpus.is_empty()
+        self.one.is_none() && self.vcpus.is_empty()
     }
 
     /// Number of vCPUs to kick.
     pub fn len(&self) -> usize {
-        self.vcpus.len()
+        usize::from(self.one.is_some()).saturating_add(self.vcpus.len())
     }
 
     /// The vCPU indices to kick, ascending.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.vcpus.iter().map(|&v| v as usize)
+        self.one
+            .iter()
+            .chain(self.vcpus.iter())
+            .map(|&v| v as usize)
     }
 
     /// Whether `vcpu` must be kicked.
     pub fn contains(&self, vcpu: usize) -> bool {
-        u32::try_from(vcpu).is_ok_and(|v| self.vcpus.binary_search(&v).is_ok())
+        u32::try_from(vcpu)
+            .is_ok_and(|v| self.one == Some(v) || self.vcpus.binary_search(&v).is_ok())
     }
 
     /// The accessing APIC reported a timer change (re-read its
@@ -163,21 +170,45 @@ impl Wake {
 
     /// Adds the vCPUs of `other` (and its timer flag).
     pub fn merge(&mut self, other: &Wake) {
-        self.vcpus.extend_from_slice(&other.vcpus);
+        for v in other.iter() {
+            self.push(v);
+        }
         self.timer_changed |= other.timer_changed;
         self.normalize();
     }
 
     fn push(&mut self, vcpu: usize) {
-        if let Ok(v) = u32::try_from(vcpu) {
+        let Ok(v) = u32::try_from(vcpu) else {
+            return;
+        };
+        if !self.vcpus.is_empty() {
             self.vcpus.push(v);
+            return;
+        }
+        match self.one {
+            None => self.one = Some(v),
+            Some(o) if o == v => {}
+            Some(o) => {
+                self.one = None;
+                self.vcpus.extend_from_slice(&[o, v]);
+            }
         }
     }
 
+    /// Sorts and deduplicates; exactly one vCPU is kept in `one`, more in `vcpus`.
     fn normalize(&mut self) {
+        if self.vcpus.is_empty() {
+            return;
+        }
+        if let Some(o) = self.one.take() {
+            self.vcpus.push(o);
+        }
         if self.vcpus.len() > 1 {
             self.vcpus.sort_unstable();
             self.vcpus.dedup();
+        }
+        if self.vcpus.len() == 1 {
+            self.one = self.vcpus.pop();
         }
     }
 }
@@ -199,6 +230,7 @@ struct Routed {
 }
 
 /// Routes one message over `map`. `rotor` is the lowest-priority arbitration pointer.
+#[inline]
 fn route_message<A: ApicAccess>(
     apics: &mut A,
     map: &RouteMap,
@@ -327,6 +359,7 @@ fn deliver_to<A: ApicAccess>(
     }
 }
 
+#[inline]
 fn deliver_one<A: ApicAccess>(
     apics: &mut A,
     t: usize,
@@ -774,6 +807,7 @@ mod shared {
         }
 
         /// Locks one APIC, runs `f`, publishes a changed routing view, unlocks.
+        #[inline]
         fn locked<R>(&self, idx: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
             let mut slot = lock(self.apics.get(idx)?);
             let r = f(&mut slot.apic);
@@ -1083,7 +1117,7 @@ mod tests {
             Some(0),
             "rotor moves past the actual winner (1 of 2)"
         );
-        assert_eq!(wake.vcpus, [1]);
+        assert_eq!(wake.iter().collect::<Vec<_>>(), [1]);
         assert!(core.apics[1].irr().contains(0x41));
         assert!(!core.apics[0].irr().contains(0x41));
         assert_eq!(core.apics[0].stats().refused_disabled, 1);
@@ -1106,7 +1140,7 @@ mod tests {
         let mut wake = Wake::default();
         let r = route_message(&mut acc, &map, 0, &lowest(0x41), None, 5, &mut wake);
         assert_eq!(r.accepted, 0);
-        assert!(wake.vcpus.is_empty());
+        assert!(wake.is_empty());
         assert!(acc.calls <= 6, "{} accesses", acc.calls);
     }
 

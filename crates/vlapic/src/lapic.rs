@@ -12,6 +12,7 @@ use crate::lvt::{
 use crate::priority;
 use crate::regs::*;
 use crate::timer::{Timer, TimerClock};
+use crate::vector_set::{ClassSummarySet, WordSummarySet};
 #[cfg(feature = "verify")]
 use crate::verifier::Verifier;
 use crate::VectorSet;
@@ -247,9 +248,11 @@ pub struct LocalApic {
     pub(crate) ldr: u32,
     pub(crate) dfr: u32,
     pub(crate) svr: u32,
-    pub(crate) isr: VectorSet,
+    /// ISR0–7, with a derived per-class summary for the highest-vector lookup.
+    pub(crate) isr: ClassSummarySet,
     pub(crate) tmr: VectorSet,
-    pub(crate) irr: VectorSet,
+    /// IRR0–7, with a derived per-word summary for the highest-vector lookup.
+    pub(crate) irr: WordSummarySet,
     pub(crate) esr: u32,
     pub(crate) esr_pending: u32,
     pub(crate) icr: u64,
@@ -279,9 +282,9 @@ impl LocalApic {
             ldr: 0,
             dfr: DFR_FLAT,
             svr: 0xFF,
-            isr: VectorSet::EMPTY,
+            isr: ClassSummarySet::EMPTY,
             tmr: VectorSet::EMPTY,
-            irr: VectorSet::EMPTY,
+            irr: WordSummarySet::EMPTY,
             esr: 0,
             esr_pending: 0,
             icr: 0,
@@ -307,6 +310,7 @@ impl LocalApic {
     }
 
     /// Current mode.
+    #[inline]
     pub fn mode(&self) -> ApicMode {
         // apic_base is only ever set to values with a valid EN/EXTD pair.
         ApicMode::from_apic_base(self.apic_base).unwrap_or(ApicMode::Disabled)
@@ -345,11 +349,13 @@ impl LocalApic {
     }
 
     /// Whether the APIC is hardware-enabled (IA32_APIC_BASE.EN).
+    #[inline]
     pub fn is_hardware_enabled(&self) -> bool {
         self.apic_base & APIC_BASE_EN != 0
     }
 
     /// Whether the APIC is software-enabled (SVR bit 8) and hardware-enabled.
+    #[inline]
     pub fn is_enabled(&self) -> bool {
         self.is_hardware_enabled() && self.svr & SVR_ENABLE != 0
     }
@@ -366,10 +372,11 @@ impl LocalApic {
         self.tpr
     }
 
-    /// Processor priority, derived from TPR and ISR0–7 (SDM §11.8.3.1).
+    /// Processor priority, derived from TPR and ISR0–7 (SDM §11.8.3.1) on every call.
+    /// ISR's highest vector is found through its derived class summary (issue 14).
     #[inline]
     pub fn ppr(&self) -> u8 {
-        priority::processor_priority(self.tpr, &self.isr)
+        priority::priority_from_isrv(self.tpr, self.isr.highest().unwrap_or(0))
     }
 
     /// CR8 as the guest reads it: `TPR[7:4]` (SDM §10.8.6.1 / §11.8.6.1).
@@ -444,6 +451,18 @@ impl LocalApic {
         self.now
     }
 
+    /// Whether every derived cache equals a fresh derivation from the architectural
+    /// registers: the summaries of ISR and IRR (which `ppr`, `pending_vector`,
+    /// `acknowledge` and EOI read) and, with the `verify` feature, the verifier's
+    /// shadow set. Always true unless this crate has a bug; the property tests assert
+    /// it after every operation, and a fuzzer may too.
+    pub fn caches_consistent(&self) -> bool {
+        let sets = self.isr.is_consistent() && self.irr.is_consistent();
+        #[cfg(feature = "verify")]
+        let sets = sets && self.verifier.is_consistent();
+        sets
+    }
+
     // ----- verifier ----------------------------------------------------------
 
     /// The nesting verifier.
@@ -467,6 +486,14 @@ impl LocalApic {
         self.verifier.clear_counters(&self.isr);
     }
 
+    /// Checks the verifier's whole shadow stack against ISR now (the per-step checks
+    /// are O(1); see [`Verifier::audit`]). Returns whether it held; a violation is
+    /// recorded as usual. Does nothing (and returns true) while the verifier is off.
+    #[cfg(feature = "verify")]
+    pub fn audit_verifier(&mut self) -> bool {
+        self.verifier.audit(&self.isr)
+    }
+
     #[inline(always)]
     fn verify_rebuild(&mut self) {
         #[cfg(feature = "verify")]
@@ -477,10 +504,22 @@ impl LocalApic {
 
     /// Brings the APIC to VM time `now` (never backwards) and delivers a timer
     /// expiry that is due. Returns whether the timer expired.
+    #[inline]
     pub fn advance(&mut self, now: u64) -> bool {
         if now > self.now {
             self.now = now;
         }
+        // Cheap check first (issue 14): nothing to do unless armed and due.
+        match self.timer.deadline() {
+            Some(deadline) if deadline <= self.now => self.expire_timer(),
+            _ => false,
+        }
+    }
+
+    /// The timer is due: reload or disarm it and deliver the LVT timer interrupt.
+    #[cold]
+    #[inline(never)]
+    fn expire_timer(&mut self) -> bool {
         let min_period_ns = u64::from(self.cfg.min_timer_period_us).saturating_mul(1_000);
         let exp = self
             .timer
@@ -520,8 +559,18 @@ impl LocalApic {
     /// and set ESR receive-illegal-vector for vectors 0–15 (SDM §11.5.3, §11.4.7.2).
     /// A hardware-disabled APIC takes nothing. INIT resets the APIC at once,
     /// keeping its mode and ID (SDM §11.4.7.3).
+    #[inline]
     pub fn deliver(&mut self, d: Delivery, now: u64) -> bool {
         self.advance(now);
+        if let DeliveryMode::Fixed | DeliveryMode::LowestPriority = d.mode {
+            // accept_vector refuses (and counts) a hardware-disabled APIC too.
+            return self.accept_vector(d.vector, d.level_triggered);
+        }
+        self.deliver_event(d)
+    }
+
+    /// [`LocalApic::deliver`] for the non-vectored modes.
+    fn deliver_event(&mut self, d: Delivery) -> bool {
         if !self.is_hardware_enabled() {
             self.stats.refused_disabled = self.stats.refused_disabled.saturating_add(1);
             return false;
@@ -555,13 +604,14 @@ impl LocalApic {
 
     /// Sets IRR for a fixed interrupt, TMR first (illumos 13007: the trigger mode is
     /// visible before the vector can be injected).
+    #[inline]
     pub(crate) fn accept_vector(&mut self, vector: u8, level: bool) -> bool {
         if !self.is_enabled() {
             self.stats.refused_disabled = self.stats.refused_disabled.saturating_add(1);
             return false;
         }
         if vector < 16 {
-            self.signal_error(ESR_RECEIVE_ILLEGAL_VECTOR);
+            self.receive_illegal_vector();
             return false;
         }
         self.tmr.assign(vector, level);
@@ -569,12 +619,25 @@ impl LocalApic {
         true
     }
 
+    #[cold]
+    #[inline(never)]
+    fn receive_illegal_vector(&mut self) {
+        self.signal_error(ESR_RECEIVE_ILLEGAL_VECTOR);
+    }
+
     /// The vector the APIC would hand to the core now: the highest IRR vector, if
     /// its class is above PPR's (SDM §11.8.3.1).
     #[inline]
     pub fn pending_vector(&self) -> Option<u8> {
         let v = self.irr.highest()?;
-        priority::above_ppr(v, self.ppr()).then_some(v)
+        (priority::class(v) > self.ppr_class()).then_some(v)
+    }
+
+    /// PPR[7:4] = max(TPR[7:4], ISRV[7:4]) (SDM §11.8.3.1), ISRV's class read from
+    /// ISR's derived class summary: what [`LocalApic::ppr`] would give, shifted.
+    #[inline(always)]
+    fn ppr_class(&self) -> u8 {
+        priority::class(self.tpr).max(self.isr.top_class())
     }
 
     /// Whether the vCPU has anything to take: a deliverable vector or an event.
@@ -585,12 +648,14 @@ impl LocalApic {
 
     /// The core takes the pending vector (INTA): IRR → ISR. PPR rises to the
     /// vector's class as a consequence of the ISR bit. Returns the vector.
-    #[inline]
+    #[inline(always)]
     pub fn acknowledge(&mut self) -> Option<u8> {
         let v = self.pending_vector()?;
         self.irr.remove(v);
         self.isr.insert(v);
-        self.stats.accepted = self.stats.accepted.saturating_add(1);
+        // One per accepted interrupt: a u64 cannot wrap in any VM's lifetime (584
+        // years at 10^9 a second), so the plain increment skips saturation's compare.
+        self.stats.accepted = self.stats.accepted.wrapping_add(1);
         #[cfg(feature = "verify")]
         self.verifier.on_accept(v, &self.isr);
         Some(v)
@@ -598,17 +663,23 @@ impl LocalApic {
 
     /// EOI: retires the highest in-service vector (from ISR, SDM §11.8.5). Returns it
     /// if it was level-triggered and EOI broadcast is not suppressed, for the IOAPIC.
+    #[inline]
     pub(crate) fn eoi(&mut self) -> Option<u8> {
-        let Some(v) = self.isr.highest() else {
+        let Some(v) = self.isr.pop_highest() else {
             self.stats.spurious_eoi = self.stats.spurious_eoi.saturating_add(1);
             return None;
         };
-        self.isr.remove(v);
         #[cfg(feature = "verify")]
         self.verifier.on_eoi(v, &self.isr);
         if !self.tmr.contains(v) {
             return None;
         }
+        self.level_eoi(v)
+    }
+
+    /// The level-triggered half of an EOI: LINT0 remote IRR, and the broadcast.
+    #[inline(never)]
+    fn level_eoi(&mut self, v: u8) -> Option<u8> {
         self.lint_eoi(v);
         (self.svr & SVR_SUPPRESS_EOI_BROADCAST == 0).then_some(v)
     }
@@ -1036,9 +1107,9 @@ impl LocalApic {
         self.ldr = 0;
         self.dfr = DFR_FLAT;
         self.svr = 0xFF;
-        self.isr = VectorSet::EMPTY;
+        self.isr = ClassSummarySet::EMPTY;
         self.tmr = VectorSet::EMPTY;
-        self.irr = VectorSet::EMPTY;
+        self.irr = WordSummarySet::EMPTY;
         self.esr = 0;
         self.esr_pending = 0;
         self.icr = 0;

@@ -6,6 +6,11 @@
 //! EOI retires are derived from ISR0–7 on every use; no private stack or cache is
 //! ever load-bearing, so state restored from registers alone is complete. The old
 //! nesting stack survives only as an optional [`verifier`] (feature `verify`).
+//! (For speed, ISR carries a summary of which priority classes are occupied and IRR
+//! one of which register words are, so PPR's class is one bit scan and the highest
+//! vector two; both are derived from the words, rebuilt from them on every import and
+//! reset, and checked against a fresh derivation by [`LocalApic::caches_consistent`]
+//! in the property tests.)
 //!
 //! The library never reads a clock — callers pass VM time in nanoseconds — and
 //! never calls into other objects: IPIs, IOAPIC EOIs and timer changes come back

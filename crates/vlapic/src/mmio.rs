@@ -9,7 +9,12 @@
 //! Outside xAPIC mode (disabled or x2APIC) the page reads all ones and ignores writes.
 
 use crate::lapic::{ApicMode, Effects, LocalApic};
-use crate::regs::{Reg, ESR_ILLEGAL_REGISTER};
+use crate::regs::{Reg, APIC_BASE_EN, APIC_BASE_EXTD, ESR_ILLEGAL_REGISTER};
+
+/// Offset of the EOI register.
+const EOI_OFFSET: u64 = 0x0B0;
+/// IA32_APIC_BASE EN and EXTD: EN alone is xAPIC mode.
+const MODE_BITS: u64 = APIC_BASE_EN | APIC_BASE_EXTD;
 
 impl LocalApic {
     /// A guest read of `data.len()` bytes at `offset` (0–0xFFF) in the xAPIC page.
@@ -37,8 +42,21 @@ impl LocalApic {
     }
 
     /// A guest write of `data` at `offset` (0–0xFFF) in the xAPIC page.
+    #[inline]
     pub fn mmio_write(&mut self, offset: u64, data: &[u8], now: u64) -> Effects {
         self.advance(now);
+        // Fast path (issue 14): the 4-byte EOI write in xAPIC mode decodes nothing else.
+        if offset == EOI_OFFSET && data.len() == 4 && self.apic_base & MODE_BITS == APIC_BASE_EN {
+            return Effects {
+                eoi: self.eoi(),
+                ..Effects::default()
+            };
+        }
+        self.mmio_write_decoded(offset, data)
+    }
+
+    /// [`LocalApic::mmio_write`] after `advance`, for every offset.
+    fn mmio_write_decoded(&mut self, offset: u64, data: &[u8]) -> Effects {
         if self.mode() != ApicMode::XApic {
             self.stats.ignored_access = self.stats.ignored_access.saturating_add(1);
             return Effects::default();
@@ -67,6 +85,7 @@ impl LocalApic {
 
     /// A 32-bit write of the register at a 16-byte-aligned `offset`, as the guest
     /// would make it through the page.
+    #[inline]
     pub fn write_register(&mut self, offset: u64, value: u32, now: u64) -> Effects {
         self.mmio_write(offset, &value.to_le_bytes(), now)
     }

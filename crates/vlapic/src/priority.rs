@@ -26,7 +26,19 @@ pub fn in_service_vector(isr: &VectorSet) -> u8 {
 /// ```
 #[inline]
 pub fn processor_priority(tpr: u8, isr: &VectorSet) -> u8 {
-    let isrv = in_service_vector(isr);
+    priority_from_isrv(tpr, in_service_vector(isr))
+}
+
+/// Processor priority from TPR and the in-service vector ISRV (the highest vector in
+/// ISR0–7, 0 when none), SDM §11.8.3.1; [`processor_priority`] with ISRV already found.
+///
+/// ```
+/// use vlapic::priority::priority_from_isrv;
+/// assert_eq!(priority_from_isrv(0x32, 0x51), 0x50);
+/// assert_eq!(priority_from_isrv(0x63, 0x51), 0x63);
+/// ```
+#[inline(always)]
+pub const fn priority_from_isrv(tpr: u8, isrv: u8) -> u8 {
     if class(tpr) >= class(isrv) {
         tpr
     } else {

@@ -365,6 +365,7 @@ impl RouteMap {
 
     /// Calls `f` once for every APIC index `dest` targets, as [`ApicView::matches`]
     /// decides; `sender` is the sending APIC's index for shorthands.
+    #[inline]
     pub fn resolve(&self, dest: &Destination, sender: Option<usize>, mut f: impl FnMut(usize)) {
         match dest.shorthand {
             Shorthand::SelfOnly => {

@@ -68,11 +68,8 @@ impl VectorSet {
     /// Adds or removes vector `v`.
     #[inline]
     pub fn assign(&mut self, v: u8, present: bool) {
-        if present {
-            self.insert(v)
-        } else {
-            self.remove(v)
-        }
+        let (w, m) = slot(v);
+        self.words[w] = (self.words[w] & !m) | (m & 0u32.wrapping_sub(u32::from(present)));
     }
 
     /// The highest vector in the set, scanning words 7 down to 0.
@@ -127,6 +124,152 @@ impl VectorSet {
             words: self.words,
             word: 0,
         }
+    }
+}
+
+/// A [`VectorSet`] with a derived summary: bit `g` of the summary is set exactly
+/// when group `g` of the set — vectors `g << G ..` up to the next group — has a vector
+/// in it. `G = 4` groups by priority class (vectors `16c ..= 16c+15`: the highest class
+/// is one bit scan, as PPR needs); `G = 5` by register word. Either way the highest
+/// vector is two bit scans instead of a walk over the eight words. The summary is a
+/// cache in the sense of issue 14: only this type's methods change the set and each
+/// keeps the summary in step, every construction derives it afresh
+/// ([`SummarySet::from_set`]), and [`SummarySet::is_consistent`] compares it with a
+/// fresh derivation (the property tests call it after every operation). Reads go to
+/// the plain set through `Deref`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct SummarySet<const G: u32> {
+    set: VectorSet,
+    summary: u16,
+}
+
+/// ISR's kind: one summary bit per priority class.
+pub(crate) type ClassSummarySet = SummarySet<4>;
+/// IRR's kind: one summary bit per register word.
+pub(crate) type WordSummarySet = SummarySet<5>;
+
+impl<const G: u32> SummarySet<G> {
+    const CHECK: () = assert!(G == 4 || G == 5);
+
+    /// The empty set.
+    pub(crate) const EMPTY: Self = Self {
+        set: VectorSet::EMPTY,
+        summary: 0,
+    };
+
+    /// The bits of group `g` (of vector `v`'s group when `g = v >> G`) within `word`.
+    #[inline(always)]
+    const fn group_bits(word: u32, v: u32) -> u32 {
+        if G == 4 {
+            word >> (v & 16) & 0xFFFF
+        } else {
+            word
+        }
+    }
+
+    /// The summary of a set, derived from its words.
+    const fn summary_of(set: &VectorSet) -> u16 {
+        let () = Self::CHECK;
+        let mut s = 0u16;
+        let mut g = 0u32;
+        while g < (256 >> G) {
+            let first = g << G;
+            if Self::group_bits(set.words[(first >> 5) as usize], first) != 0 {
+                s |= 1 << g;
+            }
+            g = g.wrapping_add(1);
+        }
+        s
+    }
+
+    /// A set with its summary derived from the words.
+    pub(crate) const fn from_set(set: VectorSet) -> Self {
+        Self {
+            summary: Self::summary_of(&set),
+            set,
+        }
+    }
+
+    /// Whether the summary equals a fresh derivation from the words.
+    pub(crate) fn is_consistent(&self) -> bool {
+        self.summary == Self::summary_of(&self.set)
+    }
+
+    /// Adds vector `v`.
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, v: u8) {
+        let (w, m) = slot(v);
+        self.set.words[w] |= m;
+        self.summary |= 1 << (v >> G);
+    }
+
+    /// Removes vector `v`.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, v: u8) {
+        let (w, m) = slot(v);
+        let word = self.set.words[w] & !m;
+        self.set.words[w] = word;
+        let empty = Self::group_bits(word, u32::from(v)) == 0;
+        self.summary &= !(u16::from(empty) << (v >> G));
+    }
+
+    /// The top summary bit (0..=15) and the word it lies in; `summary` must not be 0.
+    #[inline(always)]
+    fn top(&self) -> (u32, usize) {
+        let g = (31 ^ u32::from(self.summary).leading_zeros()) & 15;
+        (g, (g >> 5u32.wrapping_sub(G)) as usize)
+    }
+
+    /// Removes and returns the highest vector (one lookup for both).
+    #[inline(always)]
+    pub(crate) fn pop_highest(&mut self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        // As in `highest`: group g is occupied, so its word is not empty.
+        let (g, i) = self.top();
+        let w = self.set.words[i];
+        let bit = 31 ^ w.leading_zeros();
+        // Wrapping: no overflow even if the summary were ever wrong (w == 0).
+        let rest = w & !1u32.wrapping_shl(bit);
+        self.set.words[i] = rest;
+        let empty = Self::group_bits(rest, bit) == 0;
+        self.summary &= !(u16::from(empty) << g);
+        Some(((i as u32) << 5 | bit) as u8)
+    }
+
+    /// The highest class present, 0 for the empty set (as ISRV = 0 has class 0).
+    /// Meaningful for the class summary (`G = 4`).
+    #[inline(always)]
+    pub(crate) fn top_class(&self) -> u8 {
+        // Setting bit 0 changes nothing but the empty case, which becomes class 0.
+        ((31 ^ u32::from(self.summary | 1).leading_zeros()) & 15) as u8
+    }
+
+    /// The highest vector in the set, from the summary: no word walk.
+    #[inline(always)]
+    pub(crate) fn highest(&self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        // summary != 0: its top bit names an occupied group, in a non-empty word.
+        let (_, i) = self.top();
+        let w = self.set.words[i];
+        Some(((i as u32) << 5 | (31 ^ w.leading_zeros())) as u8)
+    }
+}
+
+impl<const G: u32> core::ops::Deref for SummarySet<G> {
+    type Target = VectorSet;
+    #[inline(always)]
+    fn deref(&self) -> &VectorSet {
+        &self.set
+    }
+}
+
+impl<const G: u32> fmt::Debug for SummarySet<G> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.set.fmt(f)
     }
 }
 
@@ -205,6 +348,56 @@ mod tests {
         assert_eq!(all.len(), 256);
         let v: Vec<u8> = all.iter().collect();
         assert_eq!(v, (0..=255u8).collect::<Vec<_>>());
+    }
+
+    // Issue 14: the summary-indexed highest() equals the word scan after any
+    // insert/remove sequence, and the summary stays a fresh derivation.
+    #[test]
+    fn summary_set_tracks_the_words() {
+        tracks::<4>();
+        tracks::<5>();
+    }
+
+    fn tracks<const G: u32>() {
+        let mut s = SummarySet::<G>::EMPTY;
+        let mut plain = VectorSet::EMPTY;
+        let mut x = 0x9E37_79B9u32;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x >> 8) as u8;
+            if x & 6 == 0 {
+                let top = plain.highest();
+                if let Some(t) = top {
+                    plain.remove(t);
+                }
+                assert_eq!(s.pop_highest(), top);
+            } else if x & 1 == 0 {
+                s.insert(v);
+                plain.insert(v);
+            } else {
+                s.remove(v);
+                plain.remove(v);
+            }
+            assert!(s.is_consistent());
+            assert_eq!(*s, plain);
+            assert_eq!(s.highest(), plain.highest());
+            if G == 4 {
+                assert_eq!(s.top_class(), plain.highest().unwrap_or(0) >> 4);
+            }
+        }
+        assert_eq!(SummarySet::from_set(plain), s);
+    }
+
+    #[test]
+    fn assign_sets_and_clears() {
+        let mut s = VectorSet::EMPTY;
+        s.assign(0x40, true);
+        s.assign(0x41, true);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0x40, 0x41]);
+        s.assign(0x40, false);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0x41]);
     }
 
     #[test]

@@ -7,6 +7,15 @@
 //! depth never exceeds 15. A violation is counted and recorded (first and last);
 //! the shadow is then rebuilt from ISR so one fault is reported once. Nothing here
 //! is ever read to compute PPR or choose the EOI vector, and nothing panics.
+//!
+//! Cost (issue 14): each step checks in O(1), whatever the depth. Two values derived
+//! from the stack are kept in step with every push and pop: the number of adjacent
+//! pairs whose classes do not increase (zero unless a restore installed a bad ISR)
+//! and the stack's vectors as a [`VectorSet`]. With no such pair the stack is
+//! strictly ascending, so it equals ISR's bits in ascending order exactly when that
+//! set equals ISR: one 256-bit comparison instead of a walk. The walk itself remains
+//! as [`Verifier::audit`], run on restore (rebuild) and on demand, and
+//! [`Verifier::is_consistent`] re-derives both values from the stack for the tests.
 
 use crate::priority::class;
 use crate::VectorSet;
@@ -65,6 +74,10 @@ pub struct Verifier {
     enabled: bool,
     stack: [u8; MAX_DEPTH],
     depth: u8,
+    /// The vectors of `stack[..depth]` (derived).
+    members: VectorSet,
+    /// Adjacent pairs of `stack[..depth]` whose classes do not increase (derived).
+    disorder: u8,
     max_depth: u8,
     violations: u64,
     first: Option<Violation>,
@@ -92,6 +105,8 @@ impl Verifier {
             self.rebuild(isr);
         } else {
             self.depth = 0;
+            self.members = VectorSet::EMPTY;
+            self.disorder = 0;
         }
     }
 
@@ -143,22 +158,74 @@ impl Verifier {
         if !self.enabled {
             return;
         }
+        self.load(isr);
+        self.note_depth();
+        self.audit_at(isr, Checkpoint::Restore);
+    }
+
+    /// Checks the whole shadow stack against `isr` by walking it (the check every
+    /// step made before issue 14): classes strictly increase and the stack equals
+    /// ISR's bits in ascending order. A violation is recorded as a restore-time one.
+    /// Returns whether the invariant held (true while disabled).
+    pub fn audit(&mut self, isr: &VectorSet) -> bool {
+        !self.enabled || self.audit_at(isr, Checkpoint::Restore)
+    }
+
+    fn audit_at(&mut self, isr: &VectorSet, at: Checkpoint) -> bool {
+        let stack = self.stack();
+        let kind = if stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+            ViolationKind::ClassOrder
+        } else if !stack.iter().copied().eq(isr.iter()) {
+            ViolationKind::IsrMismatch
+        } else {
+            return true;
+        };
+        self.record(kind, at, None, isr);
+        false
+    }
+
+    /// Whether the values derived from the stack (its vector set and its count of
+    /// class-order breaks) equal a fresh derivation. Always true unless this module
+    /// has a bug; the property tests assert it after every operation.
+    pub fn is_consistent(&self) -> bool {
+        let stack = self.stack();
+        let members: VectorSet = stack.iter().copied().collect();
+        let disorder = stack
+            .windows(2)
+            .filter(|w| class(w[1]) <= class(w[0]))
+            .count();
+        members == self.members && disorder == usize::from(self.disorder)
+    }
+
+    /// Replaces the shadow by ISR's bits in ascending order (at most 15 of them).
+    fn load(&mut self, isr: &VectorSet) {
         self.depth = 0;
+        self.members = VectorSet::EMPTY;
+        self.disorder = 0;
+        let mut below: Option<u8> = None;
         for v in isr.iter() {
             if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
                 *slot = v;
                 self.depth = self.depth.saturating_add(1);
+                self.members.insert(v);
+                if below.is_some_and(|b| class(v) <= class(b)) {
+                    self.disorder = self.disorder.saturating_add(1);
+                }
+                below = Some(v);
             }
         }
-        self.note_depth();
-        self.check(isr, Checkpoint::Restore, None);
     }
 
     /// An interrupt was accepted; `isr` is ISR after the accept.
+    #[inline(always)]
     pub fn on_accept(&mut self, vector: u8, isr: &VectorSet) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.accept_checked(vector, isr);
         }
+    }
+
+    #[inline(never)]
+    fn accept_checked(&mut self, vector: u8, isr: &VectorSet) {
         if let Some(&top) = self.stack().last() {
             if class(vector) <= class(top) {
                 self.record(
@@ -172,8 +239,10 @@ impl Verifier {
         }
         match self.stack.get_mut(usize::from(self.depth)) {
             Some(slot) => {
+                // Pushed above a lower class: no new class-order break.
                 *slot = vector;
                 self.depth = self.depth.saturating_add(1);
+                self.members.insert(vector);
                 self.note_depth();
                 self.check(isr, Checkpoint::Accept, Some(vector));
             }
@@ -187,10 +256,15 @@ impl Verifier {
     }
 
     /// An EOI retired `vector`; `isr` is ISR after the EOI.
+    #[inline(always)]
     pub fn on_eoi(&mut self, vector: u8, isr: &VectorSet) {
-        if !self.enabled {
-            return;
+        if self.enabled {
+            self.eoi_checked(vector, isr);
         }
+    }
+
+    #[inline(never)]
+    fn eoi_checked(&mut self, vector: u8, isr: &VectorSet) {
         let Some(&top) = self.stack().last() else {
             self.record(ViolationKind::Underflow, Checkpoint::Eoi, Some(vector), isr);
             return;
@@ -204,7 +278,15 @@ impl Verifier {
             );
             return;
         }
+        let depth = usize::from(self.depth);
+        if let Some(&[below, _]) = self.stack.get(depth.saturating_sub(2)..depth) {
+            if class(top) <= class(below) {
+                self.disorder = self.disorder.saturating_sub(1);
+            }
+        }
         self.depth = self.depth.saturating_sub(1);
+        // The stack holds distinct vectors (it is ascending), so the top leaves the set.
+        self.members.remove(top);
         self.check(isr, Checkpoint::Eoi, Some(vector));
     }
 
@@ -219,11 +301,14 @@ impl Verifier {
         self.max_depth = self.max_depth.max(self.depth);
     }
 
+    /// The per-step check, O(1): the same verdict as [`Verifier::audit`]'s walk.
+    /// No class-order break means the stack is strictly ascending, and then it equals
+    /// ISR's bits in ascending order exactly when its vector set equals ISR.
+    #[inline]
     fn check(&mut self, isr: &VectorSet, at: Checkpoint, vector: Option<u8>) {
-        let stack = self.stack();
-        if stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+        if self.disorder != 0 {
             self.record(ViolationKind::ClassOrder, at, vector, isr);
-        } else if !stack.iter().copied().eq(isr.iter()) {
+        } else if self.members != *isr {
             self.record(ViolationKind::IsrMismatch, at, vector, isr);
         }
     }
@@ -244,13 +329,7 @@ impl Verifier {
         self.last = Some(v);
         // Resynchronise from the architectural truth, without re-checking (a
         // class-order fault in ISR itself would otherwise be reported twice).
-        self.depth = 0;
-        for v in isr.iter() {
-            if let Some(slot) = self.stack.get_mut(usize::from(self.depth)) {
-                *slot = v;
-                self.depth = self.depth.saturating_add(1);
-            }
-        }
+        self.load(isr);
         self.note_depth();
     }
 }
@@ -343,5 +422,163 @@ mod tests {
         // ISR with two vectors of one class cannot come from accepts: reported.
         ver.rebuild(&set(&[0x41, 0x49]));
         assert_eq!(ver.violations(), 1);
+    }
+
+    /// The verifier as it was before issue 14: after every step it walks the whole
+    /// shadow stack against ISR. The O(1) checks must give the same verdicts.
+    #[derive(Default)]
+    struct Walking {
+        stack: Vec<u8>,
+        max_depth: u8,
+        kinds: Vec<(ViolationKind, Checkpoint, Option<u8>)>,
+    }
+
+    impl Walking {
+        fn load(&mut self, isr: &VectorSet) {
+            self.stack = isr.iter().take(MAX_DEPTH).collect();
+            self.max_depth = self.max_depth.max(self.stack.len() as u8);
+        }
+        fn record(&mut self, k: ViolationKind, at: Checkpoint, v: Option<u8>, isr: &VectorSet) {
+            self.kinds.push((k, at, v));
+            self.load(isr);
+        }
+        fn check(&mut self, isr: &VectorSet, at: Checkpoint, v: Option<u8>) {
+            if self.stack.windows(2).any(|w| class(w[1]) <= class(w[0])) {
+                self.record(ViolationKind::ClassOrder, at, v, isr);
+            } else if !self.stack.iter().copied().eq(isr.iter()) {
+                self.record(ViolationKind::IsrMismatch, at, v, isr);
+            }
+        }
+        fn accept(&mut self, v: u8, isr: &VectorSet) {
+            if self.stack.last().is_some_and(|&top| class(v) <= class(top)) {
+                return self.record(ViolationKind::ClassOrder, Checkpoint::Accept, Some(v), isr);
+            }
+            if self.stack.len() == MAX_DEPTH {
+                return self.record(ViolationKind::Overflow, Checkpoint::Accept, Some(v), isr);
+            }
+            self.stack.push(v);
+            self.max_depth = self.max_depth.max(self.stack.len() as u8);
+            self.check(isr, Checkpoint::Accept, Some(v));
+        }
+        fn eoi(&mut self, v: u8, isr: &VectorSet) {
+            match self.stack.last() {
+                None => self.record(ViolationKind::Underflow, Checkpoint::Eoi, Some(v), isr),
+                Some(&top) if top != v => {
+                    self.record(ViolationKind::EoiMismatch, Checkpoint::Eoi, Some(v), isr)
+                }
+                Some(_) => {
+                    self.stack.pop();
+                    self.check(isr, Checkpoint::Eoi, Some(v));
+                }
+            }
+        }
+        fn rebuild(&mut self, isr: &VectorSet) {
+            self.load(isr);
+            self.check(isr, Checkpoint::Restore, None);
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Accept(u8),
+        Eoi(u8),
+        Tpr,
+        Rebuild,
+    }
+
+    /// ISR after a step: mostly what the step itself would leave (legal traffic),
+    /// sometimes a set changed behind the verifier's back (restore, APICv, bugs).
+    fn step() -> impl proptest::strategy::Strategy<Value = (Step, Option<[u32; 8]>)> {
+        use proptest::prelude::*;
+        let s = prop_oneof![
+            4 => any::<u8>().prop_map(Step::Accept),
+            4 => any::<u8>().prop_map(Step::Eoi),
+            1 => Just(Step::Tpr),
+            1 => Just(Step::Rebuild),
+        ];
+        let behind = prop_oneof![
+            6 => Just(None),
+            1 => any::<[u32; 8]>().prop_map(Some),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| {
+                let mut w = [0u32; 8];
+                for v in [a, b] {
+                    w[usize::from(v >> 5)] |= 1 << (v & 31);
+                }
+                Some(w)
+            }),
+        ];
+        (s, behind)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        // Issue 14 point 3: the O(1) per-step checks report exactly the violations the
+        // full walk reported (kind, checkpoint, vector, order), the shadows agree, and
+        // the derived set and class-order count always equal a fresh derivation.
+        #[test]
+        fn constant_time_checks_match_the_full_walk(
+            steps in proptest::collection::vec(step(), 0..120),
+        ) {
+            let mut fast = Verifier::new(true);
+            let mut slow = Walking::default();
+            let mut isr = VectorSet::EMPTY;
+            for (st, behind) in &steps {
+                match *st {
+                    Step::Accept(v) => {
+                        isr.insert(v);
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_accept(v, &isr);
+                        slow.accept(v, &isr);
+                    }
+                    Step::Eoi(v) => {
+                        isr.remove(v);
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_eoi(v, &isr);
+                        slow.eoi(v, &isr);
+                    }
+                    Step::Tpr => {
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.on_tpr_change(&isr);
+                        slow.check(&isr, Checkpoint::TprChange, None);
+                    }
+                    Step::Rebuild => {
+                        if let Some(w) = behind { isr = VectorSet::from_words(*w); }
+                        fast.rebuild(&isr);
+                        slow.rebuild(&isr);
+                    }
+                }
+                proptest::prop_assert!(fast.is_consistent());
+                proptest::prop_assert_eq!(fast.stack(), &slow.stack[..]);
+                proptest::prop_assert_eq!(fast.max_depth(), slow.max_depth);
+                proptest::prop_assert_eq!(fast.violations(), slow.kinds.len() as u64);
+                let last = fast.last_violation().map(|v| (v.kind, v.at, v.vector));
+                proptest::prop_assert_eq!(last, slow.kinds.last().copied());
+            }
+            let first = fast.first_violation().map(|v| (v.kind, v.at, v.vector));
+            proptest::prop_assert_eq!(first, slow.kinds.first().copied());
+        }
+    }
+
+    // The on-demand walk finds what a bad restore left, and agrees with the O(1) state.
+    #[test]
+    fn audit_walks_the_whole_stack() {
+        let mut ver = Verifier::new(true);
+        ver.on_accept(0x41, &set(&[0x41]));
+        ver.on_accept(0x61, &set(&[0x41, 0x61]));
+        assert!(ver.audit(&set(&[0x41, 0x61])));
+        assert!(
+            !ver.audit(&set(&[0x41, 0x61, 0x81])),
+            "ISR changed behind it"
+        );
+        assert_eq!(
+            ver.last_violation().unwrap().kind,
+            ViolationKind::IsrMismatch
+        );
+        assert!(ver.is_consistent());
+        assert!(
+            Verifier::new(false).audit(&set(&[0x41])),
+            "off: nothing checked"
+        );
     }
 }

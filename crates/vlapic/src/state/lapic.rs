@@ -4,6 +4,7 @@
 use crate::lapic::{ApicMode, LapicConfig, LocalApic};
 use crate::lvt::{Lvt, TimerMode};
 use crate::state::error::ImportError;
+use crate::vector_set::{ClassSummarySet, WordSummarySet};
 use crate::VectorSet;
 
 /// Architectural state of one local APIC: the registers of SDM Table 11-1 that
@@ -199,9 +200,10 @@ impl LocalApic {
         };
         self.dfr = state.dfr;
         self.svr = state.svr;
-        self.isr = state.isr_set();
+        // The word summaries are derived afresh from the imported words.
+        self.isr = ClassSummarySet::from_set(state.isr_set());
         self.tmr = state.tmr_set();
-        self.irr = state.irr_set();
+        self.irr = WordSummarySet::from_set(state.irr_set());
         self.esr = state.esr;
         self.esr_pending = state.esr_pending;
         self.icr = state.icr;
