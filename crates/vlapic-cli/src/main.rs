@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod exit_cost;
 mod run_cmd;
 mod state_cmds;
 

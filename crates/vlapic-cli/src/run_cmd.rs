@@ -101,6 +101,11 @@ pub struct BenchArgs {
     /// RUN}`, each RUN being a `vlapic run --json` object.
     #[arg(long)]
     pub json: bool,
+    /// Instead: host instructions in userspace per APIC exit (xAPIC EOI, x2APIC EOI, TPR
+    /// write, ICR write) and exits per operation, counted by callgrind (needs valgrind)
+    /// on generated guests; `--json` prints `{"schema": 1, "exit_cost": [...]}`.
+    #[arg(long)]
+    pub exit_cost: bool,
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -205,6 +210,9 @@ pub fn run(a: RunArgs) -> ExitCode {
 /// `vlapic bench`: the same guest with vlapic in userspace and with KVM's
 /// in-kernel irqchip, side by side (BENCH lines, per-scenario time and exits).
 pub fn bench(a: BenchArgs) -> ExitCode {
+    if a.exit_cost {
+        return crate::exit_cost::run(a.json);
+    }
     let kernel = match load_kernel(&a.kernel, VmConfig::default().memory_mib) {
         Ok(k) => k,
         Err(code) => return code,

@@ -20,6 +20,10 @@ pub struct VmClock {
     offset: Arc<AtomicU64>,
     /// Guest TSC frequency in Hz (KVM_GET_TSC_KHZ × 1000).
     tsc_hz: u64,
+    /// 10⁹ / tsc_hz as a 64.64 fixed-point number (integer part, fraction): ns without
+    /// a 128-bit division on every exit, never above the exact value (so a deadline
+    /// never fires early) and at most 1 ns below it.
+    mult: (u64, u64),
 }
 
 impl VmClock {
@@ -46,9 +50,14 @@ impl VmClock {
     /// A clock for a guest whose TSC read `guest_tsc` when the host TSC read
     /// `host_tsc`, ticking at `tsc_hz`.
     pub fn new(host_tsc: u64, guest_tsc: u64, tsc_hz: u64) -> Self {
+        let tsc_hz = tsc_hz.max(1);
+        let int = 1_000_000_000 / tsc_hz;
+        let frac = (u128::from(1_000_000_000 % tsc_hz) << 64) / u128::from(tsc_hz);
+        let mult = (int, u64::try_from(frac).unwrap_or(u64::MAX));
         Self {
             offset: Arc::new(AtomicU64::new(host_tsc.wrapping_sub(guest_tsc))),
-            tsc_hz: tsc_hz.max(1),
+            tsc_hz,
+            mult,
         }
     }
 
@@ -72,9 +81,10 @@ impl VmClock {
         self.ns_of_tsc(self.guest_tsc())
     }
 
-    /// VM time at guest TSC `tsc`.
+    /// VM time at guest TSC `tsc`: `tsc × 10⁹ / tsc_hz` rounded down, or 1 ns less.
     pub fn ns_of_tsc(&self, tsc: u64) -> u64 {
-        let ns = u128::from(tsc) * 1_000_000_000 / u128::from(self.tsc_hz);
+        let (int, frac) = self.mult;
+        let ns = u128::from(tsc) * u128::from(int) + ((u128::from(tsc) * u128::from(frac)) >> 64);
         u64::try_from(ns).unwrap_or(u64::MAX)
     }
 
@@ -82,5 +92,34 @@ impl VmClock {
     pub fn tsc_of_ns(&self, ns: u64) -> u64 {
         let t = u128::from(ns) * u128::from(self.tsc_hz) / 1_000_000_000;
         u64::try_from(t).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed-point conversion never runs ahead of the exact one (a TSC deadline
+    /// must not fire before the guest's TSC reaches it) and trails it by at most 1 ns.
+    #[test]
+    fn fixed_point_time_is_exact_or_just_behind() {
+        for hz in [
+            1_000_000_000u64,
+            2_100_000_000,
+            2_399_999_000,
+            3_000_001_000,
+            25_000_000,
+        ] {
+            let c = VmClock::new(0, 0, hz);
+            for tsc in [0u64, 1, 999, 123_456_789, 1 << 40, 1 << 50, u64::MAX / 4096] {
+                let exact =
+                    u64::try_from(u128::from(tsc) * 1_000_000_000 / u128::from(hz)).unwrap();
+                let ns = c.ns_of_tsc(tsc);
+                assert!(
+                    ns <= exact && exact - ns <= 1,
+                    "hz {hz} tsc {tsc}: {ns} vs {exact}"
+                );
+            }
+        }
     }
 }

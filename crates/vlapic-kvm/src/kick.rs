@@ -1,7 +1,7 @@
 //! Getting a vCPU out of KVM_RUN or out of its halt: `immediate_exit` plus a
 //! signal (the Firecracker pattern) and a per-vCPU parker for vCPUs halted in userspace.
 
-use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -39,7 +39,10 @@ unsafe impl Send for KickTarget {}
 /// Per-vCPU wake-up machinery shared by every thread that may kick it.
 pub struct VcpuKick {
     target: Mutex<Option<KickTarget>>,
-    parked: Mutex<bool>,
+    /// The wake token: set by `unpark`, consumed by `park`, cleared before a re-check.
+    token: AtomicBool,
+    /// Held by `park` while it checks the token and waits, and by `unpark` to notify.
+    parked: Mutex<()>,
     cv: Condvar,
     signal: libc::c_int,
     /// Kicks sent to this vCPU.
@@ -51,7 +54,8 @@ impl VcpuKick {
     pub fn new(signal: libc::c_int) -> Self {
         Self {
             target: Mutex::new(None),
-            parked: Mutex::new(false),
+            token: AtomicBool::new(false),
+            parked: Mutex::new(()),
             cv: Condvar::new(),
             signal,
             kicks: AtomicU64::new(0),
@@ -112,24 +116,26 @@ impl VcpuKick {
 
     /// Wakes the vCPU from [`VcpuKick::park`] (or makes its next park return at once).
     pub fn unpark(&self) {
-        *lock(&self.parked) = true;
+        self.token.store(true, Ordering::Release);
+        // Taken after the token is set: a parker that saw no token is already waiting.
+        let _g = lock(&self.parked);
         self.cv.notify_all();
     }
 
     /// Sleeps until unparked or `timeout` passes; consumes the wake token.
     pub fn park(&self, timeout: Duration) {
-        let mut g = lock(&self.parked);
-        if !*g {
-            g = match self.cv.wait_timeout(g, timeout) {
+        let g = lock(&self.parked);
+        if !self.token.swap(false, Ordering::AcqRel) {
+            let _g = match self.cv.wait_timeout(g, timeout) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
+            self.token.store(false, Ordering::Release);
         }
-        *g = false;
     }
 
-    /// Discards a pending wake token (before re-checking for work).
+    /// Discards a pending wake token (before re-checking for work); lock-free.
     pub fn clear_token(&self) {
-        *lock(&self.parked) = false;
+        self.token.store(false, Ordering::Release);
     }
 }

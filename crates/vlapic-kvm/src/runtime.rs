@@ -2,7 +2,7 @@
 //! migration), VM time, one kicker per vCPU, the timer service and the stop flag.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -75,6 +75,9 @@ pub type ExtIntSource = Arc<dyn Fn() -> Option<u8> + Send + Sync>;
 /// [`ApicRuntime::new`]; give each [`crate::ApicVcpu`] a clone of the `Arc`.
 pub struct ApicRuntime {
     fabric: RwLock<Arc<SharedFabric>>,
+    /// Bumped by every `replace_fabric`: vCPUs keep the fabric and re-read it only when
+    /// this changed (no lock per entry).
+    generation: AtomicU64,
     kicks: Vec<Arc<VcpuKick>>,
     timers: Arc<TimerService>,
     timer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -123,6 +126,7 @@ impl ApicRuntime {
         };
         Ok(Arc::new(Self {
             fabric: RwLock::new(Arc::new(fabric)),
+            generation: AtomicU64::new(0),
             kicks,
             timers,
             timer_thread: Mutex::new(Some(thread)),
@@ -152,7 +156,14 @@ impl ApicRuntime {
     /// one while every vCPU is paused) and returns the old one.
     pub fn replace_fabric(&self, fabric: SharedFabric) -> Arc<SharedFabric> {
         let mut g = self.fabric.write().unwrap_or_else(PoisonError::into_inner);
-        std::mem::replace(&mut *g, Arc::new(fabric))
+        let old = std::mem::replace(&mut *g, Arc::new(fabric));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    /// The fabric's generation (see [`ApicRuntime::replace_fabric`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// VM time.
@@ -193,6 +204,9 @@ impl ApicRuntime {
 
     /// Kicks every vCPU in `wake` except `me` (the caller, which re-checks anyway).
     pub fn wake_others(&self, me: usize, wake: &Wake) {
+        if wake.is_empty() {
+            return;
+        }
         for v in wake.iter().filter(|&v| v != me) {
             self.kick(v);
         }

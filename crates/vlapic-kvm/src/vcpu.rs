@@ -102,6 +102,9 @@ pub struct ApicVcpu {
     index: usize,
     fd: VcpuFd,
     rt: Arc<ApicRuntime>,
+    /// The runtime's fabric as of `fabric_gen` (re-read only when it was replaced).
+    fabric: Arc<SharedFabric>,
+    fabric_gen: u64,
     kick: Arc<VcpuKick>,
     registered: Option<libc::pthread_t>,
     state: RunState,
@@ -158,10 +161,14 @@ impl ApicVcpu {
             .read_apic(index, |a| a.config().bsp)
             .ok_or(Error::NoSuchVcpu(index))?;
         let reset_sregs = fd.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+        let fabric_gen = rt.generation();
+        let fabric = rt.fabric();
         Ok(Self {
             index,
             fd,
             rt,
+            fabric,
+            fabric_gen,
             kick,
             registered: None,
             state: if bsp {
@@ -258,8 +265,8 @@ impl ApicVcpu {
     /// Tells KVM the APIC base the guest now has: 0x1B is filtered to userspace, so
     /// KVM never sees the guest's writes; this keeps CPUID.1:EDX.APIC in step with
     /// IA32_APIC_BASE.EN (SDM Vol. 3A §11.4.3). Best effort.
-    fn mirror_apic_base(&mut self, fabric: &SharedFabric) {
-        let Some(base) = fabric.read_apic(self.index, |a| a.apic_base()) else {
+    fn mirror_apic_base(&mut self) {
+        let Some(base) = self.fabric.read_apic(self.index, |a| a.apic_base()) else {
             return;
         };
         let entry = kvm_bindings::kvm_msr_entry {
@@ -425,9 +432,9 @@ impl ApicVcpu {
         }
         self.ensure_registered();
         self.kick.clear_token();
-        let fabric = self.rt.fabric();
+        self.refresh_fabric();
         if std::mem::take(&mut self.mirror_base) {
-            self.mirror_apic_base(&fabric);
+            self.mirror_apic_base();
         }
         let now = self.rt.now_ns();
         let (ready, if_flag) = {
@@ -444,12 +451,11 @@ impl ApicVcpu {
         // we gave it, or we have one to give, no KVM_INTERRUPT (KVM would deliver a
         // queued vector first); the vector waits for the window.
         let carried = std::mem::take(&mut self.carried);
+        // (An NMI among the APIC's own events holds the vector back in `plan_entry`.)
         let kvm_nmi = self.kvm_holds_nmi();
-        let apic_nmi = fabric
-            .read_apic(self.index, |a| a.events().nmi > 0)
-            .unwrap_or(false);
-        let nmi_first = kvm_nmi || carried.nmi > 0 || apic_nmi;
-        let plan = fabric
+        let nmi_first = kvm_nmi || carried.nmi > 0;
+        let plan = self
+            .fabric
             .plan_entry(self.index, now, can_inject && !nmi_first && !carried.extint)
             .ok_or(Error::NoSuchVcpu(self.index))?;
         let events = merge_events(carried, plan.events);
@@ -477,7 +483,16 @@ impl ApicVcpu {
             r.cr8 = plan.cr8;
         }
         self.last_cr8 = plan.cr8;
-        self.enter(&fabric)
+        self.enter()
+    }
+
+    /// Re-reads the runtime's fabric if it was replaced since we last looked.
+    fn refresh_fabric(&mut self) {
+        let g = self.rt.generation();
+        if g != self.fabric_gen {
+            self.fabric = self.rt.fabric();
+            self.fabric_gen = g;
+        }
     }
 
     /// Completes the instruction in flight before the vCPU's state is saved (KVM
@@ -489,23 +504,25 @@ impl ApicVcpu {
     pub fn finish_instruction(&mut self) -> Result<Option<Exit<'_>>, Error> {
         self.ensure_registered();
         self.kick.set_immediate_exit();
-        let fabric = self.rt.fabric();
+        self.refresh_fabric();
         // KVM loads CR8 from kvm_run.cr8 at every KVM_RUN: give it TPR, or a vCPU that
         // never entered since `replace_fd` (its kvm_run is zeroed) would lose its CR8.
-        let cr8 = fabric
+        let cr8 = self
+            .fabric
             .read_apic(self.index, |a| a.cr8())
             .ok_or(Error::NoSuchVcpu(self.index))?;
         self.fd.get_kvm_run().cr8 = cr8;
         self.last_cr8 = cr8;
-        match self.enter(&fabric)? {
+        match self.enter()? {
             Exit::Handled(Handled::Kick) => Ok(None),
             other => Ok(Some(other)),
         }
     }
 
     /// `KVM_RUN` once; CR8 folded into TPR first; APIC exits handled.
-    fn enter(&mut self, fabric: &SharedFabric) -> Result<Exit<'_>, Error> {
+    fn enter(&mut self) -> Result<Exit<'_>, Error> {
         let me = self.index;
+        let fabric: &SharedFabric = &self.fabric;
         let slot = RunSlot::of(&mut self.fd);
         let res = self.fd.run();
         self.kick.clear_immediate_exit();

@@ -39,7 +39,9 @@ impl LocalApic {
     /// The decision before entering the guest: [`advance`](LocalApic::advance) to
     /// `now`, take the events, acknowledge one vector if `can_inject` (the guest can
     /// take an interrupt now: RFLAGS.IF set, no interrupt shadow, no event already
-    /// being injected) and no INIT is among the events, and report the rest.
+    /// being injected) and neither INIT nor an NMI is among the events (an NMI is taken
+    /// before any maskable interrupt, SDM Vol. 3A §6.9: the vector waits for the next
+    /// entry, `request_window` says so), and report the rest.
     ///
     /// ```
     /// use vlapic::{Delivery, LapicConfig, LocalApic};
@@ -63,7 +65,7 @@ impl LocalApic {
     pub fn plan_entry(&mut self, now: u64, can_inject: bool) -> EntryPlan {
         self.advance(now);
         let events = self.take_events();
-        let inject = if can_inject && !events.init {
+        let inject = if can_inject && !events.init && events.nmi == 0 {
             self.acknowledge()
         } else {
             None

@@ -63,7 +63,7 @@ fn init_suppresses_injection() {
     assert_eq!(p.inject, Some(0x51));
 }
 
-// The other events ride along without blocking injection (the VMM orders them).
+// Events ride along with the plan; an NMI among them holds the vector back (SDM §6.9).
 #[test]
 fn events_are_taken_with_the_plan() {
     let mut a = xapic();
@@ -71,8 +71,12 @@ fn events_are_taken_with_the_plan() {
     a.deliver(Delivery::fixed(0x30), 0);
     let p = a.plan_entry(0, true);
     assert_eq!(p.events.nmi, 1);
-    assert_eq!(p.inject, Some(0x30));
+    // SDM Vol. 3A §6.9: the NMI is taken before the maskable interrupt, which waits
+    // (KVM would inject a queued vector ahead of a pending NMI).
+    assert_eq!(p.inject, None);
+    assert!(p.request_window);
     assert!(!a.events().any());
+    assert_eq!(a.plan_entry(0, true).inject, Some(0x30));
 }
 
 // SDM §11.8.3.1: PPR = TPR when TPR[7:4] ≥ ISRV[7:4]; a vector whose class is at or

@@ -23,7 +23,10 @@ impl SharedFabric {
     /// assert_eq!(fabric.plan_entry(1, 0, true), None); // no such vCPU
     /// ```
     pub fn plan_entry(&self, vcpu: usize, now: u64, can_inject: bool) -> Option<EntryPlan> {
-        self.locked(vcpu, |a| a.plan_entry(now, can_inject))
+        // Planning cannot change the routing view (ID, LDR, DFR, enable, mode): no
+        // view to compare and publish, just the lock (it runs before every entry).
+        let mut slot = lock(self.apics.get(vcpu)?);
+        Some(slot.apic.plan_entry(now, can_inject))
     }
 
     /// Runs `f` on `vcpu`'s APIC under its lock, read-only: no time passes, nothing
@@ -37,7 +40,9 @@ impl SharedFabric {
     /// Folds the guest's CR8 into `vcpu`'s TPR ([`LocalApic::set_cr8`]): `Err` is the
     /// #GP for bits 63:4 set. `None` if the vCPU does not exist.
     pub fn set_cr8(&self, vcpu: usize, cr8: u64) -> Option<Result<(), GpFault>> {
-        self.locked(vcpu, |a| a.set_cr8(cr8))
+        // TPR is not part of the routing view (arbitration reads PPR live).
+        let mut slot = lock(self.apics.get(vcpu)?);
+        Some(slot.apic.set_cr8(cr8))
     }
 
     /// A guest read at guest-physical `gpa` by `vcpu`: its APIC page (at its
