@@ -116,6 +116,8 @@ pub struct ApicVcpu {
     mirror_base: bool,
     /// A KVM_NMI was issued and KVM may still hold it (not yet delivered).
     nmi_outstanding: bool,
+    /// The last exit makes KVM inject an exception at the next entry (a #GP).
+    event_pending: bool,
     /// Single-steps left in this held-by-TPR episode, and whether one was seen.
     step_left: u32,
     held_seen: bool,
@@ -183,6 +185,7 @@ impl ApicVcpu {
             counters: VcpuCounters::default(),
             mirror_base: false,
             nmi_outstanding: false,
+            event_pending: false,
             step_left: 0,
             held_seen: false,
             stepping: false,
@@ -379,8 +382,17 @@ impl ApicVcpu {
 
     /// Single-steps a few instructions after a vector became held back by TPR alone
     /// (KVM checklist item 5): the guest usually lowers CR8 right away, without an exit.
+    ///
+    /// Never across an event: KVM's single-step sets RFLAGS.TF, and an exception or NMI
+    /// delivered meanwhile would push that TF into the guest's frame (the guest then
+    /// takes a #DB it never asked for). So no step when the last exit injects a #GP
+    /// (an MSR fault), when an NMI was given this entry or is still held by KVM.
     fn step_for_tpr(&mut self, plan: &EntryPlan) -> Result<(), Error> {
         let budget = self.rt.poll().tpr_step_instructions;
+        let event = std::mem::take(&mut self.event_pending) || self.nmi_outstanding;
+        if event {
+            self.step_left = 0;
+        }
         if plan.held_by_tpr && plan.inject.is_none() && self.state == RunState::Running {
             if !self.held_seen {
                 self.held_seen = true;
@@ -390,7 +402,12 @@ impl ApicVcpu {
             self.held_seen = false;
             self.step_left = 0;
         }
-        let step = self.step_left > 0;
+        let step = self.step_left > 0 && !event;
+        self.set_stepping(step)
+    }
+
+    /// Turns KVM's single-step on or off (off also drops the TF KVM set for it).
+    fn set_stepping(&mut self, step: bool) -> Result<(), Error> {
         if step != self.stepping {
             let dbg = kvm_bindings::kvm_guest_debug {
                 control: if step {
@@ -503,6 +520,10 @@ impl ApicVcpu {
     /// [`Exit::Handled`] and need nothing).
     pub fn finish_instruction(&mut self) -> Result<Option<Exit<'_>>, Error> {
         self.ensure_registered();
+        // No single-step across a pause: the saved RFLAGS must not carry KVM's TF.
+        self.held_seen = false;
+        self.step_left = 0;
+        self.set_stepping(false)?;
         self.kick.set_immediate_exit();
         self.refresh_fabric();
         // KVM loads CR8 from kvm_run.cr8 at every KVM_RUN: give it TPR, or a vCPU that
@@ -544,6 +565,9 @@ impl ApicVcpu {
             Decoded::Done(h, base_written) => {
                 if h == Handled::Step {
                     self.step_left = self.step_left.saturating_sub(1);
+                }
+                if let Handled::MsrFault(_) = h {
+                    self.event_pending = true;
                 }
                 if h == Handled::Hlt {
                     // SAFETY: as for `slot`.
