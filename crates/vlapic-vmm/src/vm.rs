@@ -455,6 +455,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             (console, io)
         }
     };
+    // pc-testdev's page-flush port acts on guest RAM (alive until the end of run_vm).
+    let io = io.with_ram(ram.host_base().map_err(VmmError::Setup)?, ram.size());
     let kicks: Vec<Arc<VcpuKick>> = (0..n).map(|_| Arc::new(VcpuKick::new(signal))).collect();
     let timers = Arc::new(TimerService::new(n));
     let carry = restore
