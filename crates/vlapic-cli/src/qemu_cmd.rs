@@ -471,17 +471,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     }
                 }
             }
-            "display" | "vga" | "monitor" => {
-                if v != "none" {
-                    return Err(format!("{opt} {v}: not supported (only {opt} none)"));
-                }
+            "display" | "vga" | "monitor" if v != "none" => {
+                return Err(format!("{opt} {v}: not supported (only {opt} none)"));
             }
-            "global" => {
-                if !v.starts_with("kvm-pit.") {
-                    return Err(format!("-global {v}: not supported"));
-                }
+            "global" if !v.starts_with("kvm-pit.") => {
+                return Err(format!("-global {v}: not supported"));
             }
-            // "name" is accepted and ignored.
+            // -display/-vga/-monitor none, -global kvm-pit.*, -name: nothing to do.
             _ => {}
         }
     }
