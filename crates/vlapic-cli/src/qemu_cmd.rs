@@ -96,7 +96,7 @@ Probes: -h/-help, -version, -device help|?, -machine help|?, -accel help|?, -cpu
 Exit status: an isa-debug-exit write of N gives (N << 1) | 1 (low 8 bits), as QEMU;
 option and setup errors 2; guest crash 4; VMM error 5; a guest that stops without
 the write 0 or 1 with one line on stderr. VLAPIC_QEMU_SUMMARY=FILE appends vlapic's
-run summary to FILE.
+run summary (text, then one JSON line) to FILE.
 ",
         version_line()
     )
@@ -583,9 +583,13 @@ pub fn main(args: &[OsString]) -> ExitCode {
             .append(true)
             .open(&path)
         {
+            let mut j = rep.json();
+            if let Some(o) = j.as_object_mut() {
+                o.insert("exit_code".into(), code.into());
+            }
             let _ = writeln!(
                 f,
-                "== vlapic qemu {} (exit status {code}) ==\n{}",
+                "== vlapic qemu {} (exit status {code}) ==\n{}json: {j}",
                 strs.join(" "),
                 rep.text()
             );

@@ -288,6 +288,32 @@ fn qemu_front_door_runs_the_kvm_unit_tests_command_line() {
         );
         assert!(out.contains("devices=0"), "{out}");
     }
+    // VLAPIC_QEMU_SUMMARY=FILE: vlapic's summary goes to FILE, not to stdout/stderr.
+    let sum = dir.join("summary.txt");
+    let _ = std::fs::remove_file(&sum);
+    let o = Command::new(env!("CARGO_BIN_EXE_vlapic"))
+        .args(runner_args(k, env, "exit=38"))
+        .env("VLAPIC_QEMU_SUMMARY", &sum)
+        .output()
+        .expect("run vlapic");
+    assert_eq!(o.status.code(), Some(77));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(&sum).expect("summary file written");
+    assert!(text.contains("(exit status 77) =="), "{text}");
+    assert!(
+        text.contains("outcome:      guest exit 38 (status 77)"),
+        "{text}"
+    );
+    let json = text
+        .lines()
+        .find_map(|l| l.strip_prefix("json: "))
+        .expect("json line");
+    let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    assert_eq!(v["exit_code"], 77);
     // -m and -smp reach the guest: 64 MiB (mem_upper = 63 MiB in KiB).
     let mut args = runner_args(k, env, "");
     args.extend(["-m", "64"]);
