@@ -82,9 +82,10 @@ Accepted (everything else is refused with one line naming the option, exit 2):
   -cpu MODEL[,+f,-f,f=on] qemu64, qemu32, kvm64, kvm32, host, max, base: all give vlapic's
                           CPUID (KVM's, with x2APIC and TSC-deadline); feature changes are
                           ignored with a warning
-  -machine/-M [type=]pc[,accel=kvm][,kernel_irqchip=on|off|split][,pit=on|off]
+  -machine/-M [type=]pc[,accel=kvm][,kernel_irqchip=on|off|split][,pit=off,...]
                           kernel_irqchip=on uses KVM's in-kernel irqchip (the baseline);
-                          off/split (the default here) use vlapic in userspace
+                          off/split (the default here) use vlapic in userspace;
+                          pit, hpet, smm, usb, vmport, graphics: only =off (none exists)
   -accel kvm[,kernel-irqchip=...]   -enable-kvm
   -device isa-debug-exit,iobase=0xf4[,iosize=N]   -device pc-testdev
                           (both are always present; isa-debug-exit only at 0xf4)
@@ -380,8 +381,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         "kernel_irqchip" | "kernel-irqchip" => {
                             kernel_irqchip = irqchip_value(&opt, &val)?;
                         }
-                        // No PIT, SMM, USB, vmport or HPET to switch off.
-                        "pit" | "smm" | "usb" | "vmport" | "hpet" | "graphics" => {}
+                        // None of these exists here: switching one off is a no-op,
+                        // asking for one is refused.
+                        "pit" | "smm" | "usb" | "vmport" | "hpet" | "graphics" => {
+                            if !matches!(val.as_str(), "off" | "false" | "no") {
+                                return Err(format!("{opt}: {k}={val}: vlapic's PC has no {k}"));
+                            }
+                        }
                         _ => return Err(format!("{opt}: property '{k}' not supported")),
                     }
                 }
@@ -741,6 +747,8 @@ mod tests {
                 "iobase=0x501",
             ),
             ("-kernel k -machine q35", "q35"),
+            ("-kernel k -machine vmport=on", "vmport=on"),
+            ("-kernel k -M pc,pit=on", "pit=on"),
             ("-kernel k -machine accel=tcg", "accel=tcg"),
             ("-kernel k -accel tcg", "-accel tcg"),
             ("-kernel k -cpu Skylake-Server", "Skylake-Server"),
