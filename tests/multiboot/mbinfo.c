@@ -1,6 +1,12 @@
 /* mbinfo: a tiny multiboot v1 kernel that prints what the loader handed it
  * (magic, flags, command line, memory, memory map, modules) on COM1 and exits
- * through the debug-exit port 0xF4. Used to test `vlapic run --kernel` loaders. */
+ * through the debug-exit port 0xF4. Used to test `vlapic run --kernel` loaders.
+ *
+ * Command-line words (anywhere after argv[0], the kernel's file name):
+ *   exit=N    write N to the debug-exit port instead of 0
+ *   testdev   exercise QEMU's pc-testdev: data register 0xE0 at widths 1/2/4,
+ *             page flush 0xE4 on a page the kernel then reads and writes
+ *   pci       probe PCI configuration mechanism #1 (0xCF8/0xCFC) on bus 0 */
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -8,7 +14,10 @@ typedef unsigned char u8;
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 static void putc(char c) {
     for (int i = 0; i < 100000 && !(inb(0x3FD) & 0x20); i++) {}
@@ -33,6 +42,62 @@ static void exit_with(u32 code) {
     for (;;) __asm__ volatile("cli; hlt");
 }
 
+/* Does the command line (after argv[0]) hold the word `w`, or `w=VALUE`
+ * (then *val gets VALUE as a decimal number)? */
+static int has_word(const char *cmd, const char *w, u32 *val) {
+    const char *p = cmd;
+    while (*p == ' ') p++;
+    while (*p && *p != ' ') p++; /* skip argv[0] */
+    while (*p) {
+        while (*p == ' ') p++;
+        const char *a = p, *b = w;
+        while (*b && *a == *b) { a++; b++; }
+        if (!*b && (*a == ' ' || *a == 0)) return 1;
+        if (!*b && *a == '=' && val) {
+            u32 v = 0;
+            for (a++; *a >= '0' && *a <= '9'; a++) v = v * 10 + (u32)(*a - '0');
+            *val = v;
+            return 1;
+        }
+        while (*p && *p != ' ') p++;
+    }
+    return 0;
+}
+
+static volatile u8 flush_page[4096] __attribute__((aligned(4096)));
+
+static void testdev(void) {
+    outl(0xE0, 0x11223344);
+    outb(0xE1, 0xAA);
+    puts("MB testdev ioport="); putx(inl(0xE0));
+    outw(0xE2, 0xBEEF);
+    puts(" after_outw="); putx(inl(0xE0));
+    puts(" inw_e2="); putx(inw(0xE2));
+    puts(" inb_e3="); putx(inb(0xE3)); puts("\n");
+    for (u32 i = 0; i < 4096; i++) flush_page[i] = (u8)(i * 7);
+    outl(0xE4, (u32)(unsigned long)&flush_page[100]);
+    u32 bad = 0;
+    for (u32 i = 0; i < 4096; i++) bad += flush_page[i] != (u8)(i * 7);
+    flush_page[5] = 0x5A; /* still writable after the flush */
+    puts("MB testdev flush bad_bytes="); putu(bad);
+    puts(" write_ok="); putu(flush_page[5] == 0x5A); puts("\n");
+}
+
+static void pci(void) {
+    outl(0xCF8, 0x80000000);
+    puts("MB pci addr_readback="); putx(inl(0xCF8));
+    outl(0xCF8, 0xFFFFFFFF);
+    puts(" all_ones_readback="); putx(inl(0xCF8));
+    u32 found = 0;
+    for (u32 devfn = 0; devfn < 256; devfn++) {
+        outl(0xCF8, 0x80000000 | (devfn << 8));
+        if (inl(0xCFC) != 0xFFFFFFFF) found++;
+    }
+    outl(0xCF8, 0x80000000);
+    puts(" devices="); putu(found);
+    puts(" id_word="); putx(inw(0xCFE)); puts("\n");
+}
+
 struct mb_info {
     u32 flags, mem_lower, mem_upper, boot_device, cmdline, mods_count, mods_addr;
     u32 syms[4], mmap_length, mmap_addr;
@@ -42,7 +107,17 @@ struct mb_module { u32 start, end, string, reserved; };
 void kmain(u32 magic, const struct mb_info *mbi) {
     puts("MB magic="); putx(magic); puts(" flags="); putx(mbi->flags); puts("\n");
     if (magic != 0x2BADB002) { puts("MB bad magic\n"); exit_with(1); }
-    if (mbi->flags & (1u << 2)) { puts("MB cmdline="); putstr((const char *)mbi->cmdline, 200); puts("\n"); }
+    const char *cmd = "";
+    if (mbi->flags & (1u << 2)) {
+        cmd = (const char *)mbi->cmdline;
+        puts("MB cmdline="); putstr(cmd, 200); puts("\n");
+        /* argv[0] as kvm-unit-tests takes it: the first word. */
+        const char *a = cmd;
+        while (*a == ' ') a++;
+        puts("MB argv0=");
+        for (u32 i = 0; i < 200 && a[i] && a[i] != ' '; i++) putc(a[i]);
+        puts("\n");
+    }
     if (mbi->flags & (1u << 0)) {
         puts("MB mem_lower="); putu(mbi->mem_lower); puts(" mem_upper="); putu(mbi->mem_upper); puts("\n");
     }
@@ -72,6 +147,10 @@ void kmain(u32 magic, const struct mb_info *mbi) {
             puts("\n");
         }
     }
+    if (has_word(cmd, "testdev", 0)) testdev();
+    if (has_word(cmd, "pci", 0)) pci();
+    u32 code = 0;
+    has_word(cmd, "exit", &code);
     puts("MB done\n");
-    exit_with(0);
+    exit_with(code);
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod exit_cost;
+mod qemu_cmd;
 mod run_cmd;
 mod state_cmds;
 
@@ -20,6 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest under KVM with the LAPIC and IOAPIC emulated by vlapic in userspace.
+    #[command(after_help = run_cmd::RUN_AFTER_HELP)]
     Run(run_cmd::RunArgs),
     /// Run the guest's benchmarks with our APIC and KVM's, side by side.
     Bench(run_cmd::BenchArgs),
@@ -29,9 +31,24 @@ enum Command {
     Convert(state_cmds::ConvertArgs),
     /// Drive one fresh APIC through a text trace of register accesses and interrupts.
     Replay(state_cmds::ReplayArgs),
+    /// QEMU-compatible front door: `vlapic qemu -kernel K -smp 2 ...` takes QEMU's
+    /// options (the subset kvm-unit-tests' runner passes; `vlapic qemu -h` lists
+    /// them) and runs `vlapic run`; point the runner at scripts/vlapic-qemu.
+    #[command(disable_help_flag = true)]
+    Qemu {
+        /// QEMU options.
+        #[arg(num_args = 0.., allow_hyphen_values = true, trailing_var_arg = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
+    // QEMU's option syntax (-kernel, -h, -version, ...) is not clap's: `vlapic qemu`
+    // takes its arguments untouched.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "qemu") {
+        return qemu_cmd::main(argv.get(2..).unwrap_or(&[]));
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run_cmd::run(a),
@@ -39,5 +56,6 @@ fn main() -> ExitCode {
         Command::Inspect(a) => state_cmds::inspect(a),
         Command::Convert(a) => state_cmds::convert(a),
         Command::Replay(a) => state_cmds::replay(a),
+        Command::Qemu { args } => qemu_cmd::main(&args),
     }
 }

@@ -6,7 +6,27 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use vlapic_vmm::loader::multiboot_cmdline;
+use vlapic_vmm::summary::ExitRules;
 use vlapic_vmm::{exit_code, run_vm, ConsoleSink, Module, Outcome, SaveTo, VmConfig};
+
+/// `vlapic run --help` epilogue: the exit status conventions.
+pub const RUN_AFTER_HELP: &str = "\
+Command line: with --kernel FILE the guest's multiboot command line is FILE (as given),
+a space, then --append, as QEMU and GRUB build it (kvm-unit-tests take argv[0] from it);
+the built-in test guest gets --append alone.
+
+Exit status:
+  --kernel FILE     the guest wrote N to isa-debug-exit (port 0xF4): (N << 1) | 1, low
+                    8 bits, as QEMU (kvm-unit-tests: 1 pass, 3 fail, 77 skip); the
+                    summary still says what happened
+  built-in guest    0: it ended, nothing failed and something passed; 1: a scenario
+                    failed, none ran, or it ended without reporting
+  either            2 setup error (bad argument, /dev/kvm, image, --restore file);
+                    3 timeout; 4 guest crash; 5 VMM error; a --kernel guest that stops
+                    without the write: 0 or 1 as the built-in guest
+  --save            0 when the state was saved; --restore runs follow the built-in
+                    guest's rules";
 
 /// Arguments of `vlapic run`.
 #[derive(Args, Debug)]
@@ -158,7 +178,7 @@ pub fn run(a: RunArgs) -> ExitCode {
     }
     let cfg = VmConfig {
         kernel,
-        cmdline: a.append.clone(),
+        cmdline: kernel_cmdline(&a.kernel, &a.append),
         modules,
         vcpus: a.vcpus,
         memory_mib: a.memory,
@@ -187,10 +207,22 @@ pub fn run(a: RunArgs) -> ExitCode {
             ConsoleSink::Stdout
         },
     };
+    // A --kernel guest follows QEMU's isa-debug-exit status. (A --restore run
+    // keeps the built-in guest's rules: the save file does not say which it was.)
+    let rules = if a.kernel.is_some() {
+        ExitRules::DebugExit
+    } else {
+        ExitRules::Scenarios
+    };
     match run_vm(&cfg) {
         Ok(rep) => {
+            let code = rep.exit_code_under(rules);
             if a.json {
-                println!("{}", rep.json());
+                let mut j = rep.json();
+                if let Some(o) = j.as_object_mut() {
+                    o.insert("exit_code".into(), code.into());
+                }
+                println!("{j}");
             } else {
                 print!("{}", rep.text());
             }
@@ -201,9 +233,18 @@ pub fn run(a: RunArgs) -> ExitCode {
                     a.save_after
                 );
             }
-            ExitCode::from(rep.exit_code())
+            ExitCode::from(code)
         }
         Err(e) => fail(e.exit_code(), e),
+    }
+}
+
+/// The multiboot command line: for `--kernel FILE`, FILE as given, a space and
+/// `append` (as QEMU builds it); for the built-in guest, `append` alone.
+fn kernel_cmdline(kernel: &Option<PathBuf>, append: &str) -> String {
+    match kernel {
+        Some(p) => multiboot_cmdline(&p.to_string_lossy(), append),
+        None => append.to_string(),
     }
 }
 
@@ -221,7 +262,7 @@ pub fn bench(a: BenchArgs) -> ExitCode {
     for kernel_irqchip in [false, true] {
         let cfg = VmConfig {
             kernel: kernel.clone(),
-            cmdline: a.append.clone(),
+            cmdline: kernel_cmdline(&a.kernel, &a.append),
             vcpus: a.vcpus,
             x2apic: a.x2apic,
             timeout: (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),

@@ -37,6 +37,13 @@ impl GuestRam {
         self.size
     }
 
+    /// The host address of guest-physical 0 (the mapping lives as long as `self`).
+    pub fn host_base(&self) -> Result<*mut u8, Error> {
+        self.mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| Error::Memory(format!("no host mapping: {e}")))
+    }
+
     /// Makes this RAM guest-physical 0.. of `vm` in memory slot `slot`. The RAM must
     /// outlive every use of `vm` (drop the `VmFd` first, or keep both to the end).
     pub fn register(&self, vm: &VmFd, slot: u32) -> Result<(), Error> {

@@ -1,6 +1,9 @@
 //! Port-I/O platform devices: 16550 COM1, isa-debug-exit (0xF4), QEMU fw_cfg
-//! (0x510/0x511), port 0x80, pc-testdev-style IRQ lines (0x2000+N), 8259 ports ignored.
+//! (0x510/0x511), port 0x80, QEMU's pc-testdev (I/O data register 0xE0, page
+//! flush 0xE4, IRQ lines 0x2000+N), a PCI host bridge with no devices
+//! (0xCF8/0xCFC), 8259 ports ignored.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use vm_superio::serial::{NoEvents, SerialState};
@@ -20,6 +23,19 @@ pub const FW_CFG: u16 = 0x510;
 pub const TESTDEV_IRQ: u16 = 0x2000;
 /// Number of IRQ line ports.
 pub const TESTDEV_LINES: u16 = 24;
+/// pc-testdev's 4-byte data register (0xE0..=0xE3), read back as written.
+pub const TESTDEV_IOPORT: u16 = 0xE0;
+/// pc-testdev's page-flush port: a 32-bit write of a guest-physical address.
+pub const TESTDEV_FLUSH: u16 = 0xE4;
+/// PCI configuration mechanism #1: CONFIG_ADDRESS (dword accesses only).
+pub const PCI_CONFIG_ADDRESS: u16 = 0xCF8;
+/// PCI configuration mechanism #1: CONFIG_DATA (0xCFC..=0xCFF, any width).
+pub const PCI_CONFIG_DATA: u16 = 0xCFC;
+/// The bits of CONFIG_ADDRESS a guest can set: enable (31), bus (23:16),
+/// device (15:11), function (10:8), register (7:2). Bits 30:24 are reserved and
+/// read 0, bits 1:0 read 0 (PCI Local Bus Specification 3.0, §3.2.2.3.2).
+const PCI_ADDRESS_MASK: u32 = 0x80FF_FFFC;
+const PAGE_SIZE: u64 = 4096;
 
 /// The serial interrupt line is not wired (the guest polls LSR).
 pub struct NoIrq;
@@ -60,10 +76,26 @@ pub struct IoOutcome {
     pub exit: Option<u32>,
 }
 
+/// Guest RAM as the page-flush port sees it: host address of guest-physical 0
+/// and the size in bytes.
+#[derive(Clone, Copy, Debug)]
+struct RamWindow {
+    base: usize,
+    size: u64,
+}
+
 /// All port-I/O devices.
 pub struct IoBus {
     serial: Mutex<Serial<NoIrq, NoEvents, ConsoleOut>>,
     fw_cfg: Mutex<FwCfg>,
+    /// pc-testdev's data register at 0xE0.
+    testdev_data: AtomicU32,
+    /// The PCI CONFIG_ADDRESS latch at 0xCF8.
+    pci_address: AtomicU32,
+    /// Guest RAM for the page-flush port (none: flushes are counted, no-ops).
+    ram: Option<RamWindow>,
+    /// Page flushes done (0xE4 writes inside RAM).
+    pub page_flushes: std::sync::atomic::AtomicU64,
     /// Accesses to ports nothing claims (reads return all ones), first port.
     pub unknown_ports: Odd,
 }
@@ -79,8 +111,23 @@ impl IoBus {
                 cpus,
                 ram,
             }),
+            testdev_data: AtomicU32::new(0),
+            pci_address: AtomicU32::new(0),
+            ram: None,
+            page_flushes: Default::default(),
             unknown_ports: Odd::default(),
         }
+    }
+
+    /// Lets the page-flush port (0xE4) reach guest RAM: `base` is the host
+    /// address of guest-physical 0 in a mapping of `size` bytes that stays mapped
+    /// for as long as this bus is used (the VM's `GuestRam`).
+    pub fn with_ram(mut self, base: *mut u8, size: u64) -> Self {
+        self.ram = Some(RamWindow {
+            base: base as usize,
+            size,
+        });
+        self
     }
 
     /// A bus continuing saved device state (a restored run).
@@ -108,6 +155,12 @@ impl IoBus {
                 cpus,
                 ram,
             }),
+            // Not in the save file (format 1): a restored guest finds the
+            // pc-testdev data register and the PCI address latch at 0.
+            testdev_data: AtomicU32::new(0),
+            pci_address: AtomicU32::new(0),
+            ram: None,
+            page_flushes: Default::default(),
             unknown_ports: Odd::default(),
         })
     }
@@ -161,6 +214,24 @@ impl IoBus {
             0x80 => data.fill(0),
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => data.fill(0),
             DEBUG_EXIT => data.fill(0),
+            p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {
+                let reg = self.testdev_data.load(Ordering::Relaxed).to_le_bytes();
+                let off = usize::from(p - TESTDEV_IOPORT);
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = reg.get(off + i).copied().unwrap_or(0);
+                }
+            }
+            TESTDEV_FLUSH => data.fill(0),
+            PCI_CONFIG_ADDRESS if data.len() == 4 => {
+                data.copy_from_slice(&self.pci_address.load(Ordering::Relaxed).to_le_bytes());
+            }
+            p if (PCI_CONFIG_DATA..PCI_CONFIG_DATA + 4).contains(&p) => {
+                // No device behind any address: the host bridge ends the cycle
+                // with a master abort, which reads all ones (PCI 3.0 §3.7.1).
+                // With the enable bit clear it is ordinary I/O nothing claims:
+                // all ones as well.
+                data.fill(0xFF);
+            }
             _ => {
                 self.unknown(port);
                 data.fill(0xFF);
@@ -200,9 +271,171 @@ impl IoBus {
                     exit: None,
                 };
             }
+            p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {
+                // Each byte written lands at its offset in the 4-byte register;
+                // the other bytes keep their value (as QEMU's pc-testdev).
+                let off = usize::from(p - TESTDEV_IOPORT);
+                let mut reg = self.testdev_data.load(Ordering::Relaxed).to_le_bytes();
+                for (i, b) in data.iter().enumerate() {
+                    if let Some(r) = reg.get_mut(off + i) {
+                        *r = *b;
+                    }
+                }
+                self.testdev_data
+                    .store(u32::from_le_bytes(reg), Ordering::Relaxed);
+            }
+            TESTDEV_FLUSH => self.flush_page(u64::from(value)),
+            PCI_CONFIG_ADDRESS if data.len() == 4 => {
+                self.pci_address
+                    .store(value & PCI_ADDRESS_MASK, Ordering::Relaxed);
+            }
+            // Configuration writes to absent devices are dropped.
+            p if (PCI_CONFIG_DATA..PCI_CONFIG_DATA + 4).contains(&p) => {}
             _ => self.unknown(port),
         }
         IoOutcome::default()
+    }
+
+    /// pc-testdev's page flush: take the guest page holding `gpa` away from KVM's
+    /// MMU so that the guest's next access to it faults into the host again.
+    /// As QEMU's pc-testdev does, the host mapping's protection is changed and
+    /// restored; the change goes through the kernel's MMU notifier, which makes KVM
+    /// drop its mappings (EPT/NPT or shadow entries) of the page. Only writes race
+    /// with the short read-only window (another vCPU writing that page in it gets an
+    /// error from KVM_RUN), never host code: the VMM touches guest RAM only at load
+    /// and while every vCPU is parked. Addresses outside RAM are ignored.
+    fn flush_page(&self, gpa: u64) {
+        let Some(w) = self.ram else {
+            return;
+        };
+        let page = gpa & !(PAGE_SIZE - 1);
+        if page.checked_add(PAGE_SIZE).is_none_or(|end| end > w.size) {
+            return;
+        }
+        let Ok(off) = usize::try_from(page) else {
+            return;
+        };
+        let addr = w.base.wrapping_add(off) as *mut libc::c_void;
+        // SAFETY: `addr` is page aligned (the mapping starts page aligned and `off`
+        // is a multiple of 4096) and the page lies inside the guest RAM mapping
+        // given to `with_ram`, which outlives this bus. mprotect does not access the
+        // memory; the page is left read-write, as it was, before returning, and no
+        // host code reads or writes guest RAM while a vCPU is in an I/O exit.
+        let ok = unsafe {
+            libc::mprotect(addr, PAGE_SIZE as usize, libc::PROT_READ) == 0
+                && libc::mprotect(addr, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE) == 0
+        };
+        // (If the first call fails nothing changed; the second restores what the
+        // first changed and cannot fail on a page the first call accepted.)
+        if ok {
+            self.page_flushes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::ConsoleSink;
+    use crate::memory::GuestRam;
+
+    fn bus() -> IoBus {
+        IoBus::new(ConsoleOut::new(ConsoleSink::Quiet, None), 1, 32 << 20)
+    }
+
+    fn inl(b: &IoBus, port: u16) -> u32 {
+        let mut d = [0u8; 4];
+        b.port_in(port, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn testdev_data_register_keeps_each_byte_lane() {
+        // QEMU's pc-testdev: a 4-byte register at 0xE0; an access at 0xE0 + k of
+        // width w reads/writes bytes k..k+w (kvm-unit-tests x86/emulator.c and
+        // realmode.c write and read it back at widths 1, 2 and 4).
+        let b = bus();
+        b.port_out(0xE0, &0x1122_3344u32.to_le_bytes());
+        assert_eq!(inl(&b, 0xE0), 0x1122_3344);
+        b.port_out(0xE1, &[0xAA]);
+        assert_eq!(inl(&b, 0xE0), 0x1122_AA44);
+        b.port_out(0xE2, &0xBEEFu16.to_le_bytes());
+        assert_eq!(inl(&b, 0xE0), 0xBEEF_AA44);
+        let mut w = [0u8; 2];
+        b.port_in(0xE1, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0xEFAA);
+        let mut one = [0u8; 1];
+        b.port_in(0xE3, &mut one);
+        assert_eq!(one[0], 0xBE);
+        // A dword at 0xE2 runs past the register: the missing bytes read 0 and
+        // writes beyond it are dropped; never a panic.
+        b.port_out(0xE3, &0xFFFF_FF01u32.to_le_bytes());
+        assert_eq!(inl(&b, 0xE0), 0x01EF_AA44);
+        assert_eq!(inl(&b, 0xE2), 0x0000_01EF);
+        assert_eq!(b.unknown_ports.get().0, 0);
+    }
+
+    #[test]
+    fn pci_host_bridge_latches_the_address_and_finds_no_device() {
+        let b = bus();
+        // CONFIG_ADDRESS reads back what was written, reserved bits 30:24 and
+        // bits 1:0 as 0 (PCI Local Bus Specification 3.0 §3.2.2.3.2).
+        b.port_out(0xCF8, &0x8000_0000u32.to_le_bytes());
+        assert_eq!(inl(&b, 0xCF8), 0x8000_0000);
+        b.port_out(0xCF8, &0xFFFF_FFFFu32.to_le_bytes());
+        assert_eq!(inl(&b, 0xCF8), 0x80FF_FFFC);
+        // Every device: vendor/device ID read all ones (master abort, §3.7.1).
+        for devfn in 0..256u32 {
+            b.port_out(0xCF8, &(0x8000_0000 | devfn << 8).to_le_bytes());
+            assert_eq!(inl(&b, 0xCFC), 0xFFFF_FFFF, "devfn {devfn}");
+        }
+        // Byte and word reads of CONFIG_DATA, and with the enable bit clear.
+        let mut w = [0u8; 2];
+        b.port_in(0xCFE, &mut w);
+        assert_eq!(w, [0xFF, 0xFF]);
+        b.port_out(0xCF8, &0u32.to_le_bytes());
+        assert_eq!(inl(&b, 0xCFC), 0xFFFF_FFFF);
+        // Configuration writes are dropped, not counted as unknown.
+        b.port_out(0xCFC, &0x1234u32.to_le_bytes());
+        assert_eq!(
+            b.unknown_ports.get().0,
+            0,
+            "the bridge claims 0xCF8 and 0xCFC"
+        );
+        // Only dword accesses reach CONFIG_ADDRESS; a byte access is ordinary
+        // I/O nobody claims (all ones, counted) and leaves the latch alone.
+        b.port_out(0xCF8, &0x8000_1000u32.to_le_bytes());
+        let mut one = [0u8; 1];
+        b.port_in(0xCF8, &mut one);
+        assert_eq!(one[0], 0xFF);
+        b.port_out(0xCF8, &[0x00]);
+        assert_eq!(inl(&b, 0xCF8), 0x8000_1000);
+        assert_eq!(b.unknown_ports.get(), (2, 0xCF8));
+    }
+
+    #[test]
+    fn page_flush_keeps_the_page_and_ignores_addresses_outside_ram() {
+        let ram = GuestRam::new(8).unwrap();
+        ram.write(0x5123, b"flush me").unwrap();
+        let b = bus().with_ram(ram.host_base().unwrap(), ram.size());
+        // 32-bit write of a guest-physical address inside a page: that page.
+        b.port_out(0xE4, &0x5123u32.to_le_bytes());
+        assert_eq!(b.page_flushes.load(Ordering::Relaxed), 1);
+        // The page is still readable and writable with its contents.
+        let mut got = [0u8; 8];
+        ram.read(0x5123, &mut got).unwrap();
+        assert_eq!(&got, b"flush me");
+        ram.write(0x5000, b"still rw").unwrap();
+        // Outside RAM (and the last address): ignored, no flush, no panic.
+        b.port_out(0xE4, &0xFFFF_FFFFu32.to_le_bytes());
+        b.port_out(0xE4, &(8u32 << 20).to_le_bytes());
+        assert_eq!(b.page_flushes.load(Ordering::Relaxed), 1);
+        // Reading the port gives 0; a bus without RAM ignores flushes.
+        assert_eq!(inl(&b, 0xE4), 0);
+        let plain = bus();
+        plain.port_out(0xE4, &0x5000u32.to_le_bytes());
+        assert_eq!(plain.page_flushes.load(Ordering::Relaxed), 0);
+        assert_eq!(b.unknown_ports.get().0, 0);
     }
 }
 

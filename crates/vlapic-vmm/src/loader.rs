@@ -270,6 +270,20 @@ impl InfoWriter {
     }
 }
 
+/// The multiboot command line a loader builds for `kernel_name` with `append`:
+/// the kernel's file name as given, one space, then the appended text.
+///
+/// QEMU's multiboot loader (`-kernel FILE -append TEXT`) passes exactly
+/// `"FILE TEXT"`, FILE as typed on its command line (relative paths stay
+/// relative) and the space kept even when TEXT is empty; observed with QEMU 7.2
+/// booting `tests/multiboot/mbinfo.c`, which prints the string. GRUB's `multiboot
+/// FILE ARGS...` likewise starts the string with the file name. Kernels that build
+/// `argv` from the whole line (kvm-unit-tests) rely on it: `argv[0]` is the file
+/// name and the first appended word is `argv[1]`.
+pub fn multiboot_cmdline(kernel_name: &str, append: &str) -> String {
+    format!("{kernel_name} {append}")
+}
+
 /// Loads a multiboot v1 image and its modules into RAM and writes the info
 /// structure (memory info, command line, modules, memory map).
 pub fn load(
@@ -420,6 +434,19 @@ mod tests {
         let mut b = [0u8; 4];
         ram.read(addr, &mut b).unwrap();
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn cmdline_is_kernel_name_space_append_as_qemu_builds_it() {
+        // QEMU 7.2: `-kernel x86/vmexit.flat -append cpuid` gives "x86/vmexit.flat cpuid".
+        assert_eq!(
+            multiboot_cmdline("x86/vmexit.flat", "cpuid"),
+            "x86/vmexit.flat cpuid"
+        );
+        // No -append: the name and the trailing space QEMU leaves.
+        assert_eq!(multiboot_cmdline("./k.elf", ""), "./k.elf ");
+        // The appended text is passed through unchanged, inner spaces included.
+        assert_eq!(multiboot_cmdline("/a/k", " x  y "), "/a/k  x  y ");
     }
 
     #[test]

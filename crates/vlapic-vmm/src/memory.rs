@@ -33,6 +33,11 @@ impl GuestRam {
         self.ram.size()
     }
 
+    /// Host address of guest-physical 0 (the mapping lives as long as `self`).
+    pub fn host_base(&self) -> Result<*mut u8, String> {
+        self.ram.host_base().map_err(|e| e.to_string())
+    }
+
     /// Makes this RAM guest-physical 0.. of `vm` (slot 0).
     pub fn register(&self, vm: &kvm_ioctls::VmFd) -> Result<(), String> {
         self.ram.register(vm, 0).map_err(|e| e.to_string())

@@ -90,6 +90,26 @@ pub mod exit_code {
     pub const SAVED: u8 = 0;
 }
 
+/// Which convention turns a run's outcome into the process exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitRules {
+    /// The built-in test guest (and the library's tests): [`exit_code`] — 0 when
+    /// something passed and nothing failed, 1 when a scenario failed or none ran.
+    Scenarios,
+    /// A `--kernel` guest, as QEMU's isa-debug-exit device does it: an
+    /// isa-debug-exit write of N ends the process with `(N << 1) | 1`, truncated to
+    /// 8 bits as `exit()` truncates it (kvm-unit-tests' runner reads 1 as pass, 3 as
+    /// fail, 77 as skip). Other outcomes keep their [`exit_code`] (timeout 3, crash
+    /// 4, VMM error 5; a run that ends without the write: 0 or 1 as under
+    /// `Scenarios`).
+    DebugExit,
+}
+
+/// QEMU's isa-debug-exit status for a write of `n`: `(n << 1) | 1`, low 8 bits.
+pub fn debug_exit_status(n: u32) -> u8 {
+    (((u64::from(n) << 1) | 1) & 0xFF) as u8
+}
+
 impl RunReport {
     /// Scenarios passed.
     pub fn passed(&self) -> usize {
@@ -133,6 +153,14 @@ impl RunReport {
                     exit_code::FAIL
                 }
             }
+        }
+    }
+
+    /// The process exit code this run earns under `rules`.
+    pub fn exit_code_under(&self, rules: ExitRules) -> u8 {
+        match (rules, &self.outcome) {
+            (ExitRules::DebugExit, Outcome::DebugExit(n)) => debug_exit_status(*n),
+            _ => self.exit_code(),
         }
     }
 
@@ -608,5 +636,22 @@ mod tests {
         assert_eq!(v["first_unknown_port"], 0);
         assert_eq!(v["first_wild_mmio"], 0xFED0_0000u64);
         assert_eq!(v["first_gp_msr"], 0);
+    }
+}
+
+#[cfg(test)]
+mod exit_rules_tests {
+    use super::*;
+
+    #[test]
+    fn debug_exit_status_is_qemus_n_shl_1_or_1() {
+        // QEMU hw/misc/debugexit.c behaviour: exit((val << 1) | 1); kvm-unit-tests'
+        // scripts/arch-run.bash reads 1 as pass, 3 as fail and 77 (N = 38) as skip.
+        assert_eq!(debug_exit_status(0), 1);
+        assert_eq!(debug_exit_status(1), 3);
+        assert_eq!(debug_exit_status(38), 77);
+        // exit() keeps the low 8 bits: 0x80 wraps to 1, u32::MAX to 0xFF.
+        assert_eq!(debug_exit_status(0x80), 1);
+        assert_eq!(debug_exit_status(u32::MAX), 0xFF);
     }
 }

@@ -336,6 +336,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // The xAPIC page may not be moved over guest RAM (see ApicRuntime::refuse_apic_page_in).
     let ram_range = 0..ram.size();
     rt.refuse_apic_page_in(vec![ram_range]);
+    // pc-testdev's page-flush port acts on guest RAM (alive until the end of run_vm).
+    let io = io.with_ram(ram.host_base().map_err(VmmError::Setup)?, ram.size());
     let carry = restore
         .as_ref()
         .map_or((0, 0), |f| (f.stats.max_nesting, f.stats.violations));
