@@ -61,8 +61,13 @@
 //!    guest's CR8 to 0 and delivered a vector it was holding back.
 //! 5. **Lowering CR8 may not exit** (`KVM_EXIT_SET_TPR` is not guaranteed: on nested
 //!    hosts it never comes). While a vector is held back by TPR alone
-//!    ([`vlapic::LocalApic::held_back_by_tpr`]) and the vCPU runs, the adapter has it
-//!    kicked every [`PollConfig::tpr_poll_ns`].
+//!    ([`vlapic::LocalApic::held_back_by_tpr`]) and the vCPU runs, the adapter
+//!    single-steps it for up to [`PollConfig::tpr_step_instructions`] instructions
+//!    after the exit that left the vector so (the usual `raise TPR; post; lower TPR`
+//!    then takes it right after the `mov cr8`), then has it kicked every
+//!    [`PollConfig::tpr_poll_ns`]. Single-stepping is slow on nested hosts (~0.1 M
+//!    cycles a step here), so both stop for good once KVM reports a CR8 lowering
+//!    (`KVM_EXIT_SET_TPR`): such a host needs neither.
 //! 6. **Interrupt-window exits can arrive late.** `KVM_INTERRUPT` only when
 //!    `ready_for_interrupt_injection && if_flag`, otherwise `request_interrupt_window`;
 //!    while a vector waits for the window the adapter also polls every

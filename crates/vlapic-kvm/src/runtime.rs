@@ -36,11 +36,11 @@ pub struct PollConfig {
 }
 
 impl Default for PollConfig {
-    /// 200 µs TPR poll, 4 single-steps, 20 µs window poll, 100 ms park timeout.
+    /// 200 µs TPR poll, 32 single-steps, 20 µs window poll, 100 ms park timeout.
     fn default() -> Self {
         Self {
             tpr_poll_ns: 200_000,
-            tpr_step_instructions: 4,
+            tpr_step_instructions: 32,
             window_poll_ns: 20_000,
             park_timeout: Duration::from_millis(100),
         }
@@ -86,6 +86,9 @@ pub struct ApicRuntime {
     stop: AtomicBool,
     poll: PollConfig,
     extint: Option<ExtIntSource>,
+    /// KVM reported a CR8 lowering (`KVM_EXIT_SET_TPR`) on this VM: the host exits on
+    /// it, so the TPR single-step and poll are not needed.
+    cr8_exits: AtomicBool,
     /// Guest-physical ranges an xAPIC page may not be moved over (guest RAM).
     no_apic_page: RwLock<Vec<Range<u64>>>,
 }
@@ -135,6 +138,7 @@ impl ApicRuntime {
             stop: AtomicBool::new(false),
             poll,
             extint,
+            cr8_exits: AtomicBool::new(false),
             no_apic_page: RwLock::new(Vec::new()),
         }))
     }
@@ -254,6 +258,15 @@ impl ApicRuntime {
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .any(|r| r.start < page.saturating_add(0x1000) && page < r.end)
+    }
+
+    /// Whether this host was seen to exit on CR8 lowering (then no TPR step or poll).
+    pub fn cr8_exits_seen(&self) -> bool {
+        self.cr8_exits.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_cr8_exit(&self) {
+        self.cr8_exits.store(true, Ordering::Relaxed);
     }
 
     /// Kicks sent to `vcpu` so far.

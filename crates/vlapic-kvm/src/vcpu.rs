@@ -303,7 +303,7 @@ impl ApicVcpu {
         let nmi_wait = self.carried.nmi > 0 || self.nmi_outstanding;
         let p = if (plan.request_window || nmi_wait) && running {
             Some(poll.window_poll_ns)
-        } else if plan.held_by_tpr && self.state == RunState::Running {
+        } else if plan.held_by_tpr && self.state == RunState::Running && !self.rt.cr8_exits_seen() {
             Some(poll.tpr_poll_ns)
         } else {
             None
@@ -388,7 +388,12 @@ impl ApicVcpu {
     /// takes a #DB it never asked for). So no step when the last exit injects a #GP
     /// (an MSR fault), when an NMI was given this entry or is still held by KVM.
     fn step_for_tpr(&mut self, plan: &EntryPlan) -> Result<(), Error> {
-        let budget = self.rt.poll().tpr_step_instructions;
+        // A host that exits on CR8 lowering needs no stepping (checklist item 5).
+        let budget = if self.rt.cr8_exits_seen() {
+            0
+        } else {
+            self.rt.poll().tpr_step_instructions
+        };
         let event = std::mem::take(&mut self.event_pending) || self.nmi_outstanding;
         if event {
             self.step_left = 0;
@@ -568,6 +573,9 @@ impl ApicVcpu {
                 }
                 if let Handled::MsrFault(_) = h {
                     self.event_pending = true;
+                }
+                if h == Handled::SetTpr {
+                    self.rt.note_cr8_exit();
                 }
                 if h == Handled::Hlt {
                     // SAFETY: as for `slot`.
