@@ -348,17 +348,35 @@ impl ApicVcpu {
         // core would latch it (one in service, one latched: SDM Vol. 3A §6.7.1). The rest
         // waits here; the window poll brings the vCPU back for it.
         if events.nmi > 0 {
-            if kvm_nmi {
-                self.carried.nmi = self.carried.nmi.saturating_add(events.nmi).min(2);
-                // The NMI KVM holds wakes the core from HLT: enter the guest for it.
-                self.state = RunState::Running;
-            } else {
+            // The core holds at most one NMI in service plus one latched (SDM Vol. 3A
+            // §6.7.1); more collapse. Ask KVM where it stands: a latched NMI already
+            // there, or one in service with none latched, leaves room for one more
+            // only; none anywhere, two. One KVM_NMI per entry, the rest waits (never
+            // more than the room), the window poll brings the vCPU back for it.
+            let (pending, busy) = self
+                .fd
+                .get_vcpu_events()
+                .map(|e| (e.nmi.pending, e.nmi.injected != 0 || e.nmi.masked != 0))
+                .unwrap_or((0, false));
+            let cap: u8 = if busy { 1 } else { 2 };
+            let room = cap.saturating_sub(pending);
+            let give = events.nmi.min(room).min(1);
+            if give > 0 {
                 self.fd.nmi().map_err(|e| Error::kvm("KVM_NMI", e))?;
                 self.counters.nmis += 1;
                 self.nmi_outstanding = true;
-                self.carried.nmi = self.carried.nmi.saturating_add(events.nmi - 1).min(2);
+            }
+            let keep = events
+                .nmi
+                .saturating_sub(give)
+                .min(room.saturating_sub(give));
+            self.carried.nmi = keep;
+            if give > 0 || pending > 0 {
+                // An NMI KVM holds or was just given wakes the core from HLT.
                 self.state = RunState::Running;
             }
+        } else if kvm_nmi {
+            self.state = RunState::Running;
         }
         if events.extint {
             let src = self.rt.extint_source().cloned();
