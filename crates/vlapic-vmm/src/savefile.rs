@@ -473,11 +473,24 @@ pub(crate) fn capture(
     sh: &Shared,
     ram: &GuestRam,
     console: &ConsoleOut,
-    mut header: Header,
+    header: Header,
 ) -> Result<Option<SaveFile>, String> {
     if !sh.migration.pause_all(&sh.rt)? {
         return Ok(None);
     }
+    gather(sh, Some(ram), console, header).map(Some)
+}
+
+/// Gathers the whole paused VM (after `pause_all`): vCPUs, fabric, console, stats,
+/// devices, and with `ram` its non-zero pages (`None`: no memory, as live migration
+/// sends pages separately). The APIC events pending for each vCPU are taken from the
+/// fabric into the file: a caller that resumes the VM here must hand them back.
+pub(crate) fn gather(
+    sh: &Shared,
+    ram: Option<&GuestRam>,
+    console: &ConsoleOut,
+    mut header: Header,
+) -> Result<SaveFile, String> {
     let paused = sh.migration.paused();
     let now = sh.clock().now_ns();
     header.vm_ns = now;
@@ -512,7 +525,8 @@ pub(crate) fn capture(
     let mut memory = Memory::default();
     let mut chunk = vec![0u8; 1 << 20];
     let mut addr = 0u64;
-    while addr < ram.size() {
+    let size = ram.map_or(0, GuestRam::size);
+    while let (true, Some(ram)) = (addr < size, ram) {
         let len = (ram.size() - addr).min(chunk.len() as u64) as usize;
         let buf = chunk.get_mut(..len).ok_or("chunk")?;
         ram.read(addr, buf)?;
@@ -541,7 +555,7 @@ pub(crate) fn capture(
             sh.msr_gp.get(),
         ],
     };
-    Ok(Some(SaveFile {
+    Ok(SaveFile {
         header,
         fabric,
         vcpus,
@@ -549,7 +563,7 @@ pub(crate) fn capture(
         console: console.raw_log(),
         stats,
         devices: sh.io.save(),
-    }))
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a

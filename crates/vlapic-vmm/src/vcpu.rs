@@ -235,8 +235,10 @@ fn migrate_here(vcpu: &mut ApicVcpu, sh: &Shared) -> Result<bool, String> {
     let Some((fd, st, events)) = sh.migration.pause(me, saved, &sh.rt) else {
         return Ok(false);
     };
-    drop(vcpu.replace_fd(fd));
-    st.kvm.restore(vcpu.fd(), || sh.clock().guest_tsc())?;
+    if let Some(fd) = fd {
+        drop(vcpu.replace_fd(fd));
+        st.kvm.restore(vcpu.fd(), || sh.clock().guest_tsc())?;
+    }
     vcpu.set_state(st.run);
     vcpu.carry(st.events);
     vcpu.carry(events);

@@ -15,13 +15,16 @@ use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
+use crate::incoming;
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
+use crate::outgoing::{self, PreCopy, Sent};
 use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC, PAGE};
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
+use crate::stream::{Addr, LiveStats};
 use crate::summary::{RunReport, VcpuReport};
 use crate::vcpu::{run_vcpu, Vcpu};
 use crate::{lock, snapshot, VmmError};
@@ -57,6 +60,21 @@ pub struct VmConfig {
     /// x2APIC and verifier settings come from the file; `migrate_every: None`
     /// then means the saved run's period).
     pub restore: Option<PathBuf>,
+    /// `--incoming ADDR`: wait for a VM from another process instead of booting.
+    pub incoming: Option<Addr>,
+    /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
+    pub migrate_to: Option<MigrateTo>,
+}
+
+/// Where and when `--migrate-to` sends the VM.
+#[derive(Clone, Debug)]
+pub struct MigrateTo {
+    /// The destination (`vlapic run --incoming ADDR` there).
+    pub addr: Addr,
+    /// Wall time after this process's VM started running (booted or resumed).
+    pub after: Duration,
+    /// How the pre-copy proceeds.
+    pub precopy: PreCopy,
 }
 
 /// Where and when `--save` writes the VM.
@@ -84,6 +102,8 @@ impl Default for VmConfig {
             kernel_irqchip: false,
             save: None,
             restore: None,
+            incoming: None,
+            migrate_to: None,
         }
     }
 }
@@ -101,7 +121,12 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// A VM with `ram` as its memory: with KVM's in-kernel irqchip for comparison, else
 /// prepared for the userspace APIC by vlapic-kvm (MSR exits and filter).
-fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, VmmError> {
+fn create_vm(
+    kvm: &Kvm,
+    ram: &GuestRam,
+    kernel_irqchip: bool,
+    dirty_log: bool,
+) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
     if kernel_irqchip {
         vm.create_irq_chip()
@@ -112,7 +137,8 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, Vm
     } else {
         setup::configure_vm(&vm).map_err(|e| VmmError::Setup(e.to_string()))?;
     }
-    ram.register(&vm).map_err(VmmError::Setup)?;
+    ram.register_logged(&vm, dirty_log)
+        .map_err(VmmError::Setup)?;
     Ok(vm)
 }
 
@@ -131,23 +157,50 @@ fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
 /// the end (or, with `cfg.save`, to the save).
 pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // A save file is read and checked completely before anything else.
-    let restore = match &cfg.restore {
-        Some(p) => {
+    if cfg.migrate_to.is_some() || cfg.incoming.is_some() {
+        if cfg.migrate_every.is_some_and(|d| !d.is_zero()) || cfg.save.is_some() {
+            return Err(VmmError::Setup(
+                "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
+            ));
+        }
+        if cfg.kernel_irqchip {
+            return Err(VmmError::Setup(
+                "--incoming/--migrate-to need the userspace irqchip (not --irqchip kernel)".into(),
+            ));
+        }
+    }
+    // `--incoming`: the VM arrives whole (RAM and a save file without memory) first.
+    let mut incoming = None;
+    let mut ram_in = None;
+    let restore = match (&cfg.restore, &cfg.incoming) {
+        (Some(p), _) => {
             let what = |e: String| VmmError::SaveFile(format!("{}: {e}", p.display()));
             let bytes = savefile::read_file(p).map_err(what)?;
             Some(SaveFile::decode(&bytes).map_err(what)?)
         }
-        None => None,
+        (None, Some(addr)) => {
+            kvm_usable().map_err(VmmError::Setup)?;
+            let l = incoming::listen(addr).map_err(VmmError::Setup)?;
+            let mut inc = incoming::receive(l, addr).map_err(VmmError::Incoming)?;
+            ram_in = inc.ram.take();
+            let f = inc.file.take();
+            incoming = Some(inc);
+            f
+        }
+        (None, None) => None,
     };
     // Later problems with the file's contents (refused by KVM or the library).
-    let bad = |m: String| {
-        VmmError::SaveFile(format!(
+    let bad = |m: String| match &cfg.incoming {
+        Some(a) if cfg.restore.is_none() => {
+            VmmError::Incoming(format!("incoming migration from {a} refused: {m}"))
+        }
+        _ => VmmError::SaveFile(format!(
             "{}: {m}",
             cfg.restore
                 .as_deref()
                 .unwrap_or(std::path::Path::new(""))
                 .display()
-        ))
+        )),
     };
     let (n, memory_mib, x2apic, verify) = match &restore {
         Some(f) => (
@@ -185,7 +238,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     // The image first: a malformed one is reported the same with or without KVM.
-    let ram = GuestRam::new(memory_mib).map_err(VmmError::Setup)?;
+    let ram = match ram_in.take() {
+        Some(r) => r,
+        None => GuestRam::new(memory_mib).map_err(VmmError::Setup)?,
+    };
     let boot = match &restore {
         None => Some(
             loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
@@ -206,7 +262,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 .into(),
         ));
     }
-    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
+    let vm = Arc::new(create_vm(
+        &kvm,
+        &ram,
+        cfg.kernel_irqchip,
+        cfg.migrate_to.is_some(),
+    )?);
     let base_cpuid = setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
     // The APICs (their clock is set once the guest TSC rate is known); CPUID is
     // derived from them.
@@ -248,7 +309,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
         }
     }
-    let msr_list = if migrate_every.is_some() || cfg.save.is_some() {
+    let msr_list = if migrate_every.is_some() || cfg.save.is_some() || cfg.migrate_to.is_some() {
         snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
     } else {
         Vec::new()
@@ -369,6 +430,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         g.max_in_service.store(st.max_in_service, Ordering::Relaxed);
     }
 
+    // `--incoming`: the commit handshake; only after it do the vCPUs run.
+    let mut live_in: Option<LiveStats> = None;
+    if let Some(inc) = incoming.as_mut() {
+        inc.take_over().map_err(VmmError::Incoming)?;
+        let d = inc.stats.downtime_us.unwrap_or(0);
+        sh.migration.max_downtime_us.fetch_max(d, Ordering::Relaxed);
+        live_in = Some(inc.stats.clone());
+    }
+    drop(incoming);
+    let mut live_out: Option<LiveStats> = None;
+
     let start = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for (i, fd) in fds.into_iter().enumerate() {
@@ -405,7 +477,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         let deadline = cfg.timeout.map(|t| start + t);
         let mut next_migration = migrate_every.map(|p| Instant::now() + p);
         let mut next_save = cfg.save.as_ref().map(|s| (start + s.after, s.path.clone()));
-        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false).map_err(|e| e.to_string());
+        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false, false).map_err(|e| e.to_string());
+        let mut next_send = cfg
+            .migrate_to
+            .as_ref()
+            .map(|m| (start + m.after, m.clone()));
         let mut g = lock(&sh.outcome);
         while g.is_none() {
             let now = Instant::now();
@@ -434,6 +510,37 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     continue;
                 }
             }
+            if let Some((t, to)) = next_send.clone() {
+                if now >= t {
+                    drop(g);
+                    next_send = None;
+                    let header = savefile::Header {
+                        vcpus: n as u32,
+                        memory_mib,
+                        flags: if x2apic { FLAG_X2APIC } else { 0 }
+                            | if verify { FLAG_VERIFY } else { 0 },
+                        tsc_hz,
+                        migrate_every_us: 0,
+                        elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())
+                            .unwrap_or(u64::MAX),
+                        ..Default::default()
+                    };
+                    match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
+                        Ok(Sent::Moved(st)) => {
+                            live_out = Some(st);
+                            sh.finish(Outcome::Migrated(to.addr.to_string()));
+                        }
+                        Ok(Sent::Stayed(st)) => {
+                            eprintln!("vlapic run: live migration to {}: {}", to.addr, st.result);
+                            live_out = Some(st);
+                        }
+                        Ok(Sent::Ended) => {}
+                        Err(e) => sh.finish(Outcome::VmmError(format!("live migration: {e}"))),
+                    }
+                    g = lock(&sh.outcome);
+                    continue;
+                }
+            }
             if let (Some(t), Some(p)) = (next_migration, migrate_every) {
                 if now >= t {
                     drop(g);
@@ -455,6 +562,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 None => Duration::from_secs(1),
             };
             if let Some((t, _)) = &next_save {
+                wait = wait.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                );
+            }
+            if let Some((t, _)) = &next_send {
                 wait = wait.min(
                     t.saturating_duration_since(now)
                         .max(Duration::from_micros(100)),
@@ -554,6 +667,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ],
         elapsed,
         tsc_hz,
+        live_in,
+        live_out,
     })
 }
 

@@ -6,9 +6,10 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 17] = [
-    "files", "stats", "wire", "outcome", "memory", "guest", "console", "snapshot", "loader",
-    "devices", "gate", "shared", "vcpu", "migrate", "savefile", "summary", "vm",
+const LAYERS: [&str; 20] = [
+    "files", "stats", "wire", "outcome", "memory", "guest", "stream", "console", "snapshot",
+    "loader", "devices", "gate", "shared", "vcpu", "migrate", "savefile", "incoming", "outgoing",
+    "summary", "vm",
 ];
 
 /// Module names declared in `lib.rs`.
