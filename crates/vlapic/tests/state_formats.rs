@@ -376,3 +376,37 @@ fn ioapic_and_fabric_rules() {
     let errs = two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
     assert!(errs.is_empty(), "{errs:?}");
 }
+
+/// KVM's page for a vCPU without CMCI (no `KVM_X86_SETUP_MCE` with `MCG_CMCI_P`):
+/// the version register announces max LVT 5 (`kvm_apic_set_version`:
+/// `nr_lvt_entries - 1` = 5) and nothing ever writes 0x2F0, so it reads 0. Such a
+/// page must decode (CMCI read as absent, i.e. its masked reset value) and import
+/// into an APIC without CMCI; issue 15 found it refused as "LVT CMCI not in reset".
+#[test]
+fn kvm_page_without_cmci_reads_lvt_cmci_zero_and_imports() {
+    let cfg = LapicConfig {
+        cmci: false,
+        eoi_broadcast_suppression: false,
+        ..LapicConfig::default()
+    };
+    let mut apic = LocalApic::new(cfg);
+    let _ = apic.write_register(0xF0, 0x1FF, 0);
+    let (mut page, extra) = kvm::encode(&apic.export(), 0, &CLK);
+    assert_eq!(
+        &page[0x30..0x34],
+        &0x5_0014u32.to_le_bytes(),
+        "KVM's LVR without CMCI"
+    );
+    page[0x2F0..0x2F4].fill(0); // as KVM_GET_LAPIC returns it
+    let s = kvm::decode(&page, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.lvt(vlapic::Lvt::Cmci), vlapic::lvt::LVT_RESET);
+    let mut dst = LocalApic::new(cfg);
+    dst.import(&s, 0)
+        .expect("imports into an APIC without CMCI");
+    assert_eq!(dst.export(), apic.export());
+    // With CMCI announced, 0 is a real (unmasked, vector 0) value and is kept.
+    let mut with = page;
+    with[0x30..0x34].copy_from_slice(&0x6_0014u32.to_le_bytes());
+    let s = kvm::decode(&with, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.lvt(vlapic::Lvt::Cmci), 0);
+}

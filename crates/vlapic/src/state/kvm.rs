@@ -17,6 +17,11 @@
 //!   not lost. In TSC-deadline mode TMCCT is 0 and the expiry is derived from
 //!   IA32_TSC_DEADLINE.
 //! * ESR pending bits have no place in the page: encode drops them, decode yields 0.
+//! * LVT CMCI (0x2F0) exists only if the version register announces 7 LVT entries
+//!   (max LVT 6). KVM leaves the slot 0 for a vCPU without CMCI (no
+//!   `KVM_X86_SETUP_MCE` with `MCG_CMCI_P`: `nr_lvt_entries` is 6 and nothing ever
+//!   writes the register), so decode reads an absent CMCI entry as its reset value
+//!   (masked), which is what an APIC without CMCI holds; encode writes it as stored.
 
 use crate::lapic::ApicMode;
 use crate::lvt::{Lvt, TimerMode};
@@ -204,6 +209,12 @@ pub fn decode(
         .zip(LVT_OFFSETS.iter().zip(Field::ALL.iter().skip(14)))
     {
         *slot = r(*off, field.name())?;
+    }
+    // No CMCI (version: max LVT entry below 6): KVM's 0 is the absent register.
+    if (s.version >> 16) & 0xFF < 6 && s.lvt(Lvt::Cmci) == 0 {
+        if let Some(c) = s.lvt.get_mut(Lvt::Cmci.index()) {
+            *c = crate::lvt::LVT_RESET;
+        }
     }
     s.timer_initial = r(0x380, "timer_initial")?;
     let tmcct = r(0x390, "timer_current")?;
