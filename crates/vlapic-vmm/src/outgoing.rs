@@ -108,17 +108,21 @@ fn send_pages(
     Ok(n)
 }
 
-/// The non-zero pages of RAM (the destination's RAM starts zeroed).
+/// The non-zero pages of RAM (the destination's RAM starts zeroed), tested a word
+/// at a time.
 fn nonzero_pages(ram: &GuestRam) -> Result<Vec<u32>, String> {
+    use zerocopy::IntoBytes as _;
+    const WORDS: usize = PAGE / 8;
     let mut out = Vec::new();
-    let mut chunk = vec![0u8; 1 << 20];
+    let mut chunk = vec![0u64; (1 << 20) / 8];
     let mut addr = 0u64;
     while addr < ram.size() {
-        let len = (ram.size() - addr).min(chunk.len() as u64) as usize;
-        let buf = chunk.get_mut(..len).ok_or("chunk")?;
+        let len = (ram.size() - addr).min((chunk.len() * 8) as u64) as usize;
+        let buf = chunk.as_mut_bytes().get_mut(..len).ok_or("chunk")?;
         ram.read(addr, buf)?;
-        for (k, page) in buf.chunks(PAGE).enumerate() {
-            if page.iter().any(|b| *b != 0) {
+        let words = chunk.get(..len / 8).ok_or("chunk")?;
+        for (k, page) in words.chunks(WORDS).enumerate() {
+            if page.iter().any(|w| *w != 0) {
                 out.push((addr / PAGE as u64) as u32 + k as u32);
             }
         }
