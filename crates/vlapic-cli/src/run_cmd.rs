@@ -79,7 +79,7 @@ pub struct RunArgs {
         long,
         value_name = "ADDR",
         value_parser = parse_addr,
-        conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "irqchip", "restore", "save", "migrate_every"]
+        conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "restore", "save", "migrate_every"]
     )]
     pub incoming: Option<vlapic_vmm::stream::Addr>,
     /// Live-migrate the running VM to `vlapic run --incoming ADDR` in another process

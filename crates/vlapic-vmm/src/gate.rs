@@ -9,6 +9,7 @@ use kvm_ioctls::VcpuFd;
 use vlapic::Events;
 use vlapic_kvm::{ApicRuntime, RunState};
 
+use crate::kernel_chip::KernelApic;
 use crate::lock;
 use crate::snapshot::VcpuState;
 
@@ -24,6 +25,8 @@ pub struct PausedVcpu {
     pub events: Events,
     /// The vCPU's counters: interrupts, NMIs and SIPIs so far.
     pub counters: [u64; 3],
+    /// `--irqchip kernel`: KVM's LAPIC page, APIC base and TSC deadline.
+    pub kernel_apic: Option<KernelApic>,
 }
 
 /// Rendezvous between the migrating main thread and the vCPU threads.

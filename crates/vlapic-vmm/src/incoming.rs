@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use crate::memory::GuestRam;
-use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC};
+use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC};
 use crate::shared::MAX_VCPUS;
 use crate::stream::{self, tag, Addr, Conn, Hello, Listener, LiveStats, PAGE};
 
@@ -77,7 +77,7 @@ fn receive_on(conn: &mut Conn) -> Result<Received, String> {
             h.vcpus
         ));
     }
-    if h.flags & !(FLAG_X2APIC | FLAG_VERIFY) != 0 {
+    if h.flags & !(FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC) != 0 {
         return Err(format!("HELO: unknown flags {:#x}", h.flags));
     }
     if h.tsc_hz == 0 {

@@ -13,6 +13,7 @@ pub mod files;
 pub mod gate;
 pub mod guest;
 pub mod incoming;
+pub mod kernel_chip;
 pub mod loader;
 pub mod memory;
 pub mod migrate;

@@ -33,7 +33,11 @@ pub const PAGE: usize = 4096;
 pub const FLAG_X2APIC: u32 = 1;
 /// Header flag: the APIC nesting verifier runs (`--verify true`).
 pub const FLAG_VERIFY: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY;
+/// Header flag: the APICs are KVM's model (version 0x50014: no CMCI, no directed
+/// EOI), as a VM started with `--irqchip kernel` has; set by a source on KVM's
+/// in-kernel irqchip, and required by a destination on it.
+pub const FLAG_KVM_APIC: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
 
@@ -496,7 +500,31 @@ pub(crate) fn gather(
     header.vm_ns = now;
     header.guest_tsc = sh.clock().guest_tsc();
     let chip = sh.chip();
-    let fabric = native::encode_fabric(&chip.export());
+    let fabric = match &sh.kernel_irqchip {
+        // KVM's in-kernel irqchip: its pages and IOAPIC, converted and validated.
+        Some(vm) => {
+            let apics = paused
+                .iter()
+                .map(|p| p.as_ref().and_then(|p| p.kernel_apic.clone()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("a vCPU paused without its in-kernel APIC state")?;
+            let clock = sh
+                .fabric_cfg
+                .apics
+                .first()
+                .map(|a| a.clock)
+                .unwrap_or_default();
+            let st = crate::kernel_chip::capture(vm, &apics, &sh.fabric_cfg, now, &clock)?;
+            let errors = st.validate(&sh.fabric_cfg.apics);
+            if let Some(e) = errors.first() {
+                return Err(format!(
+                    "KVM's irqchip state is refused by the library: {e:?}"
+                ));
+            }
+            native::encode_fabric(&st)
+        }
+        None => native::encode_fabric(&chip.export()),
+    };
     let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
     let mut vcpus = Vec::with_capacity(paused.len());
     for (i, p) in paused.into_iter().enumerate() {

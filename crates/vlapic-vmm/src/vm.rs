@@ -21,7 +21,7 @@ use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
 use crate::outgoing::{self, PreCopy, Sent};
-use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC, PAGE};
+use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC, PAGE};
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
 use crate::stream::{Addr, LiveStats};
@@ -131,6 +131,15 @@ fn create_vm(
     if kernel_irqchip {
         vm.create_irq_chip()
             .map_err(|e| setup(e, "KVM_CREATE_IRQCHIP"))?;
+        // KVM_GET/SET_LAPIC with the full 32-bit x2APIC ID (vlapic::state::kvm's
+        // convention) instead of the legacy `id << 24`.
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS);
+        vm.enable_cap(&cap)
+            .map_err(|e| setup(e, "KVM_ENABLE_CAP(X2APIC_API)"))?;
         vm.set_tss_address(0xFFFB_D000)
             .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
         let _ = vm.set_identity_map_address(0xFFFB_C000);
@@ -161,11 +170,6 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         if cfg.migrate_every.is_some_and(|d| !d.is_zero()) || cfg.save.is_some() {
             return Err(VmmError::Setup(
                 "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
-            ));
-        }
-        if cfg.kernel_irqchip {
-            return Err(VmmError::Setup(
-                "--incoming/--migrate-to need the userspace irqchip (not --irqchip kernel)".into(),
             ));
         }
     }
@@ -256,9 +260,24 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     };
     kvm_usable().map_err(VmmError::Setup)?;
     let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
-    if cfg.kernel_irqchip && (migrate_every.is_some() || cfg.save.is_some() || restore.is_some()) {
+    if cfg.kernel_irqchip
+        && (migrate_every.is_some() || cfg.save.is_some() || cfg.restore.is_some())
+    {
         return Err(VmmError::Setup(
             "--migrate-every, --save and --restore need the userspace irqchip (not --irqchip kernel)"
+                .into(),
+        ));
+    }
+    // KVM's APIC model (no CMCI, no directed EOI): on its in-kernel irqchip, and on
+    // vlapic for a VM that came from there.
+    let kvm_model = cfg.kernel_irqchip
+        || restore
+            .as_ref()
+            .is_some_and(|f| f.header.flags & FLAG_KVM_APIC != 0);
+    if cfg.kernel_irqchip && restore.is_some() && !kvm_model {
+        return Err(bad(
+            "its APICs were vlapic's model (CMCI, directed EOI), not KVM's in-kernel APIC's; \
+             run the destination on vlapic (without --irqchip kernel)"
                 .into(),
         ));
     }
@@ -284,6 +303,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             },
             x2apic: true,
             tsc_deadline: true,
+            cmci: !kvm_model,
+            eoi_broadcast_suppression: !kvm_model,
             verify,
             ..LapicConfig::default()
         })
@@ -296,7 +317,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     for i in 0..n {
         fds.push(make_vcpu(&vm, i).map_err(VmmError::Setup)?);
     }
-    if cfg.kernel_irqchip && x2apic {
+    if cfg.kernel_irqchip && x2apic && restore.is_none() {
         for (i, fd) in fds.iter().enumerate() {
             let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
             let m = Msrs::from_entries(&[kvm_msr_entry {
@@ -382,6 +403,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             let _wake = chip
                 .import(&state, clock.now_ns())
                 .map_err(|e| bad(format!("FABR: import refused: {e:?}")))?;
+            if cfg.kernel_irqchip {
+                // Validated by the import above; now into KVM's own irqchip.
+                let runs: Vec<RunState> = f.vcpus.iter().map(|v| v.run).collect();
+                let tclock = TimerClock {
+                    bus_cycle_ns: 1,
+                    tsc_hz,
+                };
+                crate::kernel_chip::load(&vm, &fds, &state, &runs, clock.now_ns(), &tclock)
+                    .map_err(|e| bad(format!("KVM's irqchip refused the state: {e}")))?;
+            }
             for (i, v) in f.vcpus.iter().enumerate() {
                 exits.seed(i, &v.exits);
             }
@@ -493,7 +524,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         vcpus: n as u32,
                         memory_mib,
                         flags: if x2apic { FLAG_X2APIC } else { 0 }
-                            | if verify { FLAG_VERIFY } else { 0 },
+                            | if verify { FLAG_VERIFY } else { 0 }
+                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
                         tsc_hz,
                         migrate_every_us: migrate_every
                             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -518,7 +550,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         vcpus: n as u32,
                         memory_mib,
                         flags: if x2apic { FLAG_X2APIC } else { 0 }
-                            | if verify { FLAG_VERIFY } else { 0 },
+                            | if verify { FLAG_VERIFY } else { 0 }
+                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
                         tsc_hz,
                         migrate_every_us: 0,
                         elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())

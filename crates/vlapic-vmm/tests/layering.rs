@@ -6,10 +6,28 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 20] = [
-    "files", "stats", "wire", "outcome", "memory", "guest", "stream", "console", "snapshot",
-    "loader", "devices", "gate", "shared", "vcpu", "migrate", "savefile", "incoming", "outgoing",
-    "summary", "vm",
+const LAYERS: [&str; 21] = [
+    "files",
+    "stats",
+    "wire",
+    "outcome",
+    "memory",
+    "guest",
+    "stream",
+    "console",
+    "snapshot",
+    "kernel_chip",
+    "loader",
+    "devices",
+    "gate",
+    "shared",
+    "vcpu",
+    "migrate",
+    "savefile",
+    "incoming",
+    "outgoing",
+    "summary",
+    "vm",
 ];
 
 /// Module names declared in `lib.rs`.
