@@ -384,7 +384,7 @@ fn killing_either_side_at_random_points_never_loses_or_doubles_the_vm() {
     // Deterministic "random" kill times (ms after the source starts), spread over
     // start-up, the pre-copy and the pause: the source starts migrating 300 ms after
     // its VM starts, and a debug build's pre-copy of 64 MiB takes several hundred ms.
-    let delays = [250u64, 500, 800, 1100, 1400];
+    let delays = [250u64, 800, 1400];
     for (i, kill_at) in delays.iter().enumerate() {
         for kill_source in [false, true] {
             let d = sock(&format!("kill{i}{kill_source}"));
@@ -557,5 +557,117 @@ fn ping_pong_twenty_times_through_a_chain_of_processes() {
     assert!(
         v["nested_migrations"].as_u64() >= Some(1),
         "no pause with 3+ in service: {v:#}"
+    );
+}
+
+/// The test guest's scenarios that pass on KVM's in-kernel APIC on this host (nested
+/// KVM, kvm_pvm): SMP start-up, fixed/broadcast/NMI IPIs, the three timer modes, an
+/// IOAPIC edge pin, the x2APIC switch and x2APIC IPIs and TSC deadline. Left out
+/// because KVM's own APIC fails them here (`vlapic run --irqchip kernel`, also
+/// without any migration): nested priorities and immediate-EOI ("vector dispatched
+/// but not in ISR"), self IPIs (left pending until a later exit), logical and
+/// lowest-priority IPIs, IOAPIC level pins (remote IRR), ESR.
+const ON_BOTH: &str = "only=smp-boot,ipi-fixed,ipi-broadcast,ipi-all-but-self,ipi-nmi,\
+timer-oneshot,timer-periodic,timer-tsc-deadline,ioapic-edge,x2apic-switch,ipi-fixed-x2apic,\
+ipi-broadcast-x2apic,timer-tsc-deadline-x2apic";
+
+#[test]
+fn kvm_in_kernel_apic_to_vlapic_and_back() {
+    if !ready() {
+        return;
+    }
+    // KVM's irqchip (boot) -> vlapic -> KVM's irqchip: the LAPIC pages, IOAPIC, timer
+    // and APIC base go through vlapic::state::kvm and the library's import each way.
+    let a = format!("unix:{}", sock("k2v").display());
+    let b = format!("unix:{}", sock("v2k").display());
+    let last = bin()
+        .args([
+            "run",
+            "--incoming",
+            &b,
+            "--irqchip",
+            "kernel",
+            "--quiet",
+            "--json",
+            "--timeout",
+            "120",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kernel destination");
+    let mid = bin()
+        .args([
+            "run",
+            "--incoming",
+            &a,
+            "--migrate-to",
+            &b,
+            "--migrate-after",
+            "250",
+        ])
+        .args(["--quiet", "--json", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vlapic hop");
+    std::thread::sleep(Duration::from_millis(100));
+    let first = bin()
+        .args([
+            "run",
+            "--irqchip",
+            "kernel",
+            "--vcpus",
+            "2",
+            "--memory",
+            "64",
+            "--append",
+            ON_BOTH,
+        ])
+        .args([
+            "--migrate-to",
+            &a,
+            "--migrate-after",
+            "250",
+            "--quiet",
+            "--json",
+            "--timeout",
+            "120",
+        ])
+        .output()
+        .expect("kernel source");
+    let mid = mid.wait_with_output().expect("vlapic hop");
+    let last = last.wait_with_output().expect("kernel destination");
+    let all = format!(
+        "FIRST {}\nMID {}\nLAST {}",
+        text(&first),
+        text(&mid),
+        text(&last)
+    );
+    assert_eq!(json(&first)["outcome"]["kind"], "migrated", "{all}");
+    let m = json(&mid);
+    assert_eq!(m["outcome"]["kind"], "migrated", "{all}");
+    assert_eq!(m["live_migration_in"]["completed"], true, "{all}");
+    let v = json(&last);
+    assert_eq!(last.status.code(), Some(0), "{all}");
+    let total = ON_BOTH.trim_start_matches("only=").split(',').count();
+    assert_eq!(v["passed"], total, "{all}");
+    assert_eq!(v["failed"], 0, "{all}");
+    assert_eq!(v["migrations"], 2, "{all}");
+    let mut names: Vec<&str> = v["scenarios"]
+        .as_array()
+        .expect("scenarios")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or(""))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), total, "each scenario once: {all}");
+    eprintln!(
+        "kernel -> vlapic after {} scenarios, vlapic -> kernel after {}; downtimes {} us, {} us",
+        json(&first)["passed"],
+        m["passed"],
+        m["live_migration_in"]["downtime_us"],
+        v["live_migration_in"]["downtime_us"]
     );
 }
