@@ -166,12 +166,12 @@ fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
 /// the end (or, with `cfg.save`, to the save).
 pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // A save file is read and checked completely before anything else.
-    if cfg.migrate_to.is_some() || cfg.incoming.is_some() {
-        if cfg.migrate_every.is_some_and(|d| !d.is_zero()) || cfg.save.is_some() {
-            return Err(VmmError::Setup(
-                "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
-            ));
-        }
+    if (cfg.migrate_to.is_some() || cfg.incoming.is_some())
+        && (cfg.migrate_every.is_some_and(|d| !d.is_zero()) || cfg.save.is_some())
+    {
+        return Err(VmmError::Setup(
+            "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
+        ));
     }
     // `--incoming`: the VM arrives whole (RAM and a save file without memory) first.
     let mut incoming = None;
