@@ -74,7 +74,9 @@ pub struct RunArgs {
     /// instead of booting; vCPUs, memory, x2APIC, verifier and the console transcript
     /// come with it. A foreign, newer or corrupt stream, or a source that goes away
     /// before its commit, ends this process with one line and exit code 2, having
-    /// run nothing. May be combined with `--migrate-to` to pass the VM on (a chain).
+    /// run nothing. May be combined with `--migrate-to` to pass the VM on (a chain),
+    /// and with `--irqchip kernel` to run it on KVM's in-kernel irqchip (a VM that
+    /// started there). The stream format: docs/migration-stream.md.
     #[arg(
         long,
         value_name = "ADDR",
