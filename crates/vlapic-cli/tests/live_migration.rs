@@ -331,7 +331,6 @@ fn a_stream_cut_or_corrupted_at_every_step_leaves_the_vm_running_once() {
     if !ready() {
         return;
     }
-    let all_tags: &'static [&'static [u8; 4]] = &[b"HELO", b"PAGS", b"ROND", b"FINL", b"COMT"];
     let cases: Vec<(&str, &'static [&'static [u8; 4]], usize, bool)> = vec![
         ("cut before HELO", &[b"HELO"], 0, false),
         ("cut in the first round", &[b"PAGS"], 0, false),
@@ -342,7 +341,6 @@ fn a_stream_cut_or_corrupted_at_every_step_leaves_the_vm_running_once() {
         ("flipped byte in FINL", &[b"FINL"], 0, true),
         ("flipped byte in COMT", &[b"COMT"], 0, true),
     ];
-    let _ = all_tags;
     for (i, (what, which, cut, flip)) in cases.into_iter().enumerate() {
         let d = sock(&format!("cut{i}-d"));
         let p = sock(&format!("cut{i}-p"));
