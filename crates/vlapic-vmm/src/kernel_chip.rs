@@ -185,7 +185,16 @@ pub fn load(
 }
 
 fn load_apic(fd: &VcpuFd, s: &LapicState, now: u64, clock: &TimerClock) -> Result<(), String> {
-    let (page, extra) = kfmt::encode(s, now, clock);
+    // KVM_SET_LAPIC restarts the timer from TMCCT, and for a one-shot timer that
+    // already expired (TMCCT 0, TMICT not 0) `set_target_expiration` takes a
+    // deadline of 0: it fires again at once (seen as "one-shot fired 2 times" by the
+    // test guest). Load such a timer with TMICT 0: nothing fires; the guest then
+    // reads 0 from TMICT instead of its last initial count.
+    let mut s = s.clone();
+    if s.timer_mode() == Some(vlapic::TimerMode::OneShot) && s.timer_deadline == 0 {
+        s.timer_initial = 0;
+    }
+    let (page, extra) = kfmt::encode(&s, now, clock);
     set_msr(fd, APIC_BASE, extra.apic_base)?;
     let mut st = kvm_lapic_state::default();
     for (d, b) in st.regs.iter_mut().zip(page.iter()) {
