@@ -190,7 +190,7 @@ fn load_apic(fd: &VcpuFd, s: &LapicState, now: u64, clock: &TimerClock) -> Resul
     // deadline of 0: it fires again at once (seen as "one-shot fired 2 times" by the
     // test guest). Load such a timer with TMICT 0: nothing fires; the guest then
     // reads 0 from TMICT instead of its last initial count.
-    let mut s = s.clone();
+    let mut s = *s;
     if s.timer_mode() == Some(vlapic::TimerMode::OneShot) && s.timer_deadline == 0 {
         s.timer_initial = 0;
     }
