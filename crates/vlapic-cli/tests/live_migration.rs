@@ -565,8 +565,8 @@ fn ping_pong_twenty_times_through_a_chain_of_processes() {
 /// without any migration): nested priorities and immediate-EOI ("vector dispatched
 /// but not in ISR"), self IPIs (left pending until a later exit), logical and
 /// lowest-priority IPIs, IOAPIC level pins (remote IRR), ESR. Also left out:
-/// `timer-oneshot`, which passes on both irqchips but loses its interrupt about once
-/// in ten migrations *from* KVM's irqchip: a one-shot expiry KVM has counted in
+/// `timer-oneshot`, which passes on both irqchips but lost its interrupt once in 13
+/// round trips, most likely in the migration *from* KVM's irqchip: a one-shot expiry KVM has counted in
 /// `lapic_timer.pending` but not yet moved to IRR (that happens at the next guest
 /// entry, which a pause never makes) is invisible to `KVM_GET_LAPIC` (TMCCT reads 0,
 /// IRR clear); see docs/vmm.md.
