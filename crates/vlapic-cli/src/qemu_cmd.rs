@@ -577,6 +577,8 @@ pub fn main(args: &[OsString]) -> ExitCode {
         kernel_irqchip: q.kernel_irqchip,
         save: None,
         restore: None,
+        incoming: None,
+        migrate_to: None,
     };
     let rep = match run_vm(&cfg) {
         Ok(r) => r,
@@ -618,7 +620,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         Outcome::VmmError(m) => {
             let _ = writeln!(std::io::stderr(), "vlapic qemu: VMM error: {m}");
         }
-        Outcome::Saved(_) => {}
+        Outcome::Saved(_) | Outcome::Migrated(_) => {}
     }
     ExitCode::from(code)
 }

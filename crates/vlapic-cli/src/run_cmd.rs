@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vlapic_vmm::loader::multiboot_cmdline;
+use vlapic_vmm::outgoing::PreCopy;
 use vlapic_vmm::summary::ExitRules;
-use vlapic_vmm::{exit_code, run_vm, ConsoleSink, Module, Outcome, SaveTo, VmConfig};
+use vlapic_vmm::{exit_code, run_vm, ConsoleSink, MigrateTo, Module, Outcome, SaveTo, VmConfig};
 
 /// `vlapic run --help` epilogue: the exit status conventions.
 pub const RUN_AFTER_HELP: &str = "\
@@ -88,6 +89,41 @@ pub struct RunArgs {
         conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "irqchip"]
     )]
     pub restore: Option<PathBuf>,
+    /// Live migration between processes: wait on ADDR (`unix:PATH` or `tcp:HOST:PORT`)
+    /// for a VM sent by `--migrate-to`, and run it (after the commit handshake)
+    /// instead of booting; vCPUs, memory, x2APIC, verifier and the console transcript
+    /// come with it. A foreign, newer or corrupt stream, or a source that goes away
+    /// before its commit, ends this process with one line and exit code 2, having
+    /// run nothing. May be combined with `--migrate-to` to pass the VM on (a chain),
+    /// and with `--irqchip kernel` to run it on KVM's in-kernel irqchip (a VM that
+    /// started there). The stream format: docs/migration-stream.md.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        value_parser = parse_addr,
+        conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "restore", "save", "migrate_every"]
+    )]
+    pub incoming: Option<vlapic_vmm::stream::Addr>,
+    /// Live-migrate the running VM to `vlapic run --incoming ADDR` in another process
+    /// after `--migrate-after` ms: pre-copy of RAM with KVM's dirty log while the guest
+    /// runs, then a short pause for the last pages and the vCPU, APIC and device state.
+    /// Exits 0 once the destination acknowledged running the VM; if the destination
+    /// refuses, dies or the connection drops first, the VM keeps running here.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr, conflicts_with_all = ["save", "migrate_every"])]
+    pub migrate_to: Option<vlapic_vmm::stream::Addr>,
+    /// When `--migrate-to` starts: milliseconds of wall time after this process's VM
+    /// started running (booted or, with `--incoming`, resumed).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 500,
+        requires = "migrate_to"
+    )]
+    pub migrate_after: u64,
+}
+
+fn parse_addr(s: &str) -> Result<vlapic_vmm::stream::Addr, String> {
+    vlapic_vmm::stream::Addr::parse(s)
 }
 
 /// Which interrupt controllers the VM uses.
@@ -156,7 +192,7 @@ fn load_kernel(path: &Option<PathBuf>, memory_mib: u64) -> Result<Vec<u8>, ExitC
 
 /// `vlapic run`.
 pub fn run(a: RunArgs) -> ExitCode {
-    let kernel = if a.restore.is_some() {
+    let kernel = if a.restore.is_some() || a.incoming.is_some() {
         Vec::new()
     } else {
         match load_kernel(&a.kernel, a.memory) {
@@ -190,6 +226,7 @@ pub fn run(a: RunArgs) -> ExitCode {
         migrate_every: match (a.migrate_every, a.restore.is_some()) {
             (Some(ms), _) => Some(Duration::from_millis(ms)),
             (None, true) => None,
+            (None, false) if a.incoming.is_some() || a.migrate_to.is_some() => None,
             (None, false) => (a.kernel.is_none() && a.irqchip == IrqchipArg::User)
                 .then(|| Duration::from_millis(10)),
         },
@@ -198,6 +235,22 @@ pub fn run(a: RunArgs) -> ExitCode {
             after: Duration::from_millis(a.save_after),
         }),
         restore: a.restore.clone(),
+        incoming: a.incoming.clone(),
+        migrate_to: a.migrate_to.clone().map(|addr| MigrateTo {
+            addr,
+            after: Duration::from_millis(a.migrate_after),
+            precopy: PreCopy {
+                // Test hook (docs/migration-stream.md): before the pause, wait up to
+                // this many ms for some APIC to have 3+ vectors in service.
+                nested_wait: Duration::from_millis(
+                    std::env::var("VLAPIC_MIGRATE_NESTED_WAIT_MS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                ),
+                ..PreCopy::default()
+            },
+        }),
         kernel_irqchip: a.irqchip == IrqchipArg::Kernel,
         console: if a.quiet {
             ConsoleSink::Quiet

@@ -47,13 +47,29 @@ impl GuestRam {
     /// Makes this RAM guest-physical 0.. of `vm` in memory slot `slot`. The RAM must
     /// outlive every use of `vm` (drop the `VmFd` first, or keep both to the end).
     pub fn register(&self, vm: &VmFd, slot: u32) -> Result<(), Error> {
+        self.register_with_dirty_log(vm, slot, false)
+    }
+
+    /// As [`GuestRam::register`], with KVM dirty-page logging on the slot when
+    /// `dirty_log` (`KVM_MEM_LOG_DIRTY_PAGES`; read and cleared with
+    /// `VmFd::get_dirty_log(slot, size)`), as live migration's pre-copy needs.
+    pub fn register_with_dirty_log(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        dirty_log: bool,
+    ) -> Result<(), Error> {
         let host = self
             .mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| Error::Memory(format!("no host mapping: {e}")))?;
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: self.size,
             userspace_addr: host as u64,

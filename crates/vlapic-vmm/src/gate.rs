@@ -9,6 +9,7 @@ use kvm_ioctls::VcpuFd;
 use vlapic::Events;
 use vlapic_kvm::{ApicRuntime, RunState};
 
+use crate::kernel_chip::KernelApic;
 use crate::lock;
 use crate::snapshot::VcpuState;
 
@@ -24,6 +25,8 @@ pub struct PausedVcpu {
     pub events: Events,
     /// The vCPU's counters: interrupts, NMIs and SIPIs so far.
     pub counters: [u64; 3],
+    /// `--irqchip kernel`: KVM's LAPIC page, APIC base and TSC deadline.
+    pub kernel_apic: Option<KernelApic>,
 }
 
 /// Rendezvous between the migrating main thread and the vCPU threads.
@@ -48,7 +51,7 @@ pub struct MigrationGate {
 #[derive(Default)]
 struct Slots {
     paused: Vec<Option<PausedVcpu>>,
-    fresh: Vec<Option<(VcpuFd, Events)>>,
+    fresh: Vec<Option<(Option<VcpuFd>, Events)>>,
     count: usize,
 }
 
@@ -93,7 +96,25 @@ impl MigrationGate {
     pub fn resume_all(&self, fds: Vec<VcpuFd>, events: Vec<Events>) {
         let mut s = lock(&self.slots);
         for ((slot, fd), ev) in s.fresh.iter_mut().zip(fds).zip(events) {
-            *slot = Some((fd, ev));
+            *slot = Some((Some(fd), ev));
+        }
+        s.count = 0;
+        self.requested.store(false, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Main-thread side, after [`MigrationGate::pause_all`], when the VM stays here
+    /// (a migration to another process failed): every vCPU resumes in its own KVM
+    /// vCPU, untouched, with its carried events and the APIC `events` taken meanwhile.
+    pub fn resume_in_place(&self, events: Vec<Events>) {
+        let mut s = lock(&self.slots);
+        let n = s.fresh.len();
+        let mut events = events.into_iter();
+        for i in 0..n {
+            let ev = events.next().unwrap_or_default();
+            if let Some(slot) = s.fresh.get_mut(i) {
+                *slot = Some((None, ev));
+            }
         }
         s.count = 0;
         self.requested.store(false, Ordering::SeqCst);
@@ -112,15 +133,15 @@ impl MigrationGate {
     }
 
     /// vCPU side: park `me` with its state until the new VM's vCPU arrives.
-    /// Returns the new vCPU fd, the state to load into it and the APIC events
-    /// that were pending for it (not part of the exported APIC state), or `None`
-    /// when the run ends meanwhile.
+    /// Returns the new vCPU fd (`None`: resume in the current one, nothing was
+    /// changed), the state to load into it and the APIC events that were pending for
+    /// it (not part of the exported APIC state), or `None` when the run ends meanwhile.
     pub fn pause(
         &self,
         me: usize,
         state: PausedVcpu,
         rt: &ApicRuntime,
-    ) -> Option<(VcpuFd, PausedVcpu, Events)> {
+    ) -> Option<(Option<VcpuFd>, PausedVcpu, Events)> {
         let mut s = lock(&self.slots);
         if let Some(slot) = s.paused.get_mut(me) {
             *slot = Some(state);

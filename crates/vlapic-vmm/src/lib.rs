@@ -4,20 +4,26 @@
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
 // outcome, memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
-// migrate → savefile, summary → vm. Nothing imports savefile or summary but vm.
+// migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
+// wire protocol, sits after guest). Nothing imports savefile or summary but vm and
+// the live-migration modules.
 pub mod console;
 pub mod devices;
 pub mod files;
 pub mod gate;
 pub mod guest;
+pub mod incoming;
+pub mod kernel_chip;
 pub mod loader;
 pub mod memory;
 pub mod migrate;
 pub mod outcome;
+pub mod outgoing;
 pub mod savefile;
 pub mod shared;
 pub mod snapshot;
 pub mod stats;
+pub mod stream;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;
@@ -27,7 +33,7 @@ pub use console::ConsoleSink;
 pub use loader::Module;
 pub use outcome::Outcome;
 pub use summary::{exit_code, RunReport};
-pub use vm::{kvm_usable, run_vm, SaveTo, VmConfig};
+pub use vm::{kvm_usable, run_vm, MigrateTo, SaveTo, VmConfig};
 
 /// Locks a mutex, ignoring poisoning (the VMM's mutexes guard plain data).
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,13 +53,18 @@ pub enum VmmError {
     Internal(String),
     /// A save file given to `--restore` cannot be read or is malformed.
     SaveFile(String),
+    /// `--incoming`: the stream was refused, or the source went away before its commit.
+    Incoming(String),
 }
 
 impl VmmError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            VmmError::Setup(_) | VmmError::Load(_) | VmmError::SaveFile(_) => exit_code::SETUP,
+            VmmError::Setup(_)
+            | VmmError::Load(_)
+            | VmmError::SaveFile(_)
+            | VmmError::Incoming(_) => exit_code::SETUP,
             VmmError::Internal(_) => exit_code::VMM_ERROR,
         }
     }
@@ -66,6 +77,7 @@ impl fmt::Display for VmmError {
             VmmError::Load(m) => write!(f, "kernel image: {m}"),
             VmmError::Internal(m) => write!(f, "internal: {m}"),
             VmmError::SaveFile(m) => write!(f, "save file {m}"),
+            VmmError::Incoming(m) => write!(f, "{m}"),
         }
     }
 }

@@ -43,6 +43,22 @@ impl GuestRam {
         self.ram.register(vm, 0).map_err(|e| e.to_string())
     }
 
+    /// As [`GuestRam::register`], with KVM dirty-page logging on slot 0 when
+    /// `dirty_log` (live migration's pre-copy).
+    pub fn register_logged(&self, vm: &kvm_ioctls::VmFd, dirty_log: bool) -> Result<(), String> {
+        self.ram
+            .register_with_dirty_log(vm, 0, dirty_log)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The pages written by the guest since the last call (slot 0 registered with
+    /// dirty logging): KVM's bitmap, one bit per 4 KiB page (read and cleared).
+    pub fn take_dirty(&self, vm: &kvm_ioctls::VmFd) -> Result<Vec<u64>, String> {
+        let size = usize::try_from(self.size()).map_err(|_| "RAM too large")?;
+        vm.get_dirty_log(0, size)
+            .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))
+    }
+
     /// Copies `data` to guest-physical `addr`; fails (never panics) when out of range.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
         self.ram.write(addr, data).map_err(|e| e.to_string())

@@ -16,4 +16,7 @@ pub enum Outcome {
     /// `--save`: every vCPU was paused and the VM written to a save file; the
     /// text says what was saved.
     Saved(String),
+    /// `--migrate-to`: the VM moved to another process, which acknowledged running
+    /// it; the text names where.
+    Migrated(String),
 }

@@ -33,7 +33,11 @@ pub const PAGE: usize = 4096;
 pub const FLAG_X2APIC: u32 = 1;
 /// Header flag: the APIC nesting verifier runs (`--verify true`).
 pub const FLAG_VERIFY: u32 = 2;
-const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY;
+/// Header flag: the APICs are KVM's model (version 0x50014: no CMCI, no directed
+/// EOI), as a VM started with `--irqchip kernel` has; set by a source on KVM's
+/// in-kernel irqchip, and required by a destination on it.
+pub const FLAG_KVM_APIC: u32 = 4;
+const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
 
@@ -473,17 +477,54 @@ pub(crate) fn capture(
     sh: &Shared,
     ram: &GuestRam,
     console: &ConsoleOut,
-    mut header: Header,
+    header: Header,
 ) -> Result<Option<SaveFile>, String> {
     if !sh.migration.pause_all(&sh.rt)? {
         return Ok(None);
     }
+    gather(sh, Some(ram), console, header).map(Some)
+}
+
+/// Gathers the whole paused VM (after `pause_all`): vCPUs, fabric, console, stats,
+/// devices, and with `ram` its non-zero pages (`None`: no memory, as live migration
+/// sends pages separately). The APIC events pending for each vCPU are taken from the
+/// fabric into the file: a caller that resumes the VM here must hand them back.
+pub(crate) fn gather(
+    sh: &Shared,
+    ram: Option<&GuestRam>,
+    console: &ConsoleOut,
+    mut header: Header,
+) -> Result<SaveFile, String> {
     let paused = sh.migration.paused();
     let now = sh.clock().now_ns();
     header.vm_ns = now;
     header.guest_tsc = sh.clock().guest_tsc();
     let chip = sh.chip();
-    let fabric = native::encode_fabric(&chip.export());
+    let fabric = match &sh.kernel_irqchip {
+        // KVM's in-kernel irqchip: its pages and IOAPIC, converted and validated.
+        Some(vm) => {
+            let apics = paused
+                .iter()
+                .map(|p| p.as_ref().and_then(|p| p.kernel_apic.clone()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("a vCPU paused without its in-kernel APIC state")?;
+            let clock = sh
+                .fabric_cfg
+                .apics
+                .first()
+                .map(|a| a.clock)
+                .unwrap_or_default();
+            let st = crate::kernel_chip::capture(vm, &apics, &sh.fabric_cfg, now, &clock)?;
+            let errors = st.validate(&sh.fabric_cfg.apics);
+            if let Some(e) = errors.first() {
+                return Err(format!(
+                    "KVM's irqchip state is refused by the library: {e:?}"
+                ));
+            }
+            native::encode_fabric(&st)
+        }
+        None => native::encode_fabric(&chip.export()),
+    };
     let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
     let mut vcpus = Vec::with_capacity(paused.len());
     for (i, p) in paused.into_iter().enumerate() {
@@ -512,7 +553,8 @@ pub(crate) fn capture(
     let mut memory = Memory::default();
     let mut chunk = vec![0u8; 1 << 20];
     let mut addr = 0u64;
-    while addr < ram.size() {
+    let size = ram.map_or(0, GuestRam::size);
+    while let (true, Some(ram)) = (addr < size, ram) {
         let len = (ram.size() - addr).min(chunk.len() as u64) as usize;
         let buf = chunk.get_mut(..len).ok_or("chunk")?;
         ram.read(addr, buf)?;
@@ -541,7 +583,7 @@ pub(crate) fn capture(
             sh.msr_gp.get(),
         ],
     };
-    Ok(Some(SaveFile {
+    Ok(SaveFile {
         header,
         fabric,
         vcpus,
@@ -549,7 +591,7 @@ pub(crate) fn capture(
         console: console.raw_log(),
         stats,
         devices: sh.io.save(),
-    }))
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a

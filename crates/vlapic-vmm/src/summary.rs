@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::console::ConsoleLog;
+use crate::stream::LiveStats;
 
 pub use crate::outcome::Outcome;
 pub use crate::stats::{
@@ -65,6 +66,10 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// Guest TSC frequency used for VM time.
     pub tsc_hz: u64,
+    /// `--incoming`: how the VM arrived (this process was the destination).
+    pub live_in: Option<LiveStats>,
+    /// `--migrate-to`: how the VM left, or why it stayed (this process was the source).
+    pub live_out: Option<LiveStats>,
 }
 
 /// Version of the `vlapic run --json` object (its `"schema"` key), documented in
@@ -144,6 +149,7 @@ impl RunReport {
             Outcome::GuestCrash(_) => exit_code::GUEST_CRASH,
             Outcome::VmmError(_) => exit_code::VMM_ERROR,
             Outcome::Saved(_) => exit_code::SAVED,
+            Outcome::Migrated(_) => exit_code::PASS,
             Outcome::DebugExit(_) | Outcome::AllStopped => {
                 // Success: nothing failed and something ran — scenarios, or (bench
                 // mode) benchmark figures.
@@ -176,6 +182,7 @@ impl RunReport {
             Outcome::GuestCrash(m) => format!("guest crash: {m}"),
             Outcome::VmmError(m) => format!("VMM error: {m}"),
             Outcome::Saved(m) => format!("saved {m}"),
+            Outcome::Migrated(m) => format!("migrated to {m} (the destination runs the VM)"),
         }
     }
 
@@ -230,6 +237,9 @@ impl RunReport {
             );
         } else {
             let _ = writeln!(s, "migrations:   0");
+        }
+        for l in [&self.live_in, &self.live_out].into_iter().flatten() {
+            let _ = writeln!(s, "{}", live_text(l));
         }
         let _ = writeln!(
             s,
@@ -297,6 +307,7 @@ impl RunReport {
             Outcome::GuestCrash(m) => ("guest_crash", None, Some(m.as_str())),
             Outcome::VmmError(m) => ("vmm_error", None, Some(m.as_str())),
             Outcome::Saved(m) => ("saved", None, Some(m.as_str())),
+            Outcome::Migrated(m) => ("migrated", None, Some(m.as_str())),
         };
         serde_json::json!({
             "kind": kind,
@@ -397,8 +408,49 @@ impl RunReport {
             "elapsed_s": self.elapsed.as_secs_f64(),
             "tsc_hz": self.tsc_hz,
             "vcpus": vcpus,
+            "live_migration_in": self.live_in.as_ref().map(live_json),
+            "live_migration_out": self.live_out.as_ref().map(live_json),
         })
     }
+}
+
+/// One line about a live migration between processes.
+fn live_text(l: &LiveStats) -> String {
+    let rounds: Vec<String> = l
+        .round_pages
+        .iter()
+        .zip(&l.round_bytes)
+        .map(|(p, b)| format!("{p}p/{}KiB", b / 1024))
+        .collect();
+    format!(
+        "live {}:  {} {} — {}; {} pre-copy rounds + paused [{}], {} bytes, {:.1} ms total, downtime {}",
+        if l.role == "source" { "out" } else { "in " },
+        if l.role == "source" { "to" } else { "from" },
+        l.peer,
+        l.result,
+        l.rounds,
+        rounds.join(", "),
+        l.bytes,
+        l.total_ms,
+        l.downtime_us
+            .map_or("-".to_string(), |d| format!("{d} us")),
+    )
+}
+
+/// A live migration as JSON (`live_migration_in` / `live_migration_out`).
+fn live_json(l: &LiveStats) -> serde_json::Value {
+    serde_json::json!({
+        "role": l.role,
+        "peer": l.peer,
+        "completed": l.completed,
+        "result": l.result,
+        "rounds": l.rounds,
+        "round_pages": l.round_pages,
+        "round_bytes": l.round_bytes,
+        "bytes": l.bytes,
+        "total_ms": l.total_ms,
+        "downtime_us": l.downtime_us,
+    })
 }
 
 #[cfg(test)]
@@ -408,7 +460,7 @@ mod tests {
     use serde_json::{json, Value};
 
     /// Every top-level key of schema 1, in documentation order (docs/vmm.md).
-    const KEYS_V1: [&str; 26] = [
+    const KEYS_V1: [&str; 28] = [
         "schema",
         "outcome",
         "exit_code",
@@ -435,6 +487,8 @@ mod tests {
         "elapsed_s",
         "tsc_hz",
         "vcpus",
+        "live_migration_in",
+        "live_migration_out",
     ];
 
     fn report(outcome: Outcome) -> RunReport {
@@ -484,6 +538,8 @@ mod tests {
             first_odd: [0; 3],
             elapsed: Duration::from_millis(1500),
             tsc_hz: 2_000_000_000,
+            live_in: None,
+            live_out: None,
         }
     }
 

@@ -231,16 +231,79 @@ fn migrate_here(vcpu: &mut ApicVcpu, sh: &Shared) -> Result<bool, String> {
         run: vcpu.state(),
         events: vcpu.take_carried(),
         counters: [c.interrupts, c.nmis, c.sipis],
+        kernel_apic: None,
     };
     let Some((fd, st, events)) = sh.migration.pause(me, saved, &sh.rt) else {
         return Ok(false);
     };
-    drop(vcpu.replace_fd(fd));
-    st.kvm.restore(vcpu.fd(), || sh.clock().guest_tsc())?;
+    if let Some(fd) = fd {
+        drop(vcpu.replace_fd(fd));
+        st.kvm.restore(vcpu.fd(), || sh.clock().guest_tsc())?;
+    }
     vcpu.set_state(st.run);
     vcpu.carry(st.events);
     vcpu.carry(events);
     Ok(true)
+}
+
+/// `--irqchip kernel`, pausing for a migration to another process: completes the
+/// exit in flight (KVM finishes a pending port or MMIO access before it honours
+/// `immediate_exit`, checklist item 12), saves the vCPU and its in-kernel APIC, and
+/// parks. `Ok(false)` if the run ended meanwhile.
+fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bool, String> {
+    let mut done = false;
+    for _ in 0..MAX_FINISH_EXITS {
+        fd.set_kvm_immediate_exit(1);
+        let end = match fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                done = true;
+                None
+            }
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                sh.io.port_in(port, data);
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let o = sh.io.port_out(port, data);
+                if let Some((pin, level)) = o.irq {
+                    let _ = vm.set_irq_line(pin, level);
+                }
+                o.exit.map(Outcome::DebugExit)
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xFF);
+                None
+            }
+            Ok(_) => None,
+        };
+        if let Some(o) = end {
+            sh.finish(o);
+            return Ok(false);
+        }
+        if done {
+            break;
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
+    if !done {
+        return Err(format!(
+            "the last instruction needed over {MAX_FINISH_EXITS} exits"
+        ));
+    }
+    let apic = crate::kernel_chip::save_apic(fd)?;
+    let saved = PausedVcpu {
+        kvm: VcpuState::save(fd, &sh.msr_list)?,
+        run: apic.run,
+        events: Events::default(),
+        counters: [0; 3],
+        kernel_apic: Some(apic),
+    };
+    match sh.migration.pause(me, saved, &sh.rt) {
+        None => Ok(false),
+        Some((None, _, _)) => Ok(true),
+        Some((Some(_), _, _)) => Err("the in-kernel irqchip cannot move into a new VM here".into()),
+    }
 }
 
 /// The loop for `--irqchip kernel`: KVM's LAPIC handles APIC accesses, HLT,
@@ -255,6 +318,20 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
     // `fd`; we unregister below, before `fd` can be dropped by our caller.
     unsafe { kick.register(ie) };
     while !sh.stopped() {
+        if sh
+            .migration
+            .requested
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            match kernel_pause(fd, me, sh, vm) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    sh.finish(Outcome::VmmError(format!("vcpu{me}: migration: {e}")));
+                    break;
+                }
+            }
+        }
         let mut why = ExitReason::Other;
         let res = fd.run();
         kick.clear_immediate_exit();

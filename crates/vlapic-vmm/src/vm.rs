@@ -15,13 +15,16 @@ use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
+use crate::incoming;
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
-use crate::savefile::{self, SaveFile, FLAG_VERIFY, FLAG_X2APIC, PAGE};
+use crate::outgoing::{self, PreCopy, Sent};
+use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC, PAGE};
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
+use crate::stream::{Addr, LiveStats};
 use crate::summary::{RunReport, VcpuReport};
 use crate::vcpu::{run_vcpu, Vcpu};
 use crate::{lock, snapshot, VmmError};
@@ -57,6 +60,21 @@ pub struct VmConfig {
     /// x2APIC and verifier settings come from the file; `migrate_every: None`
     /// then means the saved run's period).
     pub restore: Option<PathBuf>,
+    /// `--incoming ADDR`: wait for a VM from another process instead of booting.
+    pub incoming: Option<Addr>,
+    /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
+    pub migrate_to: Option<MigrateTo>,
+}
+
+/// Where and when `--migrate-to` sends the VM.
+#[derive(Clone, Debug)]
+pub struct MigrateTo {
+    /// The destination (`vlapic run --incoming ADDR` there).
+    pub addr: Addr,
+    /// Wall time after this process's VM started running (booted or resumed).
+    pub after: Duration,
+    /// How the pre-copy proceeds.
+    pub precopy: PreCopy,
 }
 
 /// Where and when `--save` writes the VM.
@@ -84,6 +102,8 @@ impl Default for VmConfig {
             kernel_irqchip: false,
             save: None,
             restore: None,
+            incoming: None,
+            migrate_to: None,
         }
     }
 }
@@ -101,18 +121,33 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// A VM with `ram` as its memory: with KVM's in-kernel irqchip for comparison, else
 /// prepared for the userspace APIC by vlapic-kvm (MSR exits and filter).
-fn create_vm(kvm: &Kvm, ram: &GuestRam, kernel_irqchip: bool) -> Result<VmFd, VmmError> {
+fn create_vm(
+    kvm: &Kvm,
+    ram: &GuestRam,
+    kernel_irqchip: bool,
+    dirty_log: bool,
+) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(|e| setup(e, "KVM_CREATE_VM"))?;
     if kernel_irqchip {
         vm.create_irq_chip()
             .map_err(|e| setup(e, "KVM_CREATE_IRQCHIP"))?;
+        // KVM_GET/SET_LAPIC with the full 32-bit x2APIC ID (vlapic::state::kvm's
+        // convention) instead of the legacy `id << 24`.
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS);
+        vm.enable_cap(&cap)
+            .map_err(|e| setup(e, "KVM_ENABLE_CAP(X2APIC_API)"))?;
         vm.set_tss_address(0xFFFB_D000)
             .map_err(|e| setup(e, "KVM_SET_TSS_ADDR"))?;
         let _ = vm.set_identity_map_address(0xFFFB_C000);
     } else {
         setup::configure_vm(&vm).map_err(|e| VmmError::Setup(e.to_string()))?;
     }
-    ram.register(&vm).map_err(VmmError::Setup)?;
+    ram.register_logged(&vm, dirty_log)
+        .map_err(VmmError::Setup)?;
     Ok(vm)
 }
 
@@ -131,23 +166,45 @@ fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
 /// the end (or, with `cfg.save`, to the save).
 pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // A save file is read and checked completely before anything else.
-    let restore = match &cfg.restore {
-        Some(p) => {
+    if (cfg.migrate_to.is_some() || cfg.incoming.is_some())
+        && (cfg.migrate_every.is_some_and(|d| !d.is_zero()) || cfg.save.is_some())
+    {
+        return Err(VmmError::Setup(
+            "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
+        ));
+    }
+    // `--incoming`: the VM arrives whole (RAM and a save file without memory) first.
+    let mut incoming = None;
+    let mut ram_in = None;
+    let restore = match (&cfg.restore, &cfg.incoming) {
+        (Some(p), _) => {
             let what = |e: String| VmmError::SaveFile(format!("{}: {e}", p.display()));
             let bytes = savefile::read_file(p).map_err(what)?;
             Some(SaveFile::decode(&bytes).map_err(what)?)
         }
-        None => None,
+        (None, Some(addr)) => {
+            kvm_usable().map_err(VmmError::Setup)?;
+            let l = incoming::listen(addr).map_err(VmmError::Setup)?;
+            let mut inc = incoming::receive(l, addr).map_err(VmmError::Incoming)?;
+            ram_in = inc.ram.take();
+            let f = inc.file.take();
+            incoming = Some(inc);
+            f
+        }
+        (None, None) => None,
     };
     // Later problems with the file's contents (refused by KVM or the library).
-    let bad = |m: String| {
-        VmmError::SaveFile(format!(
+    let bad = |m: String| match &cfg.incoming {
+        Some(a) if cfg.restore.is_none() => {
+            VmmError::Incoming(format!("incoming migration from {a} refused: {m}"))
+        }
+        _ => VmmError::SaveFile(format!(
             "{}: {m}",
             cfg.restore
                 .as_deref()
                 .unwrap_or(std::path::Path::new(""))
                 .display()
-        ))
+        )),
     };
     let (n, memory_mib, x2apic, verify) = match &restore {
         Some(f) => (
@@ -185,7 +242,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     // The image first: a malformed one is reported the same with or without KVM.
-    let ram = GuestRam::new(memory_mib).map_err(VmmError::Setup)?;
+    let ram = match ram_in.take() {
+        Some(r) => r,
+        None => GuestRam::new(memory_mib).map_err(VmmError::Setup)?,
+    };
     let boot = match &restore {
         None => Some(
             loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
@@ -200,13 +260,33 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     };
     kvm_usable().map_err(VmmError::Setup)?;
     let kvm = Kvm::new().map_err(|e| setup(e, "/dev/kvm"))?;
-    if cfg.kernel_irqchip && (migrate_every.is_some() || cfg.save.is_some() || restore.is_some()) {
+    if cfg.kernel_irqchip
+        && (migrate_every.is_some() || cfg.save.is_some() || cfg.restore.is_some())
+    {
         return Err(VmmError::Setup(
             "--migrate-every, --save and --restore need the userspace irqchip (not --irqchip kernel)"
                 .into(),
         ));
     }
-    let vm = Arc::new(create_vm(&kvm, &ram, cfg.kernel_irqchip)?);
+    // KVM's APIC model (no CMCI, no directed EOI): on its in-kernel irqchip, and on
+    // vlapic for a VM that came from there.
+    let kvm_model = cfg.kernel_irqchip
+        || restore
+            .as_ref()
+            .is_some_and(|f| f.header.flags & FLAG_KVM_APIC != 0);
+    if cfg.kernel_irqchip && restore.is_some() && !kvm_model {
+        return Err(bad(
+            "its APICs were vlapic's model (CMCI, directed EOI), not KVM's in-kernel APIC's; \
+             run the destination on vlapic (without --irqchip kernel)"
+                .into(),
+        ));
+    }
+    let vm = Arc::new(create_vm(
+        &kvm,
+        &ram,
+        cfg.kernel_irqchip,
+        cfg.migrate_to.is_some(),
+    )?);
     let base_cpuid = setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
     // The APICs (their clock is set once the guest TSC rate is known); CPUID is
     // derived from them.
@@ -223,6 +303,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             },
             x2apic: true,
             tsc_deadline: true,
+            cmci: !kvm_model,
+            eoi_broadcast_suppression: !kvm_model,
             verify,
             ..LapicConfig::default()
         })
@@ -235,7 +317,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     for i in 0..n {
         fds.push(make_vcpu(&vm, i).map_err(VmmError::Setup)?);
     }
-    if cfg.kernel_irqchip && x2apic {
+    if cfg.kernel_irqchip && x2apic && restore.is_none() {
         for (i, fd) in fds.iter().enumerate() {
             let base = 0xFEE0_0000u64 | 0xC00 | if i == 0 { 0x100 } else { 0 };
             let m = Msrs::from_entries(&[kvm_msr_entry {
@@ -248,7 +330,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 .map_err(|e| setup(e, "KVM_SET_MSRS(IA32_APIC_BASE)"))?;
         }
     }
-    let msr_list = if migrate_every.is_some() || cfg.save.is_some() {
+    let msr_list = if migrate_every.is_some() || cfg.save.is_some() || cfg.migrate_to.is_some() {
         snapshot::msr_list(&kvm).map_err(VmmError::Setup)?
     } else {
         Vec::new()
@@ -321,6 +403,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             let _wake = chip
                 .import(&state, clock.now_ns())
                 .map_err(|e| bad(format!("FABR: import refused: {e:?}")))?;
+            if cfg.kernel_irqchip {
+                // Validated by the import above; now into KVM's own irqchip.
+                let runs: Vec<RunState> = f.vcpus.iter().map(|v| v.run).collect();
+                let tclock = TimerClock {
+                    bus_cycle_ns: 1,
+                    tsc_hz,
+                };
+                crate::kernel_chip::load(&vm, &fds, &state, &runs, clock.now_ns(), &tclock)
+                    .map_err(|e| bad(format!("KVM's irqchip refused the state: {e}")))?;
+            }
             for (i, v) in f.vcpus.iter().enumerate() {
                 exits.seed(i, &v.exits);
             }
@@ -371,6 +463,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         g.max_in_service.store(st.max_in_service, Ordering::Relaxed);
     }
 
+    // `--incoming`: the commit handshake; only after it do the vCPUs run.
+    let mut live_in: Option<LiveStats> = None;
+    if let Some(inc) = incoming.as_mut() {
+        inc.take_over().map_err(VmmError::Incoming)?;
+        let d = inc.stats.downtime_us.unwrap_or(0);
+        sh.migration.max_downtime_us.fetch_max(d, Ordering::Relaxed);
+        live_in = Some(inc.stats.clone());
+    }
+    drop(incoming);
+    let mut live_out: Option<LiveStats> = None;
+
     let start = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for (i, fd) in fds.into_iter().enumerate() {
@@ -407,7 +510,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         let deadline = cfg.timeout.map(|t| start + t);
         let mut next_migration = migrate_every.map(|p| Instant::now() + p);
         let mut next_save = cfg.save.as_ref().map(|s| (start + s.after, s.path.clone()));
-        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false).map_err(|e| e.to_string());
+        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false, false).map_err(|e| e.to_string());
+        let mut next_send = cfg
+            .migrate_to
+            .as_ref()
+            .map(|m| (start + m.after, m.clone()));
         let mut g = lock(&sh.outcome);
         while g.is_none() {
             let now = Instant::now();
@@ -419,7 +526,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         vcpus: n as u32,
                         memory_mib,
                         flags: if x2apic { FLAG_X2APIC } else { 0 }
-                            | if verify { FLAG_VERIFY } else { 0 },
+                            | if verify { FLAG_VERIFY } else { 0 }
+                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
                         tsc_hz,
                         migrate_every_us: migrate_every
                             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -431,6 +539,38 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         Ok(Some(line)) => sh.finish(Outcome::Saved(line)),
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("save: {e}"))),
+                    }
+                    g = lock(&sh.outcome);
+                    continue;
+                }
+            }
+            if let Some((t, to)) = next_send.clone() {
+                if now >= t {
+                    drop(g);
+                    next_send = None;
+                    let header = savefile::Header {
+                        vcpus: n as u32,
+                        memory_mib,
+                        flags: if x2apic { FLAG_X2APIC } else { 0 }
+                            | if verify { FLAG_VERIFY } else { 0 }
+                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
+                        tsc_hz,
+                        migrate_every_us: 0,
+                        elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())
+                            .unwrap_or(u64::MAX),
+                        ..Default::default()
+                    };
+                    match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
+                        Ok(Sent::Moved(st)) => {
+                            live_out = Some(st);
+                            sh.finish(Outcome::Migrated(to.addr.to_string()));
+                        }
+                        Ok(Sent::Stayed(st)) => {
+                            eprintln!("vlapic run: live migration to {}: {}", to.addr, st.result);
+                            live_out = Some(st);
+                        }
+                        Ok(Sent::Ended) => {}
+                        Err(e) => sh.finish(Outcome::VmmError(format!("live migration: {e}"))),
                     }
                     g = lock(&sh.outcome);
                     continue;
@@ -457,6 +597,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 None => Duration::from_secs(1),
             };
             if let Some((t, _)) = &next_save {
+                wait = wait.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                );
+            }
+            if let Some((t, _)) = &next_send {
                 wait = wait.min(
                     t.saturating_duration_since(now)
                         .max(Duration::from_micros(100)),
@@ -556,6 +702,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         ],
         elapsed,
         tsc_hz,
+        live_in,
+        live_out,
     })
 }
 

@@ -6,9 +6,28 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 17] = [
-    "files", "stats", "wire", "outcome", "memory", "guest", "console", "snapshot", "loader",
-    "devices", "gate", "shared", "vcpu", "migrate", "savefile", "summary", "vm",
+const LAYERS: [&str; 21] = [
+    "files",
+    "stats",
+    "wire",
+    "outcome",
+    "memory",
+    "guest",
+    "stream",
+    "console",
+    "snapshot",
+    "kernel_chip",
+    "loader",
+    "devices",
+    "gate",
+    "shared",
+    "vcpu",
+    "migrate",
+    "savefile",
+    "incoming",
+    "outgoing",
+    "summary",
+    "vm",
 ];
 
 /// Module names declared in `lib.rs`.

@@ -376,3 +376,70 @@ fn ioapic_and_fabric_rules() {
     let errs = two.validate(&[LapicConfig::with_id(0), LapicConfig::with_id(1)]);
     assert!(errs.is_empty(), "{errs:?}");
 }
+
+/// KVM's page for a vCPU without CMCI (no `KVM_X86_SETUP_MCE` with `MCG_CMCI_P`):
+/// the version register announces max LVT 5 (`kvm_apic_set_version`:
+/// `nr_lvt_entries - 1` = 5) and nothing ever writes 0x2F0, so it reads 0. Such a
+/// page must decode (CMCI read as absent, i.e. its masked reset value) and import
+/// into an APIC without CMCI; issue 15 found it refused as "LVT CMCI not in reset".
+#[test]
+fn kvm_page_without_cmci_reads_lvt_cmci_zero_and_imports() {
+    let cfg = LapicConfig {
+        cmci: false,
+        eoi_broadcast_suppression: false,
+        ..LapicConfig::default()
+    };
+    let mut apic = LocalApic::new(cfg);
+    let _ = apic.write_register(0xF0, 0x1FF, 0);
+    let (mut page, extra) = kvm::encode(&apic.export(), 0, &CLK);
+    assert_eq!(
+        &page[0x30..0x34],
+        &0x5_0014u32.to_le_bytes(),
+        "KVM's LVR without CMCI"
+    );
+    page[0x2F0..0x2F4].fill(0); // as KVM_GET_LAPIC returns it
+    let s = kvm::decode(&page, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.lvt(vlapic::Lvt::Cmci), vlapic::lvt::LVT_RESET);
+    let mut dst = LocalApic::new(cfg);
+    dst.import(&s, 0)
+        .expect("imports into an APIC without CMCI");
+    assert_eq!(dst.export(), apic.export());
+    // With CMCI announced, 0 is a real (unmasked, vector 0) value and is kept.
+    let mut with = page;
+    with[0x30..0x34].copy_from_slice(&0x6_0014u32.to_le_bytes());
+    let s = kvm::decode(&with, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.lvt(vlapic::Lvt::Cmci), 0);
+}
+
+/// KVM's in-kernel APIC puts a self IPI with an illegal vector (here 3) into IRR
+/// (`__apic_accept_irq` does not check the vector; found by
+/// `crates/vlapic-vmm/tests/kvm_format_oracle.rs`). A real APIC never accepts one
+/// (SDM §11.5.3), so the KVM decoder drops IRR bits 0-15 and the page imports.
+#[test]
+fn kvm_page_with_illegal_vector_in_irr_imports_without_it() {
+    let cfg = LapicConfig::default();
+    let mut apic = LocalApic::new(cfg);
+    let _ = apic.write_register(0xF0, 0x1FF, 0);
+    apic.deliver(Delivery::fixed(0x41), 0);
+    let (mut page, extra) = kvm::encode(&apic.export(), 0, &CLK);
+    page[0x200] |= 1 << 3; // IRR vector 3, as KVM_GET_LAPIC returned it
+    let s = kvm::decode(&page, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.irr, apic.export().irr, "vector 3 dropped, 0x41 kept");
+    LocalApic::new(cfg).import(&s, 0).expect("imports");
+}
+
+/// KVM stores a guest's LVT timer write with the reserved mode 11 (its LVTT mask keeps
+/// bits 18:17) and runs that timer as one-shot (`apic_update_lvtt`); found by
+/// `crates/vlapic-vmm/tests/kvm_format_oracle.rs`. The decoder reads it as one-shot.
+#[test]
+fn kvm_page_with_reserved_timer_mode_reads_as_one_shot() {
+    let cfg = LapicConfig::default();
+    let mut apic = LocalApic::new(cfg);
+    let _ = apic.write_register(0xF0, 0x1FF, 0);
+    let _ = apic.write_register(0x320, 0x31, 0);
+    let (mut page, extra) = kvm::encode(&apic.export(), 0, &CLK);
+    page[0x322] |= 0x06; // mode 11, as KVM_GET_LAPIC returned it
+    let s = kvm::decode(&page, extra, 0, &CLK).expect("decodes");
+    assert_eq!(s.lvt(vlapic::Lvt::Timer), 0x31);
+    LocalApic::new(cfg).import(&s, 0).expect("imports");
+}

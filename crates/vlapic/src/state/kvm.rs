@@ -17,6 +17,21 @@
 //!   not lost. In TSC-deadline mode TMCCT is 0 and the expiry is derived from
 //!   IA32_TSC_DEADLINE.
 //! * ESR pending bits have no place in the page: encode drops them, decode yields 0.
+//! * LVT CMCI (0x2F0) exists only if the version register announces 7 LVT entries
+//!   (max LVT 6). KVM leaves the slot 0 for a vCPU without CMCI (no
+//!   `KVM_X86_SETUP_MCE` with `MCG_CMCI_P`: `nr_lvt_entries` is 6 and nothing ever
+//!   writes the register), so decode reads an absent CMCI entry as its reset value
+//!   (masked), which is what an APIC without CMCI holds; encode writes it as stored.
+//! * IRR vectors 0–15: KVM's in-kernel APIC accepts a fixed IPI (self IPI included)
+//!   with an illegal vector into IRR (`__apic_accept_irq` does not check it), where a
+//!   real APIC refuses it and sets ESR "send/receive illegal vector" (SDM §11.5.3).
+//!   Decode drops such bits (the interrupt a real APIC would never have accepted), so
+//!   every page KVM produces imports; found by the KVM oracle test
+//!   (`crates/vlapic-vmm/tests/kvm_format_oracle.rs`).
+//! * LVT timer mode 11 (reserved): KVM stores a guest's write of it (its LVTT mask
+//!   keeps bits 18:17) and runs the timer as one-shot (`apic_update_lvtt`: neither
+//!   periodic nor TSC-deadline). Decode reads it as one-shot (mode 00), the behaviour
+//!   the guest had; found by the same test.
 
 use crate::lapic::ApicMode;
 use crate::lvt::{Lvt, TimerMode};
@@ -204,6 +219,22 @@ pub fn decode(
         .zip(LVT_OFFSETS.iter().zip(Field::ALL.iter().skip(14)))
     {
         *slot = r(*off, field.name())?;
+    }
+    // KVM's reserved timer mode 11 runs as one-shot.
+    if let Some(t) = s.lvt.get_mut(Lvt::Timer.index()) {
+        if *t & 0x6_0000 == 0x6_0000 {
+            *t &= !0x6_0000;
+        }
+    }
+    // KVM may hold illegal vectors 0-15 in IRR; a real APIC never accepts them.
+    if let Some(w) = s.irr.get_mut(0) {
+        *w &= !0xFFFF;
+    }
+    // No CMCI (version: max LVT entry below 6): KVM's 0 is the absent register.
+    if (s.version >> 16) & 0xFF < 6 && s.lvt(Lvt::Cmci) == 0 {
+        if let Some(c) = s.lvt.get_mut(Lvt::Cmci.index()) {
+            *c = crate::lvt::LVT_RESET;
+        }
     }
     s.timer_initial = r(0x380, "timer_initial")?;
     let tmcct = r(0x390, "timer_current")?;
