@@ -89,6 +89,7 @@ pub enum IcrCommand {
 
 /// Why an ICR write sent nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DropReason {
     /// Delivery mode 011 or 111 (reserved in the ICR).
     ReservedMode,

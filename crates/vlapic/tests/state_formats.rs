@@ -134,11 +134,7 @@ fn kvm_layout() {
 // KVM_X2APIC_API_USE_32BIT_IDS: the full 32-bit ID at 0x20 in x2APIC mode.
 #[test]
 fn kvm_x2apic_id_is_32_bits() {
-    let c = LapicConfig {
-        apic_id: 0x1234,
-        bsp: false,
-        ..LapicConfig::default()
-    };
+    let c = LapicConfig::default().with_apic_id(0x1234).with_bsp(false);
     let mut apic = LocalApic::new(c);
     let _ = apic.write_apic_base(0xFEE0_0C00, 0).unwrap();
     let s = apic.export();

@@ -89,7 +89,20 @@ pub use shared::SharedFabric;
 pub use single::Fabric;
 
 /// Construction-time description of a VM's interrupt hardware.
+///
+/// Non-exhaustive: start from [`FabricConfig::with_vcpus`] or
+/// [`FabricConfig::from_apics`] and change what differs with the `with_*` methods.
+///
+/// ```
+/// use vlapic::fabric::FabricConfig;
+/// use vlapic::LapicConfig;
+/// let cfg = FabricConfig::with_vcpus(2).with_ioapic_id(2).with_ioapic_pins(48);
+/// assert_eq!((cfg.apics.len(), cfg.ioapic_id, cfg.ioapic_pins), (2, 2, 48));
+/// let odd = FabricConfig::from_apics(vec![LapicConfig::with_id(0), LapicConfig::with_id(7)]);
+/// assert_eq!(odd.apics[1].apic_id, 7);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FabricConfig {
     /// One entry per vCPU, in vCPU-index order.
     pub apics: Vec<LapicConfig>,
@@ -117,12 +130,40 @@ impl FabricConfig {
                 c
             })
             .collect();
+        Self::from_apics(apics)
+    }
+
+    /// One vCPU per entry of `apics`, in vCPU-index order; 24 IOAPIC pins with ID 0
+    /// at 0xFEC0_0000.
+    pub fn from_apics(apics: Vec<LapicConfig>) -> Self {
         Self {
             apics,
             ioapic_pins: IoApic::DEFAULT_PINS,
             ioapic_id: 0,
             ioapic_base: IoApic::DEFAULT_BASE,
         }
+    }
+
+    /// The same configuration with `pins` IOAPIC pins ([`FabricConfig::ioapic_pins`]).
+    #[must_use]
+    pub fn with_ioapic_pins(mut self, pins: u8) -> Self {
+        self.ioapic_pins = pins;
+        self
+    }
+
+    /// The same configuration with IOAPIC ID `id` ([`FabricConfig::ioapic_id`]).
+    #[must_use]
+    pub fn with_ioapic_id(mut self, id: u8) -> Self {
+        self.ioapic_id = id;
+        self
+    }
+
+    /// The same configuration with the IOAPIC page at `base`
+    /// ([`FabricConfig::ioapic_base`]).
+    #[must_use]
+    pub fn with_ioapic_base(mut self, base: u64) -> Self {
+        self.ioapic_base = base;
+        self
     }
 }
 

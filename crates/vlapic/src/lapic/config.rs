@@ -29,7 +29,18 @@ impl ApicMode {
 }
 
 /// Construction-time description of an APIC: what the virtual CPU offers.
+///
+/// Non-exhaustive (fields will be added as the model grows): start from
+/// [`LapicConfig::with_id`] or [`LapicConfig::default`] and change what differs with
+/// the `with_*` methods (or by assigning a field).
+///
+/// ```
+/// use vlapic::{ApicMode, LapicConfig};
+/// let cfg = LapicConfig::with_id(3).with_mode(ApicMode::X2Apic).with_verify(true);
+/// assert!(!cfg.bsp && cfg.mode == ApicMode::X2Apic && cfg.verify);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct LapicConfig {
     /// Initial APIC ID (the x2APIC ID; xAPIC mode shows its low 8 bits).
     pub apic_id: u32,
@@ -84,6 +95,84 @@ impl LapicConfig {
             bsp: apic_id == 0,
             ..Self::default()
         }
+    }
+
+    /// The same configuration with another initial APIC ID ([`LapicConfig::apic_id`]);
+    /// the BSP flag is left as it is.
+    #[must_use]
+    pub const fn with_apic_id(mut self, apic_id: u32) -> Self {
+        self.apic_id = apic_id;
+        self
+    }
+
+    /// The same configuration with whether this is the bootstrap processor ([`LapicConfig::bsp`]) set.
+    #[must_use]
+    pub const fn with_bsp(mut self, bsp: bool) -> Self {
+        self.bsp = bsp;
+        self
+    }
+
+    /// The same configuration with the mode after power-up reset ([`LapicConfig::mode`]) set.
+    #[must_use]
+    pub const fn with_mode(mut self, mode: ApicMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The same configuration with whether x2APIC mode is offered ([`LapicConfig::x2apic`]) set.
+    #[must_use]
+    pub const fn with_x2apic(mut self, x2apic: bool) -> Self {
+        self.x2apic = x2apic;
+        self
+    }
+
+    /// The same configuration with whether TSC-deadline timer mode is offered ([`LapicConfig::tsc_deadline`]) set.
+    #[must_use]
+    pub const fn with_tsc_deadline(mut self, tsc_deadline: bool) -> Self {
+        self.tsc_deadline = tsc_deadline;
+        self
+    }
+
+    /// The same configuration with whether EOI-broadcast suppression is offered ([`LapicConfig::eoi_broadcast_suppression`]) set.
+    #[must_use]
+    pub const fn with_eoi_broadcast_suppression(mut self, eoi_broadcast_suppression: bool) -> Self {
+        self.eoi_broadcast_suppression = eoi_broadcast_suppression;
+        self
+    }
+
+    /// The same configuration with whether LVT CMCI exists ([`LapicConfig::cmci`]) set.
+    #[must_use]
+    pub const fn with_cmci(mut self, cmci: bool) -> Self {
+        self.cmci = cmci;
+        self
+    }
+
+    /// The same configuration with the physical-address width ([`LapicConfig::max_phys_addr`]) set.
+    #[must_use]
+    pub const fn with_max_phys_addr(mut self, max_phys_addr: u8) -> Self {
+        self.max_phys_addr = max_phys_addr;
+        self
+    }
+
+    /// The same configuration with the timer and TSC time base ([`LapicConfig::clock`]) set.
+    #[must_use]
+    pub const fn with_clock(mut self, clock: TimerClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The same configuration with the minimum periodic-timer spacing in microseconds ([`LapicConfig::min_timer_period_us`]) set.
+    #[must_use]
+    pub const fn with_min_timer_period_us(mut self, min_timer_period_us: u32) -> Self {
+        self.min_timer_period_us = min_timer_period_us;
+        self
+    }
+
+    /// The same configuration with whether the nesting verifier runs from the start ([`LapicConfig::verify`]) set.
+    #[must_use]
+    pub const fn with_verify(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
     }
 
     /// IA32_APIC_BASE after power-up: default base, EN (and EXTD) per `mode`, BSP.

@@ -5,8 +5,11 @@ use crate::icr::IpiMessage;
 
 /// Side effects of one register access, returned to the embedder instead of being
 /// performed by calls into other objects.
+///
+/// Non-exhaustive: start from `Default` and set fields.
 #[must_use = "an IPI or an IOAPIC EOI may need routing"]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Effects {
     /// An interrupt message for the fabric to route (never a self-only IPI).
     pub ipi: Option<IpiMessage>,
@@ -19,7 +22,16 @@ pub struct Effects {
 }
 
 /// Non-vectored events waiting for the vCPU, taken with [`LocalApic::take_events`].
+///
+/// Non-exhaustive: start from `Default` and set fields, or use the `with_*` methods.
+///
+/// ```
+/// use vlapic::Events;
+/// let e = Events::default().with_nmi(2).with_sipi(Some(0x9));
+/// assert!(e.any() && e.nmi == 2 && !e.init);
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Events {
     /// NMIs pending, 0 to 2: NMIs are edge events, and a core can be handed one while
     /// it latches a second that arrived before the first was taken (SDM Vol. 3A §6.7.1);
@@ -41,10 +53,48 @@ impl Events {
     pub fn any(&self) -> bool {
         self.nmi > 0 || self.smi || self.init || self.sipi.is_some() || self.extint
     }
+
+    /// The same events with `nmi` NMIs pending ([`Events::nmi`]).
+    #[must_use]
+    pub const fn with_nmi(mut self, nmi: u8) -> Self {
+        self.nmi = nmi;
+        self
+    }
+
+    /// The same events with the SMI flag ([`Events::smi`]).
+    #[must_use]
+    pub const fn with_smi(mut self, smi: bool) -> Self {
+        self.smi = smi;
+        self
+    }
+
+    /// The same events with the INIT flag ([`Events::init`]).
+    #[must_use]
+    pub const fn with_init(mut self, init: bool) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// The same events with the SIPI start page ([`Events::sipi`]).
+    #[must_use]
+    pub const fn with_sipi(mut self, sipi: Option<u8>) -> Self {
+        self.sipi = sipi;
+        self
+    }
+
+    /// The same events with the ExtINT flag ([`Events::extint`]).
+    #[must_use]
+    pub const fn with_extint(mut self, extint: bool) -> Self {
+        self.extint = extint;
+        self
+    }
 }
 
 /// Counters of unusual but legal guest behaviour; never load-bearing.
+///
+/// Non-exhaustive: start from `Default` and set fields.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Stats {
     /// EOIs with nothing in service.
     pub spurious_eoi: u64,
