@@ -282,11 +282,18 @@ impl SaveFile {
         encode_stats(&mut s, &self.stats);
         w.section(SECTIONS[5], &s.buf);
         let mut d = Writer::default();
+        // Every field is named (no `..`): a new one does not compile unencoded.
+        let DevicesState {
+            serial_regs,
+            serial_in,
+            fw_key,
+            fw_pos,
+        } = &self.devices;
         w.section(SECTIONS[6], &{
-            d.raw(&self.devices.serial_regs);
-            d.bytes(&self.devices.serial_in);
-            d.u16(self.devices.fw_key);
-            d.u64(self.devices.fw_pos);
+            d.raw(serial_regs);
+            d.bytes(serial_in);
+            d.u16(*fw_key);
+            d.u64(*fw_pos);
             d.buf
         });
         let total = (w.buf.len() + 4) as u64;

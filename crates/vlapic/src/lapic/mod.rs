@@ -64,7 +64,7 @@ pub struct LocalApic {
     pub(crate) lint: [bool; 2],
     pub(crate) events: Events,
     /// True only while the error LVT is being delivered (XSA-462 recursion guard).
-    delivering_error: bool,
+    pub(crate) delivering_error: bool,
     pub(crate) stats: Stats,
     #[cfg(feature = "verify")]
     pub(crate) verifier: Verifier,
