@@ -14,7 +14,7 @@
 //! and the stack's vectors as a [`VectorSet`]. With no such pair the stack is
 //! strictly ascending, so it equals ISR's bits in ascending order exactly when that
 //! set equals ISR: one 256-bit comparison instead of a walk. The walk itself remains
-//! as [`Verifier::audit`], run on restore (rebuild) and on demand, and
+//! as [`LocalApic::audit_verifier`](crate::LocalApic::audit_verifier), run on restore (rebuild) and on demand, and
 //! [`Verifier::is_consistent`] re-derives both values from the stack for the tests.
 
 use crate::priority::class;

@@ -1,7 +1,8 @@
 //! The VM-level interrupt fabric: N local APICs, one IOAPIC and MSI, routing every message
 //! between them and reporting exactly which vCPUs need a kick ([`Wake`]).
 //!
-//! Two front ends share one routing core:
+//! Two front ends share one routing core and one implementation of every operation
+//! (`fabric/ops.rs`); they differ only in how they reach an APIC:
 //!
 //! * [`Fabric`] (no `std`, needs `alloc`): owns the APICs and the IOAPIC, `&mut self`
 //!   everywhere; for single-threaded VMMs, tests and tools.
@@ -11,10 +12,10 @@
 //! # Delivery
 //!
 //! A message is resolved to target APICs by [`crate::routing`]; each target then gets
-//! [`LocalApic::deliver`] (fixed vectors into IRR/TMR, NMI/SMI/INIT/SIPI/ExtINT into
+//! [`LocalApic::deliver`](crate::LocalApic::deliver) (fixed vectors into IRR/TMR, NMI/SMI/INIT/SIPI/ExtINT into
 //! [`crate::Events`]; INIT resets the target keeping its ID and mode). A vCPU is in
 //! the returned [`Wake`] when its APIC took the message and now has work
-//! ([`LocalApic::needs_kick`]: work to take, or a vector only TPR holds back). Messages that match nothing (a nonexistent ID, say)
+//! ([`LocalApic::needs_kick`](crate::LocalApic::needs_kick): work to take, or a vector only TPR holds back). Messages that match nothing (a nonexistent ID, say)
 //! are dropped. Every access goes through the fabric, and after each one the APIC's
 //! routing view (ID, LDR, DFR, mode, enable) is compared with the map's; a
 //! difference marks the map stale and it is rebuilt before the next lookup. The
@@ -76,6 +77,7 @@ use crate::lapic::{ApicMode, LapicConfig};
 use alloc::vec::Vec;
 
 mod core;
+mod ops;
 mod seam;
 #[cfg(feature = "std")]
 mod shared;
@@ -210,7 +212,7 @@ impl Wake {
     }
 
     /// The accessing APIC reported a timer change (re-read its
-    /// [`LocalApic::next_timer_deadline`]).
+    /// [`LocalApic::next_timer_deadline`](crate::LocalApic::next_timer_deadline)).
     pub fn timer_changed(&self) -> bool {
         self.timer_changed
     }

@@ -2,10 +2,10 @@
 //! everywhere, no `std` needed; all routing goes through the shared core.
 
 use super::core::*;
+use super::ops::{self, Backend};
 use super::{FabricConfig, IoApic, MsiError, Wake};
 use crate::ioapic::PinSet;
 use crate::lapic::{Effects, Events, GpFault, LapicConfig, LocalApic};
-use crate::msi::Msi;
 use crate::routing::{ApicView, Message, RouteMap};
 use crate::state::{FabricError, FabricState};
 use alloc::vec::Vec;
@@ -86,13 +86,53 @@ impl Core {
     }
 }
 
-/// The single-threaded fabric: owns the APICs and the IOAPIC. Same operations and
-/// semantics as [`SharedFabric`], through `&mut self`; usable without `std`.
+/// The single-threaded fabric: owns the APICs and the IOAPIC, `&mut self` everywhere;
+/// usable without `std`. [`SharedFabric`](super::SharedFabric) offers the same
+/// operations with the same semantics through `&self`; the documentation of each
+/// operation is here.
 #[derive(Clone, Debug)]
 pub struct Fabric {
     pub(super) core: Core,
     ioapic: IoApic,
     pub(super) ioapic_base: u64,
+}
+
+impl Backend for Fabric {
+    fn len(&self) -> usize {
+        self.core.apics.len()
+    }
+
+    fn ioapic_base(&self) -> u64 {
+        self.ioapic_base
+    }
+
+    fn apic<R>(&mut self, vcpu: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+        self.core.with(vcpu, f)
+    }
+
+    fn read<R>(&self, vcpu: usize, f: impl FnOnce(&LocalApic) -> R) -> Option<R> {
+        self.core.apics.get(vcpu).map(f)
+    }
+
+    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
+        self.core.route(msg, sender, now, wake)
+    }
+
+    fn ioapic<R>(
+        &mut self,
+        now: u64,
+        wake: &mut Wake,
+        f: impl FnOnce(&mut IoApic) -> (R, PinSet),
+    ) -> R {
+        let (r, pins) = f(&mut self.ioapic);
+        let core = &mut self.core;
+        service_pins(&mut self.ioapic, pins, |m| core.route(m, None, now, wake));
+        r
+    }
+
+    fn read_ioapic<R>(&self, f: impl FnOnce(&IoApic) -> R) -> R {
+        f(&self.ioapic)
+    }
 }
 
 impl Fabric {
@@ -125,72 +165,40 @@ impl Fabric {
         &self.ioapic
     }
 
-    /// Runs `f` on vCPU `vcpu`'s APIC, then routes the [`Effects`] it returns (IPI,
-    /// EOI broadcast to the IOAPIC). `None` if the vCPU does not exist.
+    /// Runs `f` on vCPU `vcpu`'s APIC, then routes the [`Effects`] it returns: the
+    /// IPI, the EOI broadcast to the IOAPIC. The routing map follows any
+    /// ID/LDR/DFR/enable/mode change `f` made. `None` if the vCPU does not exist.
+    /// The caller's own vCPU appears in the [`Wake`] only if routing delivered to it
+    /// (e.g. an all-including-self IPI); the caller re-checks its own APIC anyway.
+    /// `f` must not call into the fabric.
     pub fn with_apic<R>(
         &mut self,
         vcpu: usize,
         now: u64,
         f: impl FnOnce(&mut LocalApic) -> (R, Effects),
     ) -> Option<(R, Wake)> {
-        let (r, fx) = self.core.with(vcpu, f)?;
-        Some((r, self.effects(vcpu, fx, now)))
+        ops::with_apic(self, vcpu, now, f)
     }
 
-    fn effects(&mut self, vcpu: usize, fx: Effects, now: u64) -> Wake {
-        let mut wake = Wake {
-            timer_changed: fx.timer_changed,
-            ..Wake::default()
-        };
-        if let Some(ipi) = fx.ipi {
-            self.core
-                .route(&Message::from(ipi), Some(vcpu), now, &mut wake);
-        }
-        if let Some(v) = fx.eoi {
-            let pins = self.ioapic.eoi(v);
-            self.service(pins, now, &mut wake);
-        }
-        wake.normalize();
-        wake
-    }
-
-    fn service(&mut self, pins: PinSet, now: u64, wake: &mut Wake) {
-        let core = &mut self.core;
-        service_pins(&mut self.ioapic, pins, |m| core.route(m, None, now, wake));
-    }
-
-    /// Routes a message that no APIC sent (a platform NMI, a test). Self shorthands
-    /// reach nobody.
+    /// Routes a message that no APIC sent (a platform NMI, a test, a benchmark).
+    /// Self shorthands reach nobody.
     pub fn send(&mut self, msg: &Message, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        self.core.route(msg, None, now, &mut wake);
-        wake.normalize();
-        wake
+        ops::send(self, msg, now)
     }
 
     /// A guest read of the xAPIC page of `vcpu` (all ones if the vCPU does not exist).
     pub fn lapic_mmio_read(&mut self, vcpu: usize, offset: u64, data: &mut [u8], now: u64) {
-        if self
-            .core
-            .with(vcpu, |a| a.mmio_read(offset, data, now))
-            .is_none()
-        {
-            data.fill(0xFF);
-        }
+        ops::lapic_mmio_read(self, vcpu, offset, data, now)
     }
 
     /// A guest write to the xAPIC page of `vcpu`.
     pub fn lapic_mmio_write(&mut self, vcpu: usize, offset: u64, data: &[u8], now: u64) -> Wake {
-        self.with_apic(vcpu, now, |a| ((), a.mmio_write(offset, data, now)))
-            .map(|(_, w)| w)
-            .unwrap_or_default()
+        ops::lapic_mmio_write(self, vcpu, offset, data, now)
     }
 
     /// RDMSR on `vcpu` (#GP if the vCPU does not exist).
     pub fn lapic_msr_read(&mut self, vcpu: usize, msr: u32, now: u64) -> Result<u64, GpFault> {
-        self.core
-            .with(vcpu, |a| a.read_msr(msr, now))
-            .unwrap_or(Err(GpFault))
+        ops::lapic_msr_read(self, vcpu, msr, now)
     }
 
     /// WRMSR on `vcpu` (#GP if the vCPU does not exist).
@@ -201,70 +209,39 @@ impl Fabric {
         value: u64,
         now: u64,
     ) -> Result<Wake, GpFault> {
-        let (res, wake) = self
-            .with_apic(vcpu, now, |a| match a.write_msr(msr, value, now) {
-                Ok(fx) => (Ok(()), fx),
-                Err(e) => (Err(e), Effects::default()),
-            })
-            .ok_or(GpFault)?;
-        res.map(|()| wake)
+        ops::lapic_msr_write(self, vcpu, msr, value, now)
     }
 
-    /// Drives LINT0/LINT1 of `vcpu`.
+    /// Drives LINT0 (`pin` 0) or LINT1 (`pin` 1) of `vcpu`.
     pub fn set_lint(&mut self, vcpu: usize, pin: u8, level: bool, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        if self
-            .core
-            .with(vcpu, |a| a.set_lint(pin, level, now) && a.needs_kick())
-            == Some(true)
-        {
-            wake.push(vcpu);
-        }
-        wake
+        ops::set_lint(self, vcpu, pin, level, now)
     }
 
     /// A guest read of the IOAPIC page (`offset` from its base).
-    pub fn ioapic_mmio_read(&mut self, offset: u64, data: &mut [u8], _now: u64) {
-        self.ioapic.mmio_read(offset, data);
+    pub fn ioapic_mmio_read(&mut self, offset: u64, data: &mut [u8], now: u64) {
+        ops::ioapic_mmio_read(self, offset, data, now)
     }
 
-    /// A guest write to the IOAPIC page (`offset` from its base).
+    /// A guest write to the IOAPIC page (`offset` from its base): IOREGSEL, IOWIN,
+    /// EOI register.
     pub fn ioapic_mmio_write(&mut self, offset: u64, data: &[u8], now: u64) -> Wake {
-        let pins = self.ioapic.mmio_write(offset, data);
-        let mut wake = Wake::default();
-        self.service(pins, now, &mut wake);
-        wake.normalize();
-        wake
+        ops::ioapic_mmio_write(self, offset, data, now)
     }
 
-    /// Drives IOAPIC pin `pin` (out-of-range pins are ignored).
+    /// Drives IOAPIC pin `pin` to `level` (out-of-range pins are ignored).
     pub fn set_irq_line(&mut self, pin: u32, level: bool, now: u64) -> Wake {
-        let pins = one_pin(self.ioapic.set_line(pin, level));
-        let mut wake = Wake::default();
-        self.service(pins, now, &mut wake);
-        wake.normalize();
-        wake
+        ops::set_irq_line(self, pin, level, now)
     }
 
     /// Fires every IOAPIC level pin that is asserted, unmasked and not in service
     /// (after importing IOAPIC state).
     pub fn ioapic_service(&mut self, now: u64) -> Wake {
-        let pins = self.ioapic.pending();
-        let mut wake = Wake::default();
-        self.service(pins, now, &mut wake);
-        wake.normalize();
-        wake
+        ops::ioapic_service(self, now)
     }
 
-    /// An MSI write (see [`crate::msi`]).
+    /// An MSI write (see [`crate::msi`]); malformed messages are refused.
     pub fn msi(&mut self, address: u64, data: u32, now: u64) -> Result<Wake, MsiError> {
-        let msi = Msi::decode(address, data)?;
-        let mut wake = Wake::default();
-        if let Some(m) = msi.message() {
-            self.core.route(&m, None, now, &mut wake);
-        }
-        wake.normalize();
-        Ok(wake)
+        ops::msi(self, address, data, now)
     }
 
     /// Runs `f` on the IOAPIC (state export/import). Nothing is sent; call
@@ -275,15 +252,12 @@ impl Fabric {
 
     /// Takes `vcpu`'s pending non-vectored events.
     pub fn take_events(&mut self, vcpu: usize) -> Option<Events> {
-        self.core.with(vcpu, |a| a.take_events())
+        ops::take_events(self, vcpu)
     }
 
-    /// The architectural state of every APIC and the IOAPIC (issue: migration).
+    /// The architectural state of every APIC and the IOAPIC (for migration).
     pub fn export(&self) -> FabricState {
-        FabricState {
-            apics: self.core.apics.iter().map(LocalApic::export).collect(),
-            ioapic: self.ioapic.export(),
-        }
+        ops::export(self)
     }
 
     /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
@@ -291,25 +265,7 @@ impl Fabric {
     /// asserted level lines with remote IRR clear are re-delivered, and the returned
     /// [`Wake`] names every vCPU with something to take.
     pub fn import(&mut self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
-        let cfgs: Vec<LapicConfig> = self.core.apics.iter().map(|a| *a.config()).collect();
-        check_fabric_import(state, &cfgs, &self.ioapic)?;
-        for (i, s) in state.apics.iter().enumerate() {
-            let r = self.core.with(i, |a| a.import(s, now));
-            if let Some(Err(error)) = r {
-                return Err(FabricError::Apic { index: i, error });
-            }
-        }
-        self.ioapic
-            .import(&state.ioapic)
-            .map_err(FabricError::IoApic)?;
-        let mut wake = self.ioapic_service(now);
-        for i in 0..self.core.apics.len() {
-            if self.core.with(i, |a| a.needs_kick()) == Some(true) {
-                wake.push(i);
-            }
-        }
-        wake.normalize();
-        Ok(wake)
+        ops::import(self, state, now)
     }
 
     /// The routing map currently in use (rebuilt first if stale).

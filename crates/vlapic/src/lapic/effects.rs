@@ -15,13 +15,13 @@ pub struct Effects {
     pub ipi: Option<IpiMessage>,
     /// A level-triggered vector was EOI'd: broadcast it to the IOAPIC(s).
     pub eoi: Option<u8>,
-    /// The timer was written: re-read [`LocalApic::next_timer_deadline`].
+    /// The timer was written: re-read [`LocalApic::next_timer_deadline`](crate::LocalApic::next_timer_deadline).
     pub timer_changed: bool,
     /// ID, LDR, DFR, software enable, mode or base changed: routing tables are stale.
     pub routing_changed: bool,
 }
 
-/// Non-vectored events waiting for the vCPU, taken with [`LocalApic::take_events`].
+/// Non-vectored events waiting for the vCPU, taken with [`LocalApic::take_events`](crate::LocalApic::take_events).
 ///
 /// Non-exhaustive: start from `Default` and set fields, or use the `with_*` methods.
 ///

@@ -287,7 +287,7 @@ impl LocalApic {
     }
 
     /// Checks the verifier's whole shadow stack against ISR now (the per-step checks
-    /// are O(1); see [`Verifier::audit`]). Returns whether it held; a violation is
+    /// are O(1); see the [`verifier`](crate::verifier) module). Returns whether it held; a violation is
     /// recorded as usual. Does nothing (and returns true) while the verifier is off.
     #[cfg(feature = "verify")]
     pub fn audit_verifier(&mut self) -> bool {

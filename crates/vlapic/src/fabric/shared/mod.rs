@@ -2,10 +2,10 @@
 //! one for the IOAPIC; all routing goes through the shared core.
 
 use super::core::*;
+use super::ops::{self, Backend};
 use super::{FabricConfig, IoApic, MsiError, Wake};
 use crate::ioapic::PinSet;
-use crate::lapic::{Effects, Events, GpFault, LapicConfig, LocalApic};
-use crate::msi::Msi;
+use crate::lapic::{Effects, Events, GpFault, LocalApic};
 use crate::routing::{ApicView, Message, RouteMap};
 use crate::state::{FabricError, FabricState};
 use alloc::vec::Vec;
@@ -132,78 +132,84 @@ impl SharedFabric {
         }
         r.accepted
     }
+}
 
-    /// Services IOAPIC pins; the IOAPIC lock is held across routing so that
-    /// remote IRR is set before any EOI for the interrupt can be processed.
-    fn service(&self, io: &mut IoApic, pins: PinSet, now: u64, wake: &mut Wake) {
-        service_pins(io, pins, |m| self.route(m, None, now, wake));
+impl Backend for &SharedFabric {
+    fn len(&self) -> usize {
+        self.apics.len()
     }
 
-    /// Locks vCPU `vcpu`'s APIC, runs `f`, releases it, then routes the
-    /// [`Effects`] `f` returned: the IPI, the EOI broadcast to the IOAPIC. The
-    /// routing map follows any ID/LDR/DFR/enable/mode change `f` made. `None` if
-    /// the vCPU does not exist. The caller's own vCPU appears in the [`Wake`]
-    /// only if routing delivered to it (e.g. an all-including-self IPI); the
-    /// caller re-checks its own APIC anyway. `f` must not call into the fabric.
+    fn ioapic_base(&self) -> u64 {
+        self.ioapic_base
+    }
+
+    fn apic<R>(&mut self, vcpu: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R> {
+        self.locked(vcpu, f)
+    }
+
+    fn read<R>(&self, vcpu: usize, f: impl FnOnce(&LocalApic) -> R) -> Option<R> {
+        Some(f(&lock(self.apics.get(vcpu)?).apic))
+    }
+
+    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
+        SharedFabric::route(self, msg, sender, now, wake)
+    }
+
+    fn ioapic<R>(
+        &mut self,
+        now: u64,
+        wake: &mut Wake,
+        f: impl FnOnce(&mut IoApic) -> (R, PinSet),
+    ) -> R {
+        let mut io = lock(&self.ioapic);
+        let (r, pins) = f(&mut io);
+        service_pins(&mut io, pins, |m| {
+            SharedFabric::route(self, m, None, now, wake)
+        });
+        r
+    }
+
+    fn read_ioapic<R>(&self, f: impl FnOnce(&IoApic) -> R) -> R {
+        f(&lock(&self.ioapic))
+    }
+}
+
+/// The operations of [`Fabric`](super::Fabric), through `&self` from any vCPU
+/// thread; each is documented there, with the locking noted here where it matters.
+impl SharedFabric {
+    /// [`Fabric::with_apic`](super::Fabric::with_apic): locks vCPU `vcpu`'s APIC,
+    /// runs `f`, releases the lock, then routes the [`Effects`] `f` returned. `f`
+    /// runs under the lock and must not call into the fabric.
     pub fn with_apic<R>(
         &self,
         vcpu: usize,
         now: u64,
         f: impl FnOnce(&mut LocalApic) -> (R, Effects),
     ) -> Option<(R, Wake)> {
-        let (r, fx) = self.locked(vcpu, f)?;
-        Some((r, self.effects(vcpu, fx, now)))
+        ops::with_apic(&mut &*self, vcpu, now, f)
     }
 
-    fn effects(&self, vcpu: usize, fx: Effects, now: u64) -> Wake {
-        let mut wake = Wake {
-            timer_changed: fx.timer_changed,
-            ..Wake::default()
-        };
-        if let Some(ipi) = fx.ipi {
-            self.route(&Message::from(ipi), Some(vcpu), now, &mut wake);
-        }
-        if let Some(v) = fx.eoi {
-            let mut io = lock(&self.ioapic);
-            let pins = io.eoi(v);
-            self.service(&mut io, pins, now, &mut wake);
-        }
-        wake.normalize();
-        wake
-    }
-
-    /// Routes a message that no APIC sent (a platform NMI, a test, a benchmark).
+    /// [`Fabric::send`](super::Fabric::send).
     pub fn send(&self, msg: &Message, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        self.route(msg, None, now, &mut wake);
-        wake.normalize();
-        wake
+        ops::send(&mut &*self, msg, now)
     }
 
-    /// A guest read of the xAPIC page of `vcpu` (all ones if the vCPU does not exist).
+    /// [`Fabric::lapic_mmio_read`](super::Fabric::lapic_mmio_read).
     pub fn lapic_mmio_read(&self, vcpu: usize, offset: u64, data: &mut [u8], now: u64) {
-        if self
-            .locked(vcpu, |a| a.mmio_read(offset, data, now))
-            .is_none()
-        {
-            data.fill(0xFF);
-        }
+        ops::lapic_mmio_read(&mut &*self, vcpu, offset, data, now)
     }
 
-    /// A guest write to the xAPIC page of `vcpu`.
+    /// [`Fabric::lapic_mmio_write`](super::Fabric::lapic_mmio_write).
     pub fn lapic_mmio_write(&self, vcpu: usize, offset: u64, data: &[u8], now: u64) -> Wake {
-        self.with_apic(vcpu, now, |a| ((), a.mmio_write(offset, data, now)))
-            .map(|(_, w)| w)
-            .unwrap_or_default()
+        ops::lapic_mmio_write(&mut &*self, vcpu, offset, data, now)
     }
 
-    /// RDMSR on `vcpu` (#GP if the vCPU does not exist).
+    /// [`Fabric::lapic_msr_read`](super::Fabric::lapic_msr_read).
     pub fn lapic_msr_read(&self, vcpu: usize, msr: u32, now: u64) -> Result<u64, GpFault> {
-        self.locked(vcpu, |a| a.read_msr(msr, now))
-            .unwrap_or(Err(GpFault))
+        ops::lapic_msr_read(&mut &*self, vcpu, msr, now)
     }
 
-    /// WRMSR on `vcpu` (#GP if the vCPU does not exist).
+    /// [`Fabric::lapic_msr_write`](super::Fabric::lapic_msr_write).
     pub fn lapic_msr_write(
         &self,
         vcpu: usize,
@@ -211,125 +217,61 @@ impl SharedFabric {
         value: u64,
         now: u64,
     ) -> Result<Wake, GpFault> {
-        let (res, wake) = self
-            .with_apic(vcpu, now, |a| match a.write_msr(msr, value, now) {
-                Ok(fx) => (Ok(()), fx),
-                Err(e) => (Err(e), Effects::default()),
-            })
-            .ok_or(GpFault)?;
-        res.map(|()| wake)
+        ops::lapic_msr_write(&mut &*self, vcpu, msr, value, now)
     }
 
-    /// A guest read of the IOAPIC page (`offset` from its base).
-    pub fn ioapic_mmio_read(&self, offset: u64, data: &mut [u8], _now: u64) {
-        lock(&self.ioapic).mmio_read(offset, data);
+    /// [`Fabric::ioapic_mmio_read`](super::Fabric::ioapic_mmio_read).
+    pub fn ioapic_mmio_read(&self, offset: u64, data: &mut [u8], now: u64) {
+        ops::ioapic_mmio_read(&mut &*self, offset, data, now)
     }
 
-    /// A guest write to the IOAPIC page (`offset` from its base): IOREGSEL, IOWIN,
-    /// EOI register.
+    /// [`Fabric::ioapic_mmio_write`](super::Fabric::ioapic_mmio_write). The IOAPIC
+    /// lock is held across routing, so remote IRR is set before any EOI for the
+    /// interrupt can be processed.
     pub fn ioapic_mmio_write(&self, offset: u64, data: &[u8], now: u64) -> Wake {
-        let mut wake = Wake::default();
-        let mut io = lock(&self.ioapic);
-        let pins = io.mmio_write(offset, data);
-        self.service(&mut io, pins, now, &mut wake);
-        drop(io);
-        wake.normalize();
-        wake
+        ops::ioapic_mmio_write(&mut &*self, offset, data, now)
     }
 
-    /// Drives IOAPIC pin `pin` to `level` (out-of-range pins are ignored).
+    /// [`Fabric::set_irq_line`](super::Fabric::set_irq_line).
     pub fn set_irq_line(&self, pin: u32, level: bool, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        let mut io = lock(&self.ioapic);
-        let pins = one_pin(io.set_line(pin, level));
-        self.service(&mut io, pins, now, &mut wake);
-        drop(io);
-        wake.normalize();
-        wake
+        ops::set_irq_line(&mut &*self, pin, level, now)
     }
 
-    /// Fires every IOAPIC level pin that is asserted, unmasked and not in service
-    /// (after importing IOAPIC state).
+    /// [`Fabric::ioapic_service`](super::Fabric::ioapic_service).
     pub fn ioapic_service(&self, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        let mut io = lock(&self.ioapic);
-        let pins = io.pending();
-        self.service(&mut io, pins, now, &mut wake);
-        drop(io);
-        wake.normalize();
-        wake
+        ops::ioapic_service(&mut &*self, now)
     }
 
-    /// An MSI write (see [`crate::msi`]); malformed messages are refused.
+    /// [`Fabric::msi`](super::Fabric::msi).
     pub fn msi(&self, address: u64, data: u32, now: u64) -> Result<Wake, MsiError> {
-        let msi = Msi::decode(address, data)?;
-        let mut wake = Wake::default();
-        if let Some(m) = msi.message() {
-            self.route(&m, None, now, &mut wake);
-        }
-        wake.normalize();
-        Ok(wake)
+        ops::msi(&mut &*self, address, data, now)
     }
 
-    /// Drives LINT0 (`pin` 0) or LINT1 (`pin` 1) of `vcpu`.
+    /// [`Fabric::set_lint`](super::Fabric::set_lint).
     pub fn set_lint(&self, vcpu: usize, pin: u8, level: bool, now: u64) -> Wake {
-        let mut wake = Wake::default();
-        if self.locked(vcpu, |a| a.set_lint(pin, level, now) && a.needs_kick()) == Some(true) {
-            wake.push(vcpu);
-        }
-        wake
+        ops::set_lint(&mut &*self, vcpu, pin, level, now)
     }
 
-    /// Runs `f` on the IOAPIC under its lock (state export/import). Nothing is
-    /// sent; call [`SharedFabric::ioapic_service`] after an import.
+    /// [`Fabric::with_ioapic`](super::Fabric::with_ioapic), under the IOAPIC lock.
+    /// Nothing is sent; call [`SharedFabric::ioapic_service`] after an import.
     pub fn with_ioapic<R>(&self, f: impl FnOnce(&mut IoApic) -> R) -> R {
         f(&mut lock(&self.ioapic))
     }
 
-    /// Takes `vcpu`'s pending non-vectored events.
+    /// [`Fabric::take_events`](super::Fabric::take_events).
     pub fn take_events(&self, vcpu: usize) -> Option<Events> {
-        self.locked(vcpu, |a| a.take_events())
+        ops::take_events(&mut &*self, vcpu)
     }
 
-    /// The architectural state of every APIC and the IOAPIC. Each APIC is locked
-    /// in turn: pause the vCPUs first for a consistent snapshot.
+    /// [`Fabric::export`](super::Fabric::export). Each APIC is locked in turn: pause
+    /// the vCPUs first for a consistent snapshot.
     pub fn export(&self) -> FabricState {
-        let apics = (0..self.apics.len())
-            .filter_map(|i| self.locked(i, |a| a.export()))
-            .collect();
-        FabricState {
-            apics,
-            ioapic: lock(&self.ioapic).export(),
-        }
+        ops::export(&self)
     }
 
-    /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
-    /// error nothing changes. The vCPUs must be paused. Returns the vCPUs with
-    /// something to take (after re-delivering asserted level lines).
+    /// [`Fabric::import`](super::Fabric::import). The vCPUs must be paused.
     pub fn import(&self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
-        let cfgs: Vec<LapicConfig> = (0..self.apics.len())
-            .filter_map(|i| self.locked(i, |a| *a.config()))
-            .collect();
-        {
-            let io = lock(&self.ioapic);
-            check_fabric_import(state, &cfgs, &io)?;
-        }
-        for (i, s) in state.apics.iter().enumerate() {
-            if let Some(Err(error)) = self.locked(i, |a| a.import(s, now)) {
-                return Err(FabricError::Apic { index: i, error });
-            }
-        }
-        lock(&self.ioapic)
-            .import(&state.ioapic)
-            .map_err(FabricError::IoApic)?;
-        let mut wake = self.ioapic_service(now);
-        for i in 0..self.apics.len() {
-            if self.locked(i, |a| a.needs_kick()) == Some(true) {
-                wake.push(i);
-            }
-        }
-        wake.normalize();
-        Ok(wake)
+        ops::import(&mut &*self, state, now)
     }
 
     /// The routing map currently published (rebuilt first if stale).
