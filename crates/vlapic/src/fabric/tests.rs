@@ -1,4 +1,5 @@
-//! Unit tests of the routing core: lowest-priority retry when the winner refuses.
+//! Unit tests of the routing core that need its internals: lowest-priority arbitration
+//! retried when the winner refuses (disabled between arbitration and delivery).
 
 use super::core::*;
 use super::single::*;

@@ -1,8 +1,13 @@
-//! One local APIC: interrupt arrival, acceptance and EOI, priority, LVTs, ESR,
-//! IA32_APIC_BASE and resets. PPR and the EOI vector come from ISR0–7 alone.
+//! One local APIC ([`LocalApic`]): its state, identity, priority and time; the rest
+//! of its behaviour lives in the submodules, one concept each. PPR and the EOI vector
+//! come from ISR0–7 alone.
 //!
-//! The xAPIC page (`mmio.rs`) and the x2APIC MSRs ([`crate::x2apic`]) are
-//! two access paths onto the register semantics defined here.
+//! * `config`: [`LapicConfig`], [`ApicMode`], [`GpFault`];
+//! * `effects`: what operations report back ([`Effects`], [`Events`], [`Stats`]);
+//! * `accept`: interrupt arrival, acceptance and EOI, LINT/LVT sources, ESR, IPIs;
+//! * `registers`: register semantics, shared by the xAPIC page (`mmio.rs`) and the
+//!   x2APIC MSRs ([`crate::x2apic`]);
+//! * `apic_base`: IA32_APIC_BASE and the resets.
 
 mod accept;
 mod apic_base;
