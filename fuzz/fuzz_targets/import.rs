@@ -13,10 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    let cfg = LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    };
+    let cfg = LapicConfig::default().with_verify(true);
     let sized = |n: usize| {
         let mut v = rest.to_vec();
         v.resize(n, 0);

@@ -29,11 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let mut d = data;
     let Some([mode]) = take::<1>(&mut d) else { return };
     let x2 = mode & 1 != 0;
-    let mut a = LocalApic::new(LapicConfig {
-        mode: if x2 { ApicMode::X2Apic } else { ApicMode::XApic },
-        verify: true,
-        ..LapicConfig::default()
-    });
+    let mut a = LocalApic::new(LapicConfig::default().with_mode(if x2 { ApicMode::X2Apic } else { ApicMode::XApic }).with_verify(true));
     let mut cfg = FabricConfig::with_vcpus(3);
     for c in cfg.apics.iter_mut() {
         c.verify = true;

@@ -891,10 +891,7 @@ struct ReplayFailure {
 /// Runs a trace; events go to `out`, and at the end (also after a failure) the
 /// verifier's summary.
 fn replay_trace(path: &Path, text: &str, out: &mut Replay) -> Result<(), ReplayFailure> {
-    let cfg = LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    };
+    let cfg = LapicConfig::default().with_verify(true);
     let mut apic = LocalApic::new(cfg);
     let r = replay_lines(path, text, &mut apic, out);
     let ver = apic.verifier();

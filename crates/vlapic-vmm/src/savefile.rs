@@ -195,13 +195,12 @@ fn decode_vcpu(r: &mut Reader<'_>, want: u32) -> Result<SavedVcpu, String> {
     if r.u8()? != 0 {
         return Err(r.err(format!("vCPU {index}: reserved byte not 0")));
     }
-    let events = Events {
-        nmi: (bits & 1) + ((bits >> 5) & 1),
-        smi: bits & 2 != 0,
-        init: bits & 4 != 0,
-        extint: bits & 8 != 0,
-        sipi: (bits & 16 != 0).then_some(vector),
-    };
+    let events = Events::default()
+        .with_nmi((bits & 1) + ((bits >> 5) & 1))
+        .with_smi(bits & 2 != 0)
+        .with_init(bits & 4 != 0)
+        .with_extint(bits & 8 != 0)
+        .with_sipi((bits & 16 != 0).then_some(vector));
     Ok(SavedVcpu {
         run,
         events,
@@ -287,11 +286,18 @@ impl SaveFile {
         encode_stats(&mut s, &self.stats);
         w.section(SECTIONS[5], &s.buf);
         let mut d = Writer::default();
+        // Every field is named (no `..`): a new one does not compile unencoded.
+        let DevicesState {
+            serial_regs,
+            serial_in,
+            fw_key,
+            fw_pos,
+        } = &self.devices;
         w.section(SECTIONS[6], &{
-            d.raw(&self.devices.serial_regs);
-            d.bytes(&self.devices.serial_in);
-            d.u16(self.devices.fw_key);
-            d.u64(self.devices.fw_pos);
+            d.raw(serial_regs);
+            d.bytes(serial_in);
+            d.u16(*fw_key);
+            d.u64(*fw_pos);
             d.buf
         });
         let total = (w.buf.len() + 4) as u64;
@@ -703,11 +709,7 @@ mod tests {
         });
         let v = SavedVcpu {
             run: RunState::Halted(true),
-            events: Events {
-                nmi: 2,
-                sipi: Some(0x9),
-                ..Events::default()
-            },
+            events: Events::default().with_nmi(2).with_sipi(Some(0x9)),
             interrupts: 7,
             nmis: 1,
             sipis: 1,

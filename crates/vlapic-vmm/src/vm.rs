@@ -293,20 +293,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let mut fabric_cfg = FabricConfig::with_vcpus(n);
     fabric_cfg.ioapic_id = n as u8;
     fabric_cfg.apics = (0..n)
-        .map(|i| LapicConfig {
-            apic_id: i as u32,
-            bsp: i == 0,
-            mode: if x2apic {
-                ApicMode::X2Apic
-            } else {
-                ApicMode::XApic
-            },
-            x2apic: true,
-            tsc_deadline: true,
-            cmci: !kvm_model,
-            eoi_broadcast_suppression: !kvm_model,
-            verify,
-            ..LapicConfig::default()
+        .map(|i| {
+            LapicConfig::default()
+                .with_apic_id(i as u32)
+                .with_bsp(i == 0)
+                .with_mode(if x2apic {
+                    ApicMode::X2Apic
+                } else {
+                    ApicMode::XApic
+                })
+                .with_x2apic(true)
+                .with_tsc_deadline(true)
+                .with_verify(verify)
+                .with_cmci(!kvm_model)
+                .with_eoi_broadcast_suppression(!kvm_model)
         })
         .collect();
     let make_vcpu = |vm: &VmFd, i: usize| -> Result<VcpuFd, String> {

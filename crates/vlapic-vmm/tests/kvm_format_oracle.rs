@@ -57,19 +57,17 @@ fn in_kernel_vm(kvm: &Kvm) -> (VmFd, VcpuFd) {
 /// KVM's APIC model as a vlapic configuration: version 0x50014 (no CMCI, no
 /// directed EOI with a full in-kernel irqchip), x2APIC and TSC-deadline capable.
 fn kvm_model(tsc_hz: u64) -> LapicConfig {
-    LapicConfig {
-        apic_id: 0,
-        bsp: true,
-        cmci: false,
-        eoi_broadcast_suppression: false,
-        x2apic: true,
-        tsc_deadline: true,
-        clock: TimerClock {
+    LapicConfig::default()
+        .with_apic_id(0)
+        .with_bsp(true)
+        .with_cmci(false)
+        .with_eoi_broadcast_suppression(false)
+        .with_x2apic(true)
+        .with_tsc_deadline(true)
+        .with_clock(TimerClock {
             bus_cycle_ns: 1,
             tsc_hz,
-        },
-        ..LapicConfig::default()
-    }
+        })
 }
 
 fn set_msr(fd: &VcpuFd, index: u32, data: u64) -> bool {

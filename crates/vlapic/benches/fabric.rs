@@ -11,17 +11,14 @@ const SIZES: [usize; 3] = [1, 64, 1024];
 
 fn vm(n: usize) -> SharedFabric {
     let apics = (0..n)
-        .map(|i| LapicConfig {
-            mode: ApicMode::X2Apic,
-            ..LapicConfig::with_id(i as u32)
-        })
+        .map(|i| LapicConfig::with_id(i as u32).with_mode(ApicMode::X2Apic))
         .collect();
-    let f = SharedFabric::new(FabricConfig {
-        apics,
-        ioapic_pins: 24,
-        ioapic_id: 0,
-        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
-    });
+    let f = SharedFabric::new(
+        FabricConfig::from_apics(apics)
+            .with_ioapic_pins(24)
+            .with_ioapic_id(0)
+            .with_ioapic_base(vlapic::ioapic::IoApic::DEFAULT_BASE),
+    );
     for i in 0..n {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();
     }

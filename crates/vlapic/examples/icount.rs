@@ -65,13 +65,12 @@ fn cycle(depth: u8, verify: bool, n: u64) {
 
 fn fabric(n_vcpus: usize, x2apic: bool) -> SharedFabric {
     let apics = (0..n_vcpus)
-        .map(|i| LapicConfig {
-            mode: if x2apic {
+        .map(|i| {
+            LapicConfig::with_id(i as u32).with_mode(if x2apic {
                 ApicMode::X2Apic
             } else {
                 ApicMode::XApic
-            },
-            ..LapicConfig::with_id(i as u32)
+            })
         })
         .collect();
     let mut cfg = FabricConfig::with_vcpus(n_vcpus);

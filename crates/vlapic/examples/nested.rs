@@ -24,10 +24,7 @@ fn show(step: &str, a: &LocalApic) {
 }
 
 fn main() {
-    let mut a = LocalApic::new(LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    });
+    let mut a = LocalApic::new(LapicConfig::default().with_verify(true));
     let _ = a.write_register(SVR, 0x1FF, 0);
     show("software-enabled", &a);
 

@@ -75,7 +75,7 @@ impl IpiMessage {
 
 /// What an ICR value asks for, once decoded and checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IcrCommand {
+pub(crate) enum IcrCommand {
     /// A message to route.
     Send(IpiMessage),
     /// A fixed interrupt to the sender itself (shorthand self).
@@ -89,7 +89,7 @@ pub enum IcrCommand {
 
 /// Why an ICR write sent nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DropReason {
+pub(crate) enum DropReason {
     /// Delivery mode 011 or 111 (reserved in the ICR).
     ReservedMode,
     /// INIT level de-assert (P6-era arbitration-ID sync; ignored since the Pentium 4).
@@ -107,7 +107,7 @@ pub enum DropReason {
 /// Interrupt Command Register"): the trigger mode is ignored except for INIT
 /// de-assert, so a level-assert fixed IPI is sent as edge; lowest priority, SMI,
 /// NMI, INIT and SIPI may not use the self or all-including-self shorthands.
-pub fn decode(icr: u64, x2apic: bool) -> IcrCommand {
+pub(crate) fn decode(icr: u64, x2apic: bool) -> IcrCommand {
     let vector = (icr & 0xFF) as u8;
     let Some(mode) = DeliveryMode::from_bits((icr >> 8) as u32) else {
         return IcrCommand::Dropped(DropReason::ReservedMode);

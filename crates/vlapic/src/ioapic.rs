@@ -108,13 +108,13 @@ impl PinSet {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IoApic {
     /// APIC ID, 4 bits (register bits 27:24).
-    id: u8,
+    pub(crate) id: u8,
     /// IOREGSEL.
-    select: u8,
+    pub(crate) select: u8,
     /// Redirection entries as stored (delivery status never stored).
-    entries: Vec<u64>,
+    pub(crate) entries: Vec<u64>,
     /// Electrical level of each pin (`true` = high).
-    levels: Vec<bool>,
+    pub(crate) levels: Vec<bool>,
 }
 
 impl IoApic {

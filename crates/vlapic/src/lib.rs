@@ -53,6 +53,34 @@
 //! Items that need a feature say so in their documentation (on docs.rs, which builds
 //! with every feature, as a "feature" badge).
 //!
+//! # What is stable
+//!
+//! Everything public is covered by semantic versioning from 0.1: the names, the
+//! signatures and the documented behaviour. Within that:
+//!
+//! * Types that will grow are `#[non_exhaustive]`: the configuration and result
+//!   structs ([`LapicConfig`], [`Effects`], [`Events`], [`Stats`],
+//!   [`fabric::FabricConfig`], [`EntryPlan`]) and the error and classification enums
+//!   ([`state::ImportError`], [`state::Field`], [`state::native::Kind`],
+//!   `verifier::ViolationKind` (feature `verify`), ...).
+//!   Build the structs with their constructors and `with_*` methods
+//!   (`LapicConfig::with_id(3).with_mode(ApicMode::X2Apic)`,
+//!   `FabricConfig::with_vcpus(n).with_ioapic_id(2)`, `Events::default()`), read
+//!   and assign their public fields, and match the enums with a `_` arm; new fields
+//!   and variants arrive in minor versions.
+//! * The saved-state types ([`state::LapicState`], [`state::fabric::IoApicState`],
+//!   [`state::fabric::FabricState`]) are exhaustive on purpose: a field is a format
+//!   change, made with a format version ([`state::native::FORMAT_VERSION`]).
+//! * The register and bit constants (`regs`, `lvt`, `icr`, `ioapic`) are the SDM's
+//!   and 82093AA's values and do not change.
+//! * Not API: anything `#[doc(hidden)]` or private — the register decoder, the
+//!   routing views and map construction, the ICR decoder, the verifier's internal
+//!   stack operations, and the test oracles.
+//!
+//! One way in for each job: an APIC is built with [`LocalApic::new`], a VM with
+//! [`fabric::Fabric::new`] or `fabric::SharedFabric::new`; guest accesses go through
+//! the MMIO/MSR methods; saved state through `export`/`import` and [`state`]'s codecs.
+//!
 //! # Minimum supported Rust version
 //!
 //! Rust 1.85. Raising it is a minor-version change.

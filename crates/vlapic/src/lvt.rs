@@ -55,21 +55,8 @@ impl Lvt {
         self as usize
     }
 
-    /// The register holding this entry.
-    pub const fn reg(self) -> Reg {
-        match self {
-            Lvt::Cmci => Reg::LvtCmci,
-            Lvt::Timer => Reg::LvtTimer,
-            Lvt::Thermal => Reg::LvtThermal,
-            Lvt::Perf => Reg::LvtPerf,
-            Lvt::Lint0 => Reg::LvtLint0,
-            Lvt::Lint1 => Reg::LvtLint1,
-            Lvt::Error => Reg::LvtError,
-        }
-    }
-
     /// The entry behind a register, if it is an LVT register.
-    pub const fn from_reg(reg: Reg) -> Option<Lvt> {
+    pub(crate) const fn from_reg(reg: Reg) -> Option<Lvt> {
         Some(match reg {
             Reg::LvtCmci => Lvt::Cmci,
             Reg::LvtTimer => Lvt::Timer,

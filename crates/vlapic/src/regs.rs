@@ -71,7 +71,7 @@ pub const DCR_MASK: u32 = 0xB;
 
 /// An architectural local APIC register, named independently of its access path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reg {
+pub(crate) enum Reg {
     /// 0x020 Local APIC ID.
     Id,
     /// 0x030 Local APIC version.
@@ -184,6 +184,7 @@ impl Reg {
     }
 
     /// The register's offset in the APIC page.
+    #[cfg(test)]
     pub fn offset(self) -> u16 {
         match self {
             Reg::Id => 0x020,
@@ -217,6 +218,7 @@ impl Reg {
     }
 
     /// The x2APIC MSR number of this register (`0x800 + offset / 16`).
+    #[cfg(test)]
     pub fn x2apic_msr(self) -> u32 {
         MSR_X2APIC_FIRST + u32::from(self.offset() >> 4)
     }

@@ -14,7 +14,7 @@
 //! and the stack's vectors as a [`VectorSet`]. With no such pair the stack is
 //! strictly ascending, so it equals ISR's bits in ascending order exactly when that
 //! set equals ISR: one 256-bit comparison instead of a walk. The walk itself remains
-//! as [`Verifier::audit`], run on restore (rebuild) and on demand, and
+//! as [`LocalApic::audit_verifier`](crate::LocalApic::audit_verifier), run on restore (rebuild) and on demand, and
 //! [`Verifier::is_consistent`] re-derives both values from the stack for the tests.
 
 use crate::priority::class;
@@ -25,6 +25,7 @@ pub const MAX_DEPTH: usize = 15;
 
 /// What went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ViolationKind {
     /// An accept would push a 16th vector.
     Overflow,
@@ -40,6 +41,7 @@ pub enum ViolationKind {
 
 /// Which operation triggered the check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Checkpoint {
     /// An interrupt moved from IRR to ISR.
     Accept,
@@ -86,7 +88,7 @@ pub struct Verifier {
 
 impl Verifier {
     /// A verifier, enabled or not.
-    pub fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool) -> Self {
         Self {
             enabled,
             ..Self::default()
@@ -99,7 +101,7 @@ impl Verifier {
     }
 
     /// Turns checking on (rebuilding the shadow from `isr`) or off.
-    pub fn set_enabled(&mut self, on: bool, isr: &VectorSet) {
+    pub(crate) fn set_enabled(&mut self, on: bool, isr: &VectorSet) {
         self.enabled = on;
         if on {
             self.rebuild(isr);
@@ -141,7 +143,7 @@ impl Verifier {
     }
 
     /// Clears the counters and records (not the shadow).
-    pub fn clear_counters(&mut self, isr: &VectorSet) {
+    pub(crate) fn clear_counters(&mut self, isr: &VectorSet) {
         self.violations = 0;
         self.first = None;
         self.last = None;
@@ -154,7 +156,7 @@ impl Verifier {
     /// Rebuilds the shadow from ISR alone: its bits in ascending order. ISR holding
     /// two vectors of one class (impossible through accept, possible only through a
     /// bad restore) is reported as a class-order violation.
-    pub fn rebuild(&mut self, isr: &VectorSet) {
+    pub(crate) fn rebuild(&mut self, isr: &VectorSet) {
         if !self.enabled {
             return;
         }
@@ -167,7 +169,7 @@ impl Verifier {
     /// step made before issue 14): classes strictly increase and the stack equals
     /// ISR's bits in ascending order. A violation is recorded as a restore-time one.
     /// Returns whether the invariant held (true while disabled).
-    pub fn audit(&mut self, isr: &VectorSet) -> bool {
+    pub(crate) fn audit(&mut self, isr: &VectorSet) -> bool {
         !self.enabled || self.audit_at(isr, Checkpoint::Restore)
     }
 
@@ -218,7 +220,7 @@ impl Verifier {
 
     /// An interrupt was accepted; `isr` is ISR after the accept.
     #[inline(always)]
-    pub fn on_accept(&mut self, vector: u8, isr: &VectorSet) {
+    pub(crate) fn on_accept(&mut self, vector: u8, isr: &VectorSet) {
         if self.enabled {
             self.accept_checked(vector, isr);
         }
@@ -257,7 +259,7 @@ impl Verifier {
 
     /// An EOI retired `vector`; `isr` is ISR after the EOI.
     #[inline(always)]
-    pub fn on_eoi(&mut self, vector: u8, isr: &VectorSet) {
+    pub(crate) fn on_eoi(&mut self, vector: u8, isr: &VectorSet) {
         if self.enabled {
             self.eoi_checked(vector, isr);
         }
@@ -291,7 +293,7 @@ impl Verifier {
     }
 
     /// TPR changed: re-check the invariants.
-    pub fn on_tpr_change(&mut self, isr: &VectorSet) {
+    pub(crate) fn on_tpr_change(&mut self, isr: &VectorSet) {
         if self.enabled {
             self.check(isr, Checkpoint::TprChange, None);
         }

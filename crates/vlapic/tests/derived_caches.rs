@@ -83,10 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn cfg() -> LapicConfig {
-    LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    }
+    LapicConfig::default().with_verify(true)
 }
 
 /// Runs `op` on `a`. `shadow` is a second APIC that sees only legal traffic; its

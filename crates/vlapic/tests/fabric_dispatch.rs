@@ -78,10 +78,7 @@ fn ioapic_page() {
         .is_some());
     assert_eq!(read32(&f, 0, IOAPIC_PAGE + 0x10), Some(0x0017_0020));
     // Configurable base: the default page is then nobody's.
-    let g = SharedFabric::new(FabricConfig {
-        ioapic_base: 0xFEC0_1000,
-        ..FabricConfig::with_vcpus(1)
-    });
+    let g = SharedFabric::new(FabricConfig::with_vcpus(1).with_ioapic_base(0xFEC0_1000));
     assert_eq!(FabricConfig::default().ioapic_base, IoApic::DEFAULT_BASE);
     assert!(g
         .mmio_write(0, 0xFEC0_1000, &1u32.to_le_bytes(), 0)

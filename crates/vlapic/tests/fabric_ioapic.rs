@@ -78,10 +78,7 @@ fn id_version_arbitration() {
     assert_eq!(read_reg(&f, 0x01), 0x0017_0020);
     assert_eq!(f.with_ioapic(|io| io.id()), 0xF);
     // Pin count is configurable; the version register follows.
-    let g = SharedFabric::new(FabricConfig {
-        ioapic_pins: 48,
-        ..FabricConfig::with_vcpus(1)
-    });
+    let g = SharedFabric::new(FabricConfig::with_vcpus(1).with_ioapic_pins(48));
     assert_eq!(read_reg(&g, 0x01), 0x002F_0020);
     // Entries beyond the last pin and unimplemented registers read 0, ignore writes.
     assert_eq!(read_reg(&f, 0x10 + 2 * 24), 0);

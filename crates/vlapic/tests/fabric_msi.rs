@@ -87,17 +87,14 @@ fn level_deassert_sends_nothing() {
 fn extended_msi_routes_to_high_ids() {
     let apics = [0u32, 300, 0x7FFF]
         .iter()
-        .map(|&id| LapicConfig {
-            mode: ApicMode::X2Apic,
-            ..LapicConfig::with_id(id)
-        })
+        .map(|&id| LapicConfig::with_id(id).with_mode(ApicMode::X2Apic))
         .collect();
-    let f = SharedFabric::new(FabricConfig {
-        apics,
-        ioapic_pins: 24,
-        ioapic_id: 0,
-        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
-    });
+    let f = SharedFabric::new(
+        FabricConfig::from_apics(apics)
+            .with_ioapic_pins(24)
+            .with_ioapic_id(0)
+            .with_ioapic_base(vlapic::ioapic::IoApic::DEFAULT_BASE),
+    );
     for i in 0..3 {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();
     }

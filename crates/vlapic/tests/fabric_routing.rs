@@ -30,17 +30,14 @@ fn xapic_vm(n: usize) -> SharedFabric {
 fn x2apic_vm(ids: &[u32]) -> SharedFabric {
     let apics = ids
         .iter()
-        .map(|&id| LapicConfig {
-            mode: ApicMode::X2Apic,
-            ..LapicConfig::with_id(id)
-        })
+        .map(|&id| LapicConfig::with_id(id).with_mode(ApicMode::X2Apic))
         .collect();
-    let f = SharedFabric::new(FabricConfig {
-        apics,
-        ioapic_pins: 24,
-        ioapic_id: 0,
-        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
-    });
+    let f = SharedFabric::new(
+        FabricConfig::from_apics(apics)
+            .with_ioapic_pins(24)
+            .with_ioapic_id(0)
+            .with_ioapic_base(vlapic::ioapic::IoApic::DEFAULT_BASE),
+    );
     for i in 0..ids.len() {
         f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();
     }
@@ -421,12 +418,12 @@ fn smp_boot_init_sipi_all_but_self() {
 // map follows the mode change (xAPIC ID 0x05 → x2APIC ID 0x105).
 #[test]
 fn map_follows_x2apic_switch() {
-    let f = SharedFabric::new(FabricConfig {
-        apics: vec![LapicConfig::with_id(0), LapicConfig::with_id(0x105)],
-        ioapic_pins: 24,
-        ioapic_id: 0,
-        ioapic_base: vlapic::ioapic::IoApic::DEFAULT_BASE,
-    });
+    let f = SharedFabric::new(
+        FabricConfig::from_apics(vec![LapicConfig::with_id(0), LapicConfig::with_id(0x105)])
+            .with_ioapic_pins(24)
+            .with_ioapic_id(0)
+            .with_ioapic_base(vlapic::ioapic::IoApic::DEFAULT_BASE),
+    );
     for i in 0..2 {
         w32(&f, i, SVR, 0x1FF);
     }

@@ -15,15 +15,9 @@ const MSR_SVR: u32 = 0x80F;
 fn vm() -> Fabric {
     let mut apics: Vec<LapicConfig> = (0..3).map(LapicConfig::with_id).collect();
     for id in [0x105, 0x1FF] {
-        apics.push(LapicConfig {
-            mode: ApicMode::X2Apic,
-            ..LapicConfig::with_id(id)
-        });
+        apics.push(LapicConfig::with_id(id).with_mode(ApicMode::X2Apic));
     }
-    let mut f = Fabric::new(FabricConfig {
-        apics,
-        ..FabricConfig::default()
-    });
+    let mut f = Fabric::new(FabricConfig::from_apics(apics));
     for v in 0..3 {
         f.lapic_mmio_write(v, 0xF0, &0x1FFu32.to_le_bytes(), 0);
         f.lapic_mmio_write(v, 0xD0, &(1u32 << (24 + v)).to_le_bytes(), 0);

@@ -133,10 +133,7 @@ fn eoi_retires_highest_and_reports_level() {
 // not offered, the bit must stay clear (so EOIs keep being broadcast).
 #[test]
 fn suppression_bit_writable_only_when_offered() {
-    let mut a = xapic_with(LapicConfig {
-        eoi_broadcast_suppression: false,
-        ..LapicConfig::default()
-    });
+    let mut a = xapic_with(LapicConfig::default().with_eoi_broadcast_suppression(false));
     let _ = a.write_register(SVR, 0x11FF, 0);
     assert_eq!(a.read_register(SVR, 0), 0x1FF);
     a.deliver(Delivery::fixed_level(0x41), 0);

@@ -199,12 +199,7 @@ proptest! {
         id in any::<u32>(),
         traffic in proptest::collection::vec(guest(), 0..200),
     ) {
-        let cfg = LapicConfig {
-            apic_id: if x2 { id } else { id & 0xFF },
-            mode: if x2 { ApicMode::X2Apic } else { ApicMode::XApic },
-            verify: true,
-            ..LapicConfig::default()
-        };
+        let cfg = LapicConfig::default().with_apic_id(if x2 { id } else { id & 0xFF }).with_mode(if x2 { ApicMode::X2Apic } else { ApicMode::XApic }).with_verify(true);
         let mut a = LocalApic::new(cfg);
         let mut now = 0u64;
         for g in &traffic {

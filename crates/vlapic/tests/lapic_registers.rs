@@ -14,11 +14,11 @@ use vlapic::{ApicMode, GpFault, LapicConfig, LocalApic};
 fn version_register_reports_max_lvt_and_suppression() {
     let mut a = xapic();
     assert_eq!(a.read_register(0x30, 0), 0x0106_0014);
-    let mut b = xapic_with(LapicConfig {
-        cmci: false,
-        eoi_broadcast_suppression: false,
-        ..LapicConfig::default()
-    });
+    let mut b = xapic_with(
+        LapicConfig::default()
+            .with_cmci(false)
+            .with_eoi_broadcast_suppression(false),
+    );
     assert_eq!(b.read_register(0x30, 0), 0x0005_0014);
 }
 
@@ -135,10 +135,7 @@ fn reserved_offsets_read_zero_and_latch_illegal_register() {
 
 #[test]
 fn lvt_cmci_is_reserved_when_not_offered() {
-    let mut a = xapic_with(LapicConfig {
-        cmci: false,
-        ..LapicConfig::default()
-    });
+    let mut a = xapic_with(LapicConfig::default().with_cmci(false));
     let _ = a.write_register(0x2F0, 0x30, 0);
     assert_eq!(a.read_register(0x2F0, 0), 0);
     assert_eq!(latch_esr(&mut a), ESR_ILLEGAL_REGISTER);
@@ -293,10 +290,7 @@ fn apic_base_transitions() {
 // SDM §11.4.4: reserved bits and bits at or above MAXPHYADDR are #GP.
 #[test]
 fn apic_base_reserved_bits() {
-    let mut a = xapic_with(LapicConfig {
-        max_phys_addr: 36,
-        ..LapicConfig::default()
-    });
+    let mut a = xapic_with(LapicConfig::default().with_max_phys_addr(36));
     let ok = a.apic_base();
     for bit in [0u32, 7, 9, 36, 40, 63] {
         assert_eq!(
@@ -305,10 +299,7 @@ fn apic_base_reserved_bits() {
             "bit {bit}"
         );
     }
-    let mut no_x2 = xapic_with(LapicConfig {
-        x2apic: false,
-        ..LapicConfig::default()
-    });
+    let mut no_x2 = xapic_with(LapicConfig::default().with_x2apic(false));
     assert_eq!(no_x2.write_apic_base(ok | APIC_BASE_EXTD, 0), Err(GpFault));
     assert_eq!(a.apic_base(), ok);
 }

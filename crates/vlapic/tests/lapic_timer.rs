@@ -9,14 +9,14 @@ fn apic_1ns() -> vlapic::LocalApic {
     // 1 ns bus cycle, 1 GHz TSC: one tick = one ns at divide-by-1 (KVM's default bus).
     // No minimum period: these tests are about the architectural timer (the minimum
     // is tested in lapic_timer_hostile.rs).
-    xapic_with(LapicConfig {
-        clock: TimerClock {
-            bus_cycle_ns: 1,
-            tsc_hz: 1_000_000_000,
-        },
-        min_timer_period_us: 0,
-        ..LapicConfig::default()
-    })
+    xapic_with(
+        LapicConfig::default()
+            .with_clock(TimerClock {
+                bus_cycle_ns: 1,
+                tsc_hz: 1_000_000_000,
+            })
+            .with_min_timer_period_us(0),
+    )
 }
 
 // SDM §11.5.4: one-shot counts down once and interrupts at zero; kvm-unit-tests
@@ -147,13 +147,10 @@ fn one_shot_periodic_switches_keep_counting() {
 // (kvm-unit-tests test_tsc_deadline_timer).
 #[test]
 fn tsc_deadline_mode() {
-    let mut a = xapic_with(LapicConfig {
-        clock: TimerClock {
-            bus_cycle_ns: 1,
-            tsc_hz: 3_000_000_000,
-        },
-        ..LapicConfig::default()
-    });
+    let mut a = xapic_with(LapicConfig::default().with_clock(TimerClock {
+        bus_cycle_ns: 1,
+        tsc_hz: 3_000_000_000,
+    }));
     let _ = a.write_register(LVT_TIMER, 0x4_0042, 0);
     let _ = a.write_register(TMICT, 1000, 0);
     assert_eq!(a.read_register(TMICT, 0), 0, "ignored in TSC-deadline mode");
@@ -177,10 +174,7 @@ fn tsc_deadline_writes_ignored_in_other_modes_and_gp_when_not_offered() {
     let _ = a.write_msr(0x6E0, 5000, 0).unwrap();
     assert_eq!(a.read_msr(0x6E0, 0), Ok(0));
     assert_eq!(a.next_timer_deadline(), None);
-    let mut b = xapic_with(LapicConfig {
-        tsc_deadline: false,
-        ..LapicConfig::default()
-    });
+    let mut b = xapic_with(LapicConfig::default().with_tsc_deadline(false));
     assert_eq!(b.read_msr(0x6E0, 0), Err(vlapic::GpFault));
     // Without TSC-deadline support, LVT timer bit 18 is reserved.
     let _ = b.write_register(LVT_TIMER, 0x4_0042, 0);

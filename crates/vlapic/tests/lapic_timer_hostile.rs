@@ -195,10 +195,7 @@ fn masked_one_shot_and_tsc_deadline_have_no_deadline_but_exact_state() {
 }
 
 fn apic_min(us: u32) -> LocalApic {
-    xapic_with(LapicConfig {
-        min_timer_period_us: us,
-        ..LapicConfig::default()
-    })
+    xapic_with(LapicConfig::default().with_min_timer_period_us(us))
 }
 
 // min_timer_period_us = 0 disables the limit: the architectural 1-tick period.

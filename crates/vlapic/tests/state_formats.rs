@@ -134,11 +134,7 @@ fn kvm_layout() {
 // KVM_X2APIC_API_USE_32BIT_IDS: the full 32-bit ID at 0x20 in x2APIC mode.
 #[test]
 fn kvm_x2apic_id_is_32_bits() {
-    let c = LapicConfig {
-        apic_id: 0x1234,
-        bsp: false,
-        ..LapicConfig::default()
-    };
+    let c = LapicConfig::default().with_apic_id(0x1234).with_bsp(false);
     let mut apic = LocalApic::new(c);
     let _ = apic.write_apic_base(0xFEE0_0C00, 0).unwrap();
     let s = apic.export();
@@ -384,11 +380,9 @@ fn ioapic_and_fabric_rules() {
 /// into an APIC without CMCI; issue 15 found it refused as "LVT CMCI not in reset".
 #[test]
 fn kvm_page_without_cmci_reads_lvt_cmci_zero_and_imports() {
-    let cfg = LapicConfig {
-        cmci: false,
-        eoi_broadcast_suppression: false,
-        ..LapicConfig::default()
-    };
+    let cfg = LapicConfig::default()
+        .with_cmci(false)
+        .with_eoi_broadcast_suppression(false);
     let mut apic = LocalApic::new(cfg);
     let _ = apic.write_register(0xF0, 0x1FF, 0);
     let (mut page, extra) = kvm::encode(&apic.export(), 0, &CLK);

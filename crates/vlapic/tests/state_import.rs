@@ -7,10 +7,7 @@ use vlapic::state::{Field, ImportError, LapicState};
 use vlapic::{ApicMode, Delivery, LapicConfig, LocalApic};
 
 fn cfg() -> LapicConfig {
-    LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    }
+    LapicConfig::default().with_verify(true)
 }
 
 fn enabled(cfg: LapicConfig) -> LocalApic {
@@ -148,11 +145,7 @@ fn overdue_timer_fires_after_import() {
 // SDM §11.12.5.1 / §11.12.10.2: x2APIC ID is the initial ID, LDR derived.
 #[test]
 fn x2apic_state_round_trips_and_id_is_checked() {
-    let c = LapicConfig {
-        apic_id: 0x125,
-        bsp: false,
-        ..cfg()
-    };
+    let c = cfg().with_apic_id(0x125).with_bsp(false);
     let mut src = enabled(c);
     let _ = src
         .write_apic_base(0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD, 0)
@@ -166,10 +159,7 @@ fn x2apic_state_round_trips_and_id_is_checked() {
     assert_eq!(dst.mode(), ApicMode::X2Apic);
     assert_eq!(dst.read_msr(0x802, 0), Ok(0x125));
     assert_eq!(dst.read_msr(0x80D, 0), Ok(0x0012_0020));
-    let mut other = LocalApic::new(LapicConfig {
-        apic_id: 0x126,
-        ..c
-    });
+    let mut other = LocalApic::new(c.with_apic_id(0x126));
     assert_eq!(
         other.import(&st, 0),
         Err(ImportError::Id {
@@ -256,10 +246,7 @@ fn each_rule_rejects_alone_and_names_its_field() {
 
 #[test]
 fn x2apic_ldr_must_be_derived_and_cmci_absent() {
-    let c = LapicConfig {
-        cmci: false,
-        ..cfg()
-    };
+    let c = cfg().with_cmci(false);
     let mut src = enabled(c);
     let _ = src
         .write_apic_base(
@@ -317,18 +304,14 @@ fn power_on_state_is_valid_for_its_config() {
     for c in [
         cfg(),
         LapicConfig::with_id(7),
-        LapicConfig {
-            mode: ApicMode::X2Apic,
-            apic_id: 0x1_0000,
-            ..LapicConfig::default()
-        },
-        LapicConfig {
-            mode: ApicMode::Disabled,
-            apic_id: 3,
-            cmci: false,
-            eoi_broadcast_suppression: false,
-            ..LapicConfig::default()
-        },
+        LapicConfig::default()
+            .with_mode(ApicMode::X2Apic)
+            .with_apic_id(0x1_0000),
+        LapicConfig::default()
+            .with_mode(ApicMode::Disabled)
+            .with_apic_id(3)
+            .with_cmci(false)
+            .with_eoi_broadcast_suppression(false),
     ] {
         let s = LapicState::power_on(&c);
         assert_eq!(s.validate(&c), vec![], "{c:?}");

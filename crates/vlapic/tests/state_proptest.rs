@@ -13,10 +13,7 @@ const CLK: TimerClock = TimerClock {
 };
 
 fn cfg() -> LapicConfig {
-    LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    }
+    LapicConfig::default().with_verify(true)
 }
 
 /// Imports whatever decoded; a successful import must export a valid state.

@@ -1,9 +1,10 @@
 //! The VMM's per-exit calls on [`Fabric`]: the entry plan, read-only and CR8 access,
 //! and MMIO dispatch by guest-physical address (the APIC page wins over the IOAPIC's).
 
+use super::ops;
 use super::{Fabric, Wake};
 use crate::entry::EntryPlan;
-use crate::lapic::{Effects, GpFault, LocalApic};
+use crate::lapic::{GpFault, LocalApic};
 
 /// Offset bits of a 4 KiB page.
 pub(super) const PAGE_OFFSET: u64 = 0xFFF;
@@ -47,39 +48,13 @@ impl Fabric {
     /// `gpa & 0xFFF`. Returns false, leaving `data` untouched, when the address is
     /// neither (a nonexistent vCPU has no APIC page; the IOAPIC page is still served).
     pub fn mmio_read(&mut self, vcpu: usize, gpa: u64, data: &mut [u8], now: u64) -> bool {
-        let offset = gpa & PAGE_OFFSET;
-        let apic = self.core.with(vcpu, |a| {
-            let ours = in_page(gpa, apic_page(a));
-            if ours {
-                a.mmio_read(offset, data, now);
-            }
-            ours
-        });
-        if apic == Some(true) {
-            return true;
-        }
-        if in_page(gpa, self.ioapic_base) {
-            self.ioapic_mmio_read(offset, data, now);
-            return true;
-        }
-        false
+        ops::mmio_read(self, vcpu, gpa, data, now)
     }
 
     /// A guest write at guest-physical `gpa` by `vcpu`, dispatched as
     /// [`Fabric::mmio_read`] does. Returns the vCPUs to kick, or `None` when the
     /// address is neither `vcpu`'s APIC page nor the IOAPIC page.
     pub fn mmio_write(&mut self, vcpu: usize, gpa: u64, data: &[u8], now: u64) -> Option<Wake> {
-        let offset = gpa & PAGE_OFFSET;
-        let apic = self.with_apic(vcpu, now, |a| {
-            if in_page(gpa, apic_page(a)) {
-                (true, a.mmio_write(offset, data, now))
-            } else {
-                (false, Effects::default())
-            }
-        });
-        if let Some((true, wake)) = apic {
-            return Some(wake);
-        }
-        in_page(gpa, self.ioapic_base).then(|| self.ioapic_mmio_write(offset, data, now))
+        ops::mmio_write(self, vcpu, gpa, data, now)
     }
 }

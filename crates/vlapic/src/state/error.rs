@@ -6,6 +6,7 @@ use core::fmt;
 
 /// A field of [`crate::state::LapicState`], as named in error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Field {
     /// IA32_APIC_BASE.
     ApicBase,

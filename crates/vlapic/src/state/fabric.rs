@@ -226,11 +226,19 @@ impl FabricState {
 impl crate::ioapic::IoApic {
     /// The IOAPIC's architectural state.
     pub fn export(&self) -> IoApicState {
+        // Every field is named (no `..`): a new one does not compile without a
+        // migration decision.
+        let crate::ioapic::IoApic {
+            id,
+            select,
+            entries,
+            levels,
+        } = self;
         IoApicState {
-            id: self.id(),
-            select: self.select(),
-            redirection: self.entries().to_vec(),
-            pin_levels: self.line_levels().to_vec(),
+            id: *id,
+            select: *select,
+            redirection: entries.clone(),
+            pin_levels: levels.clone(),
         }
     }
 
@@ -254,9 +262,17 @@ impl crate::ioapic::IoApic {
         if let Some(e) = self.check_import(state).into_iter().next() {
             return Err(e);
         }
-        self.set_id(state.id);
-        self.set_select(state.select);
-        for (pin, (&entry, &level)) in state.redirection.iter().zip(&state.pin_levels).enumerate() {
+        // Every field is named (no `..`): a new one does not compile until its
+        // installation is decided.
+        let IoApicState {
+            id,
+            select,
+            redirection,
+            pin_levels,
+        } = state;
+        self.set_id(*id);
+        self.set_select(*select);
+        for (pin, (&entry, &level)) in redirection.iter().zip(pin_levels).enumerate() {
             let pin = u8::try_from(pin).unwrap_or(u8::MAX);
             self.set_entry(pin, entry);
             self.set_line_level(pin, level);

@@ -138,31 +138,57 @@ impl LocalApic {
     /// beyond `i64::MAX` ns (a TSC deadline past the end of 64-bit time) as
     /// `i64::MAX`, so that every export passes [`LapicState::validate`].
     pub fn export(&self) -> LapicState {
-        let deadline = self
-            .timer
-            .counting_deadline(self.now, self.timer_mode(), &self.cfg.clock)
+        // Every field is named (none skipped with `..`): a new field does not compile
+        // until someone decides whether and how it migrates.
+        let LocalApic {
+            cfg,
+            apic_base,
+            id: _, // exported as the mode's view, LocalApic::id
+            tpr,
+            apr,
+            ldr: _, // exported as the mode's view (derived in x2APIC mode)
+            dfr,
+            svr,
+            isr,
+            tmr,
+            irr,
+            esr,
+            esr_pending,
+            icr,
+            lvt,
+            timer,
+            now,
+            lint: _,             // wire levels: the devices' state, driven again by them
+            events: _,           // non-vectored events in flight: the VMM's vCPU state
+            delivering_error: _, // transient guard, false between calls
+            stats: _,            // counters, never load-bearing
+            #[cfg(feature = "verify")]
+                verifier: _, // derived: rebuilt from ISR on import
+        } = self;
+        let deadline = timer
+            .counting_deadline(*now, self.timer_mode(), &cfg.clock)
             .map(|d| d.clamp(1, i64::MAX as u64))
             .unwrap_or(0);
         LapicState {
-            apic_base: self.apic_base,
+            apic_base: *apic_base,
             id: self.id(),
             version: self.version(),
-            tpr: u32::from(self.tpr),
-            apr: u32::from(self.apr),
+            tpr: u32::from(*tpr),
+            apr: u32::from(*apr),
             ldr: self.ldr(),
-            dfr: self.dfr,
-            svr: self.svr,
-            isr: self.isr.words(),
-            tmr: self.tmr.words(),
-            irr: self.irr.words(),
-            esr: self.esr,
-            esr_pending: self.esr_pending,
-            icr: self.icr,
-            lvt: self.lvt,
-            timer_initial: self.timer.initial_count(),
-            timer_divide: self.timer.divide_config(),
+            dfr: *dfr,
+            svr: *svr,
+            isr: isr.words(),
+            tmr: tmr.words(),
+            irr: irr.words(),
+            esr: *esr,
+            esr_pending: *esr_pending,
+            icr: *icr,
+            lvt: *lvt,
+            timer_initial: timer.initial_count(),
+            timer_divide: timer.divide_config(),
             timer_deadline: deadline,
-            tsc_deadline: self.timer.tsc_deadline(),
+            tsc_deadline: timer.tsc_deadline(),
         }
     }
 
@@ -183,41 +209,60 @@ impl LocalApic {
     pub fn import(&mut self, state: &LapicState, now: u64) -> Result<(), ImportError> {
         state.check(&self.cfg)?;
         let mode = state.mode().unwrap_or(ApicMode::Disabled);
-        self.apic_base = state.apic_base;
+        let timer_mode = state.timer_mode().unwrap_or(TimerMode::OneShot);
+        // Every field is named (none skipped with `..`): a new field does not compile
+        // until someone decides how it is installed.
+        let LapicState {
+            apic_base,
+            id,
+            version: _, // checked against the configuration, never installed
+            tpr,
+            apr,
+            ldr,
+            dfr,
+            svr,
+            isr,
+            tmr,
+            irr,
+            esr,
+            esr_pending,
+            icr,
+            lvt,
+            timer_initial,
+            timer_divide,
+            timer_deadline,
+            tsc_deadline,
+        } = *state;
+        self.apic_base = apic_base;
         // x2APIC and disabled: the ID rule guarantees the configured ID. xAPIC: the
         // guest may have rewritten the 8-bit ID; keep the full initial ID otherwise.
-        self.id = if mode == ApicMode::XApic && state.id != self.cfg.apic_id & 0xFF {
-            state.id
+        self.id = if mode == ApicMode::XApic && id != self.cfg.apic_id & 0xFF {
+            id
         } else {
             self.cfg.apic_id
         };
-        self.tpr = state.tpr as u8;
-        self.apr = state.apr as u8;
-        self.ldr = if mode == ApicMode::X2Apic {
-            0
-        } else {
-            state.ldr
-        };
-        self.dfr = state.dfr;
-        self.svr = state.svr;
+        self.tpr = tpr as u8;
+        self.apr = apr as u8;
+        self.ldr = if mode == ApicMode::X2Apic { 0 } else { ldr };
+        self.dfr = dfr;
+        self.svr = svr;
         // The word summaries are derived afresh from the imported words.
-        self.isr = ClassSummarySet::from_set(state.isr_set());
-        self.tmr = state.tmr_set();
-        self.irr = WordSummarySet::from_set(state.irr_set());
-        self.esr = state.esr;
-        self.esr_pending = state.esr_pending;
-        self.icr = state.icr;
-        self.lvt = state.lvt;
+        self.isr = ClassSummarySet::from_set(VectorSet::from_words(isr));
+        self.tmr = VectorSet::from_words(tmr);
+        self.irr = WordSummarySet::from_set(VectorSet::from_words(irr));
+        self.esr = esr;
+        self.esr_pending = esr_pending;
+        self.icr = icr;
+        self.lvt = lvt;
         if now > self.now {
             self.now = now;
         }
-        let timer_mode = state.timer_mode().unwrap_or(TimerMode::OneShot);
-        let deadline = (state.timer_deadline != 0).then_some(state.timer_deadline);
+        let deadline = (timer_deadline != 0).then_some(timer_deadline);
         self.timer.restore(
-            state.timer_initial,
-            state.timer_divide,
+            timer_initial,
+            timer_divide,
             deadline,
-            state.tsc_deadline,
+            tsc_deadline,
             self.now,
             timer_mode,
             &self.cfg.clock,

@@ -79,6 +79,7 @@ const _: () = assert!(MAX_FABRIC_BODY <= MAX_BODY);
 
 /// What a native file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Kind {
     /// One [`LapicState`].
     Lapic = 1,

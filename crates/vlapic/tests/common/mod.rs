@@ -20,10 +20,7 @@ pub const TDCR: u64 = 0x3E0;
 
 /// A software-enabled xAPIC with the verifier on.
 pub fn xapic() -> LocalApic {
-    xapic_with(LapicConfig {
-        verify: true,
-        ..LapicConfig::default()
-    })
+    xapic_with(LapicConfig::default().with_verify(true))
 }
 
 pub fn xapic_with(cfg: LapicConfig) -> LocalApic {
@@ -34,12 +31,12 @@ pub fn xapic_with(cfg: LapicConfig) -> LocalApic {
 
 /// A software-enabled x2APIC with the given initial ID and the verifier on.
 pub fn x2apic(id: u32) -> LocalApic {
-    let mut a = LocalApic::new(LapicConfig {
-        apic_id: id,
-        mode: ApicMode::X2Apic,
-        verify: true,
-        ..LapicConfig::default()
-    });
+    let mut a = LocalApic::new(
+        LapicConfig::default()
+            .with_apic_id(id)
+            .with_mode(ApicMode::X2Apic)
+            .with_verify(true),
+    );
     let _ = a.write_msr(0x80F, 0x1FF, 0).unwrap();
     a
 }

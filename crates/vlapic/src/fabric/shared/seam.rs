@@ -1,11 +1,11 @@
 //! The VMM's per-exit calls on [`SharedFabric`]: the entry plan, read-only and CR8
 //! access, and MMIO dispatch by guest-physical address, each under one APIC lock.
 
-use super::super::seam::{apic_page, in_page, PAGE_OFFSET};
+use super::super::ops;
 use super::{lock, SharedFabric};
 use crate::entry::EntryPlan;
 use crate::fabric::Wake;
-use crate::lapic::{Effects, GpFault, LocalApic};
+use crate::lapic::{GpFault, LocalApic};
 
 impl SharedFabric {
     /// [`LocalApic::plan_entry`] on `vcpu`'s APIC, under its lock: the decision before
@@ -30,7 +30,7 @@ impl SharedFabric {
     }
 
     /// Runs `f` on `vcpu`'s APIC under its lock, read-only: no time passes, nothing
-    /// is routed, no [`Effects`] to return. `None` if the vCPU does not exist. `f`
+    /// is routed, no [`Effects`](crate::Effects) to return. `None` if the vCPU does not exist. `f`
     /// must not call into the fabric.
     pub fn read_apic<R>(&self, vcpu: usize, f: impl FnOnce(&LocalApic) -> R) -> Option<R> {
         let slot = lock(self.apics.get(vcpu)?);
@@ -58,39 +58,13 @@ impl SharedFabric {
     /// APIC lock to rule out a coinciding APIC page, releases it, then takes the
     /// IOAPIC lock: never two locks at once.
     pub fn mmio_read(&self, vcpu: usize, gpa: u64, data: &mut [u8], now: u64) -> bool {
-        let offset = gpa & PAGE_OFFSET;
-        let apic = self.locked(vcpu, |a| {
-            let ours = in_page(gpa, apic_page(a));
-            if ours {
-                a.mmio_read(offset, data, now);
-            }
-            ours
-        });
-        if apic == Some(true) {
-            return true;
-        }
-        if in_page(gpa, self.ioapic_base) {
-            self.ioapic_mmio_read(offset, data, now);
-            return true;
-        }
-        false
+        ops::mmio_read(&mut &*self, vcpu, gpa, data, now)
     }
 
     /// A guest write at guest-physical `gpa` by `vcpu`, dispatched (and locked) as
     /// [`SharedFabric::mmio_read`] does. Returns the vCPUs to kick, or `None` when
     /// the address is neither `vcpu`'s APIC page nor the IOAPIC page.
     pub fn mmio_write(&self, vcpu: usize, gpa: u64, data: &[u8], now: u64) -> Option<Wake> {
-        let offset = gpa & PAGE_OFFSET;
-        let apic = self.with_apic(vcpu, now, |a| {
-            if in_page(gpa, apic_page(a)) {
-                (true, a.mmio_write(offset, data, now))
-            } else {
-                (false, Effects::default())
-            }
-        });
-        if let Some((true, wake)) = apic {
-            return Some(wake);
-        }
-        in_page(gpa, self.ioapic_base).then(|| self.ioapic_mmio_write(offset, data, now))
+        ops::mmio_write(&mut &*self, vcpu, gpa, data, now)
     }
 }

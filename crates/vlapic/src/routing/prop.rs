@@ -1,10 +1,11 @@
 //! Property test: the map-based resolver and a naive scan over all APICs agree on random
 //! topologies and random messages (matching rules of SDM §11.6.2 and §11.12.10).
+//! A unit test because the naive scan and the views are internal.
 
+use super::{resolve_naive, ApicView, Destination, RouteMap};
+use crate::regs::x2apic_ldr;
+use crate::{ApicMode, DestMode, Shorthand};
 use proptest::prelude::*;
-use vlapic::regs::x2apic_ldr;
-use vlapic::routing::{resolve_naive, ApicView, Destination, RouteMap};
-use vlapic::{ApicMode, DestMode, Shorthand};
 
 fn view() -> impl Strategy<Value = ApicView> {
     // Small ID and LDR ranges so that aliases and overlaps are frequent.

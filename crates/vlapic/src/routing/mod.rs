@@ -29,8 +29,8 @@
 //! by the map itself: there is no case where it must give up. A physical unicast is
 //! one hash probe, an x2APIC logical message at most 16, an xAPIC cluster message at
 //! most 15, an xAPIC flat message one probe per distinct flat LDR value (at most 256);
-//! broadcasts walk the list of visible APICs. [`resolve_naive`] is the reference
-//! scan the map is tested against.
+//! broadcasts walk the list of visible APICs. A naive scan over every APIC (test
+//! only) is the reference the map is tested against.
 
 use crate::delivery::{Delivery, DestMode};
 use crate::icr::{IpiMessage, Shorthand};
@@ -122,7 +122,7 @@ impl From<IpiMessage> for Message {
 
 /// The routing-relevant architectural state of one APIC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ApicView {
+pub(crate) struct ApicView {
     /// Mode; a `Disabled` APIC is invisible to routing.
     pub mode: ApicMode,
     /// The ID as routing sees it (8 bits in xAPIC mode, 32 in x2APIC mode).
@@ -155,6 +155,7 @@ impl ApicView {
 
     /// Whether the APIC at index `me` matches `dest` sent by `sender` (the rules of
     /// the module documentation). This is the reference predicate.
+    #[cfg(test)]
     pub fn matches(&self, me: usize, dest: &Destination, sender: Option<usize>) -> bool {
         if !self.visible() {
             return false;
@@ -205,8 +206,13 @@ fn xapic_model(dfr: u32) -> Option<XapicModel> {
     }
 }
 
-/// The reference resolver: a scan over every APIC, in index order.
-pub fn resolve_naive(views: &[ApicView], dest: &Destination, sender: Option<usize>) -> Vec<usize> {
+/// The reference resolver (a test oracle): a scan over every APIC, in index order.
+#[cfg(test)]
+pub(crate) fn resolve_naive(
+    views: &[ApicView],
+    dest: &Destination,
+    sender: Option<usize>,
+) -> Vec<usize> {
     views
         .iter()
         .enumerate()
@@ -303,7 +309,7 @@ fn hash(key: u32, bits: u32) -> usize {
     (h >> (64u32.saturating_sub(bits).min(63))) as usize
 }
 
-/// The lookup map of one VM's APICs: built from [`ApicView`]s, immutable afterwards.
+/// The lookup map of one VM's APICs: built from the routing views of its APICs, immutable afterwards.
 #[derive(Clone, Debug, Default)]
 pub struct RouteMap {
     len: usize,
@@ -321,7 +327,7 @@ pub struct RouteMap {
 
 impl RouteMap {
     /// Builds the map; `views[i]` is APIC `i`.
-    pub fn build(views: &[ApicView]) -> Self {
+    pub(crate) fn build(views: &[ApicView]) -> Self {
         let mut all = Vec::new();
         let mut phys = Vec::new();
         let mut x2 = Vec::new();
@@ -363,7 +369,7 @@ impl RouteMap {
         self.len == 0
     }
 
-    /// Calls `f` once for every APIC index `dest` targets, as [`ApicView::matches`]
+    /// Calls `f` once for every APIC index `dest` targets, as the matching rules of the module documentation
     /// decides; `sender` is the sending APIC's index for shorthands.
     #[inline]
     pub fn resolve(&self, dest: &Destination, sender: Option<usize>, mut f: impl FnMut(usize)) {
@@ -442,6 +448,9 @@ impl RouteMap {
         u32::try_from(idx).is_ok_and(|i| self.all.binary_search(&i).is_ok())
     }
 }
+
+#[cfg(test)]
+mod prop;
 
 #[cfg(test)]
 mod tests {
