@@ -349,32 +349,28 @@ impl ApicVcpu {
         // waits here; the window poll brings the vCPU back for it.
         if events.nmi > 0 {
             // The core holds at most one NMI in service plus one latched (SDM Vol. 3A
-            // §6.7.1); more collapse. Ask KVM where it stands: a latched NMI already
-            // there, or one in service with none latched, leaves room for one more
-            // only; none anywhere, two. One KVM_NMI per entry, the rest waits (never
-            // more than the room), the window poll brings the vCPU back for it.
-            let (pending, busy) = self
-                .fd
-                .get_vcpu_events()
-                .map(|e| (e.nmi.pending, e.nmi.injected != 0 || e.nmi.masked != 0))
-                .unwrap_or((0, false));
-            let cap: u8 = if busy { 1 } else { 2 };
-            let room = cap.saturating_sub(pending);
-            let give = events.nmi.min(room).min(1);
-            if give > 0 {
+            // §6.7.1); more collapse. One KVM_NMI per entry and none while KVM still
+            // holds one of ours (KVM could collapse what the core would latch); the
+            // rest waits here, at most the one that could still latch, and the window
+            // poll brings the vCPU back for it.
+            if kvm_nmi {
+                // KVM holds one. One in service (being injected or its handler
+                // running) with another latched → the new ones collapse; otherwise one
+                // more may still be taken or latched.
+                let latched = self
+                    .fd
+                    .get_vcpu_events()
+                    .map(|e| e.nmi.pending != 0 && (e.nmi.injected != 0 || e.nmi.masked != 0))
+                    .unwrap_or(false);
+                self.carried.nmi = if latched { 0 } else { events.nmi.min(1) };
+            } else {
                 self.fd.nmi().map_err(|e| Error::kvm("KVM_NMI", e))?;
                 self.counters.nmis += 1;
                 self.nmi_outstanding = true;
+                self.carried.nmi = events.nmi.saturating_sub(1).min(1);
             }
-            let keep = events
-                .nmi
-                .saturating_sub(give)
-                .min(room.saturating_sub(give));
-            self.carried.nmi = keep;
-            if give > 0 || pending > 0 {
-                // An NMI KVM holds or was just given wakes the core from HLT.
-                self.state = RunState::Running;
-            }
+            // An NMI KVM holds or was just given wakes the core from HLT.
+            self.state = RunState::Running;
         } else if kvm_nmi {
             self.state = RunState::Running;
         }
