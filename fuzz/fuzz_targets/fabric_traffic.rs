@@ -51,7 +51,12 @@ fn check_apic(f: &mut Fabric, vcpu: usize, now: u64) {
         assert!(d > a.now(), "deadline {d} not after now {}", a.now());
     }
     let want = expected_ppr(a);
-    assert_eq!(a.ppr(), want, "PPR not derived from TPR {:#x} and ISR", a.tpr());
+    assert_eq!(
+        a.ppr(),
+        want,
+        "PPR not derived from TPR {:#x} and ISR",
+        a.tpr()
+    );
     let mode = a.mode();
     let base = a.mmio_base();
     // The guest's view of PPR in the APIC's current mode.
@@ -74,7 +79,11 @@ fn check_all(f: &mut Fabric, cfg: &FabricConfig, now: u64) {
         check_apic(f, v, now);
     }
     let state = f.export();
-    assert!(state.validate(&cfg.apics).is_empty(), "{:?}", state.validate(&cfg.apics));
+    assert!(
+        state.validate(&cfg.apics).is_empty(),
+        "{:?}",
+        state.validate(&cfg.apics)
+    );
 }
 
 /// Where `vcpu`'s xAPIC page is (its IA32_APIC_BASE), or the default page.
@@ -99,7 +108,9 @@ fn round_trip(f: &Fabric, cfg: &FabricConfig, now: u64) {
 
 fuzz_target!(|data: &[u8]| {
     let mut d = data;
-    let Some([setup]) = take::<1>(&mut d) else { return };
+    let Some([setup]) = take::<1>(&mut d) else {
+        return;
+    };
     let mut cfg = FabricConfig::with_vcpus(VCPUS);
     for (i, c) in cfg.apics.iter_mut().enumerate() {
         c.verify = true;
@@ -116,7 +127,9 @@ fuzz_target!(|data: &[u8]| {
         match op % 20 {
             0 | 1 => {
                 // MMIO read by GPA: the APIC page, the IOAPIC page, or their edges.
-                let Some([sel, o0, o1, len]) = take::<4>(&mut d) else { break };
+                let Some([sel, o0, o1, len]) = take::<4>(&mut d) else {
+                    break;
+                };
                 let off = u64::from(u16::from_le_bytes([o0, o1]) & 0x1FFF);
                 let gpa = match sel % 4 {
                     0 => APIC_GPA + (off & 0xFFF),
@@ -128,7 +141,9 @@ fuzz_target!(|data: &[u8]| {
                 let _ = f.mmio_read(vcpu, gpa, &mut buf, now);
             }
             2..=4 => {
-                let Some([sel, o0, o1, len]) = take::<4>(&mut d) else { break };
+                let Some([sel, o0, o1, len]) = take::<4>(&mut d) else {
+                    break;
+                };
                 let off = u64::from(u16::from_le_bytes([o0, o1]) & 0x1FFF);
                 let gpa = match sel % 4 {
                     0 => APIC_GPA + (off & 0xFF0),
@@ -143,7 +158,8 @@ fuzz_target!(|data: &[u8]| {
             }
             5 => {
                 let Some(m) = take::<2>(&mut d) else { break };
-                let _ = f.lapic_msr_read(vcpu, 0x800 | u32::from(u16::from_le_bytes(m) & 0x1FF), now);
+                let _ =
+                    f.lapic_msr_read(vcpu, 0x800 | u32::from(u16::from_le_bytes(m) & 0x1FF), now);
             }
             6 | 7 => {
                 let Some([m]) = take::<1>(&mut d) else { break };
@@ -152,8 +168,12 @@ fuzz_target!(|data: &[u8]| {
             }
             8 => {
                 // IA32_APIC_BASE: flips of EN and EXTD, relocation, reserved bits.
-                let Some([flags, page, hi]) = take::<3>(&mut d) else { break };
-                let cur = f.apic(vcpu % VCPUS).map_or(0xFEE0_0900, LocalApic::apic_base);
+                let Some([flags, page, hi]) = take::<3>(&mut d) else {
+                    break;
+                };
+                let cur = f
+                    .apic(vcpu % VCPUS)
+                    .map_or(0xFEE0_0900, LocalApic::apic_base);
                 let v = match flags % 4 {
                     0 => cur ^ (u64::from(flags & 0x0C) << 8), // toggle EXTD/EN
                     1 => (cur & 0xFFF) | 0xFEE0_0000 | (u64::from(page) << 12),
@@ -168,18 +188,28 @@ fuzz_target!(|data: &[u8]| {
             }
             10 | 11 => {
                 // An ICR write in the current mode: every delivery mode and shorthand.
-                let Some([lo0, lo1, lo2, dest]) = take::<4>(&mut d) else { break };
+                let Some([lo0, lo1, lo2, dest]) = take::<4>(&mut d) else {
+                    break;
+                };
                 let lo = u32::from_le_bytes([lo0, lo1, lo2 & 0x0F, 0]);
                 let x2 = f.apic(vcpu % VCPUS).map(LocalApic::mode) == Some(ApicMode::X2Apic);
                 if x2 {
-                    let _ = f.lapic_msr_write(vcpu, 0x830, u64::from(dest) << 32 | u64::from(lo), now);
+                    let _ =
+                        f.lapic_msr_write(vcpu, 0x830, u64::from(dest) << 32 | u64::from(lo), now);
                 } else {
-                    let _ = f.mmio_write(vcpu, page(&f, vcpu) + 0x310, &(u32::from(dest) << 24).to_le_bytes(), now);
+                    let _ = f.mmio_write(
+                        vcpu,
+                        page(&f, vcpu) + 0x310,
+                        &(u32::from(dest) << 24).to_le_bytes(),
+                        now,
+                    );
                     let _ = f.mmio_write(vcpu, page(&f, vcpu) + 0x300, &lo.to_le_bytes(), now);
                 }
             }
             12 => {
-                let Some([p, l]) = take::<2>(&mut d) else { break };
+                let Some([p, l]) = take::<2>(&mut d) else {
+                    break;
+                };
                 let _ = f.set_irq_line(u32::from(p % 26), l & 1 != 0, now);
             }
             13 => {
@@ -189,7 +219,9 @@ fuzz_target!(|data: &[u8]| {
                 let _ = f.msi(addr, u32::from_le_bytes(da), now);
             }
             14 => {
-                let Some([p, l]) = take::<2>(&mut d) else { break };
+                let Some([p, l]) = take::<2>(&mut d) else {
+                    break;
+                };
                 let _ = f.set_lint(vcpu, p % 3, l & 1 != 0, now);
             }
             15 => {
@@ -198,7 +230,9 @@ fuzz_target!(|data: &[u8]| {
             }
             16 => {
                 // Before entering the guest: advance, take events, acknowledge.
-                let Some([inj]) = take::<1>(&mut d) else { break };
+                let Some([inj]) = take::<1>(&mut d) else {
+                    break;
+                };
                 if let Some(plan) = f.plan_entry(vcpu, now, inj & 1 != 0) {
                     assert_eq!(plan.cr8, f.apic(vcpu).map_or(0, LocalApic::cr8));
                     if let Some(t) = plan.timer_deadline {
@@ -221,7 +255,9 @@ fuzz_target!(|data: &[u8]| {
             }
             18 => {
                 let Some(v) = take::<3>(&mut d) else { break };
-                now = now.saturating_add(u64::from(u32::from_le_bytes([v[0], v[1], v[2], 0])) << (c & 15));
+                now = now.saturating_add(
+                    u64::from(u32::from_le_bytes([v[0], v[1], v[2], 0])) << (c & 15),
+                );
                 for i in 0..VCPUS {
                     let _ = f.with_apic(i, now, |a| (a.advance(now), Default::default()));
                 }
