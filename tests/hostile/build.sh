@@ -1,0 +1,17 @@
+#!/bin/sh
+# Build the hostile guest: head.S + hostile.c -> OUT (multiboot ELF32 container
+# around x86-64 code, loaded at 1 MiB). Needs gcc (x86-64), as, ld, objcopy.
+# No SSE (-mgeneral-regs-only): this project's nested-KVM host cannot run it.
+set -e
+OUT=${1:?usage: build.sh OUT.elf}
+DIR=$(dirname "$0")
+TMP=${OUT%.elf}
+CFLAGS="-m64 -O2 -ffreestanding -fno-pic -fno-pie -mno-red-zone -mgeneral-regs-only \
+  -fno-stack-protector -fno-asynchronous-unwind-tables -fno-builtin -fcf-protection=none \
+  -mcmodel=small -Wall -Wextra -Werror"
+gcc $CFLAGS -c -o "$TMP.c.o" "$DIR/hostile.c"
+gcc -m64 -c -o "$TMP.S.o" "$DIR/head.S"
+ld -m elf_x86_64 -N -nostdlib -no-pie -T "$DIR/link.ld" --no-warn-rwx-segments \
+  -o "$TMP.64" "$TMP.S.o" "$TMP.c.o"
+objcopy -O elf32-i386 "$TMP.64" "$OUT"
+rm -f "$TMP.c.o" "$TMP.S.o" "$TMP.64"
