@@ -35,6 +35,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Cargo features
+//!
+//! * `rust-vmm` (default): the [`rust_vmm`] adapters — `vm_superio::Trigger` for an
+//!   IOAPIC pin and `vm_device::DeviceMmio` for the IOAPIC page (pulls in `vm-superio`
+//!   and `vm-device`).
+//!
+//! MSRV: Rust 1.85. Linux on x86-64 only (the crate is empty elsewhere).
+//!
 //! # The KVM checklist
 //!
 //! Every fact below cost someone a hung or crashed guest; each is handled here, and
@@ -103,6 +111,7 @@
 //!     read back an address whose accesses reach RAM.
 #![deny(missing_docs)]
 #![cfg(target_arch = "x86_64")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod clock;
 pub mod cpuid;
@@ -112,6 +121,7 @@ mod raw;
 mod reset;
 pub mod runtime;
 #[cfg(feature = "rust-vmm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rust-vmm")))]
 pub mod rust_vmm;
 pub mod setup;
 pub mod timer;
