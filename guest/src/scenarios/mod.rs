@@ -80,6 +80,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ),
     sc("ipi-lowest-priority", 2, Xapic, ipi::lowest_priority),
     sc("ipi-nmi", 2, Any, ipi::ipi_nmi),
+    sc("nmi-race", 2, Any, ipi::nmi_race),
     sc("timer-oneshot", 1, Any, timer::oneshot),
     sc("timer-periodic", 1, Any, timer::periodic),
     sc("timer-tsc-deadline", 1, Any, timer::tsc_deadline),
