@@ -515,6 +515,18 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             .migrate_to
             .as_ref()
             .map(|m| (start + m.after, m.clone()));
+        // The save-file header of this VM now (for --save and --migrate-to).
+        let header_now = |migrate_every_us: u64| savefile::Header {
+            vcpus: n as u32,
+            memory_mib,
+            flags: if x2apic { FLAG_X2APIC } else { 0 }
+                | if verify { FLAG_VERIFY } else { 0 }
+                | if kvm_model { FLAG_KVM_APIC } else { 0 },
+            tsc_hz,
+            migrate_every_us,
+            elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos()).unwrap_or(u64::MAX),
+            ..Default::default()
+        };
         let mut g = lock(&sh.outcome);
         while g.is_none() {
             let now = Instant::now();
@@ -522,19 +534,10 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 if now >= t {
                     drop(g);
                     next_save = None;
-                    let header = savefile::Header {
-                        vcpus: n as u32,
-                        memory_mib,
-                        flags: if x2apic { FLAG_X2APIC } else { 0 }
-                            | if verify { FLAG_VERIFY } else { 0 }
-                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
-                        tsc_hz,
-                        migrate_every_us: migrate_every
+                    let header = header_now(
+                        migrate_every
                             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-                        elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())
-                            .unwrap_or(u64::MAX),
-                        ..Default::default()
-                    };
+                    );
                     match save_now(&sh, &ram, &console, header, &path, start) {
                         Ok(Some(line)) => sh.finish(Outcome::Saved(line)),
                         Ok(None) => {}
@@ -548,18 +551,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 if now >= t {
                     drop(g);
                     next_send = None;
-                    let header = savefile::Header {
-                        vcpus: n as u32,
-                        memory_mib,
-                        flags: if x2apic { FLAG_X2APIC } else { 0 }
-                            | if verify { FLAG_VERIFY } else { 0 }
-                            | if kvm_model { FLAG_KVM_APIC } else { 0 },
-                        tsc_hz,
-                        migrate_every_us: 0,
-                        elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos())
-                            .unwrap_or(u64::MAX),
-                        ..Default::default()
-                    };
+                    let header = header_now(0);
                     match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
                         Ok(Sent::Moved(st)) => {
                             live_out = Some(st);
