@@ -203,10 +203,18 @@ fn soft_int(
             None
         }
         Ok(S::NotSoftInt) => Some(Outcome::GuestCrash("KVM internal error".into())),
+        Ok(S::Shutdown(v)) => {
+            sh.soft_ints.hit(u64::from(v));
+            Some(Outcome::GuestCrash(format!(
+                "triple fault delivering `int {v:#x}` (the VMM delivered it; #DF faulted)"
+            )))
+        }
         Ok(S::Unsupported(v, why)) => Some(Outcome::GuestCrash(format!(
             "KVM internal error: `int {v:#x}` not delivered by the VMM ({why})"
         ))),
-        Err(e) => Some(Outcome::VmmError(format!("delivering a software interrupt: {e}"))),
+        Err(e) => Some(Outcome::VmmError(format!(
+            "delivering a software interrupt: {e}"
+        ))),
     }
 }
 

@@ -9,13 +9,15 @@
 //! and, for `CC` or `CD nn`, performs the delivery as the CPU would
 //! ([`delivery`]): the IDT gate and its checks, the target code segment, the stack
 //! (IST, RSPn), the frame, RFLAGS, then `KVM_SET_REGS`/`KVM_SET_SREGS`. A fault the
-//! delivery raises instead (#GP, #NP, #SS, #TS, #PF) is injected with
-//! `KVM_SET_VCPU_EVENTS`, RIP left on the instruction.
+//! delivery raises (#GP, #NP, #SS, #TS, #PF) is delivered here too, RIP pushed on
+//! the instruction, and so on to #DF and shutdown (SDM Vol. 3A Table 6-5).
 //!
 //! Why not KVM's own event injection: KVM takes the length of a "soft" event from
 //! its last exit (not this instruction), a delivery fault then reports the wrong RIP,
-//! and a `KVM_INTERRUPT` issued while the injected event is still queued replaces
-//! it. Delivering here has none of these problems and needs no queued state.
+//! a `KVM_INTERRUPT` issued while the injected event is still queued replaces it,
+//! and on this host an injected #NP whose delivery meets a read-only stack ends in a
+//! triple fault instead of a #PF (kvm-unit-tests `eventinj`, "NP PF exceptions").
+//! Delivering here has none of these problems and leaves nothing queued in KVM.
 //!
 //! Deviations (see the crate README): the stack and descriptor tables are written
 //! and read without the guest's page protections (`KVM_TRANSLATE` reports no
@@ -24,6 +26,7 @@
 //! protected mode is handled at the same privilege level through 32-bit gates only.
 
 pub mod delivery;
+pub mod tables;
 
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
@@ -45,8 +48,12 @@ pub enum SoftIntOutcome {
     NotSoftInt,
     /// The handler of this vector was entered.
     Delivered(u8),
-    /// The delivery of this vector raised this exception instead (injected).
+    /// The delivery of this vector faulted; the handler of this exception (the
+    /// last one raised on the way, possibly #DF) was entered instead.
     Faulted(u8, Fault),
+    /// The delivery of this vector ended in a fault while delivering #DF: the
+    /// guest is shut down (report a triple fault).
+    Shutdown(u8),
     /// An `int3` / `int n` of this vector that this workaround does not deliver.
     Unsupported(u8, Unsupported),
 }
@@ -225,39 +232,25 @@ pub fn deliver_at_rip(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> Result<SoftIntO
     let Some(si) = fetch(&cpu, &mut lin) else {
         return Ok(SoftIntOutcome::NotSoftInt);
     };
-    match delivery::deliver(&cpu, si, &mut lin) {
-        Ok(delivery::Outcome::Entered(e)) => {
-            sregs.cs = seg_out(&e.cs);
-            if let Some(ss) = e.ss {
-                sregs.ss = seg_out(&ss);
-            }
-            fd.set_sregs(&sregs)
-                .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-            regs.rip = e.rip;
-            regs.rsp = e.rsp;
-            regs.rflags = e.rflags;
-            fd.set_regs(&regs)
-                .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
-            Ok(SoftIntOutcome::Delivered(si.vector))
-        }
-        Ok(delivery::Outcome::Faulted(f)) => {
-            if let Fault::Pf { addr, .. } = f {
-                sregs.cr2 = addr;
-                fd.set_sregs(&sregs)
-                    .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-            }
-            let mut ev = fd
-                .get_vcpu_events()
-                .map_err(|e| Error::kvm("KVM_GET_VCPU_EVENTS", e))?;
-            ev.exception.injected = 1;
-            ev.exception.nr = f.vector();
-            ev.exception.has_error_code = 1;
-            ev.exception.error_code = f.error_code();
-            ev.flags = 0;
-            fd.set_vcpu_events(&ev)
-                .map_err(|e| Error::kvm("KVM_SET_VCPU_EVENTS", e))?;
-            Ok(SoftIntOutcome::Faulted(si.vector, f))
-        }
-        Err(u) => Ok(SoftIntOutcome::Unsupported(si.vector, u)),
+    let (entry, out) = match delivery::deliver(&cpu, si, &mut lin) {
+        Ok(delivery::Outcome::Entered(e)) => (e, SoftIntOutcome::Delivered(si.vector)),
+        Ok(delivery::Outcome::Faulted(f, e)) => (e, SoftIntOutcome::Faulted(si.vector, f)),
+        Ok(delivery::Outcome::Shutdown) => return Ok(SoftIntOutcome::Shutdown(si.vector)),
+        Err(u) => return Ok(SoftIntOutcome::Unsupported(si.vector, u)),
+    };
+    sregs.cs = seg_out(&entry.cs);
+    if let Some(ss) = entry.ss {
+        sregs.ss = seg_out(&ss);
     }
+    if let Some(cr2) = entry.cr2 {
+        sregs.cr2 = cr2;
+    }
+    fd.set_sregs(&sregs)
+        .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    regs.rip = entry.rip;
+    regs.rsp = entry.rsp;
+    regs.rflags = entry.rflags;
+    fd.set_regs(&regs)
+        .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    Ok(out)
 }
