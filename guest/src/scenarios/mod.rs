@@ -27,6 +27,8 @@ mod io;
 mod ipi;
 mod priority;
 mod softint;
+
+pub use softint::int3_round_trip;
 mod state;
 mod timer;
 

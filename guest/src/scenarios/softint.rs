@@ -164,6 +164,20 @@ fn run() -> Res {
     Ok(())
 }
 
+/// Median TSC cycles of `int3` → handler → `iretq` over `samples` (an interrupt
+/// gate on the current stack; the benchmark mode's `int3-roundtrip`).
+pub fn int3_round_trip(samples: &mut [u64]) -> u64 {
+    idt::set_gate(3, softint_rec_entry as *const () as u64, 0, 0xEE);
+    for s in samples.iter_mut() {
+        let t0 = crate::cpu::rdtsc();
+        let _ = shot!("int3");
+        *s = crate::cpu::rdtsc() - t0;
+    }
+    idt::default_gate(3);
+    samples.sort_unstable();
+    samples.get(samples.len() / 2).copied().unwrap_or(0)
+}
+
 /// `int3` and `int n` at CPL0 through four kinds of gate (see the module docs).
 pub fn soft_int() -> Res {
     for r in REC.0.iter() {
