@@ -707,6 +707,21 @@ mod tests {
         assert_eq!(v["first_wild_mmio"], 0xFED0_0000u64);
         assert_eq!(v["first_gp_msr"], 0);
     }
+
+    // Software interrupts delivered by the VMM: a text line only when there were any,
+    // always the JSON integer.
+    #[test]
+    fn soft_interrupts_in_text_and_json() {
+        let r = report(Outcome::DebugExit(0));
+        assert!(!r.text().contains("soft ints:"));
+        assert_eq!(r.json()["soft_interrupts"], 0);
+        let mut r = report(Outcome::DebugExit(0));
+        r.soft_interrupts = 7;
+        assert!(r
+            .text()
+            .contains("soft ints:    7 software interrupts delivered by the VMM"));
+        assert_eq!(r.json()["soft_interrupts"], 7);
+    }
 }
 
 #[cfg(test)]

@@ -238,6 +238,7 @@ pub fn deliver_at_rip(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> Result<SoftIntO
         Ok(delivery::Outcome::Shutdown) => return Ok(SoftIntOutcome::Shutdown(si.vector)),
         Err(u) => return Ok(SoftIntOutcome::Unsupported(si.vector, u)),
     };
+    let old = (sregs.cs, sregs.ss, sregs.cr2);
     sregs.cs = seg_out(&entry.cs);
     if let Some(ss) = entry.ss {
         sregs.ss = seg_out(&ss);
@@ -245,8 +246,11 @@ pub fn deliver_at_rip(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> Result<SoftIntO
     if let Some(cr2) = entry.cr2 {
         sregs.cr2 = cr2;
     }
-    fd.set_sregs(&sregs)
-        .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    // Same CS (the usual kernel-to-kernel case), SS and CR2: one ioctl fewer.
+    if (sregs.cs, sregs.ss, sregs.cr2) != old {
+        fd.set_sregs(&sregs)
+            .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    }
     regs.rip = entry.rip;
     regs.rsp = entry.rsp;
     regs.rflags = entry.rflags;
