@@ -95,6 +95,7 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
     sc("soft-int", 1, Any, softint::soft_int),
+    sc("soft-int-smp", 2, Any, softint::soft_int_smp),
     // ---- x2APIC phase ----
     sc("x2apic-switch", 1, Any, state::x2apic_switch),
     sc("self-ipi-x2apic", 1, X2apic, ipi::self_ipi_x2apic),
