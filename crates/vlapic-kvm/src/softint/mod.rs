@@ -317,7 +317,7 @@ mod tests {
             Some((3, 1))
         );
         // `int $0x21` then other bytes, length 15 (constructed in the same layout).
-        let data = [0x1, 0x8b48_21cd_0f, 0];
+        let data = [0x1, 0x008b_4821_cd0f, 0];
         let b = exit_instruction(&data).expect("bytes");
         assert_eq!(
             delivery::decode(&b).map(|s| (s.vector, s.len)),
