@@ -212,6 +212,9 @@ fn soft_int(
         Ok(S::Unsupported(v, why)) => Some(Outcome::GuestCrash(format!(
             "KVM internal error: `int {v:#x}` not delivered by the VMM ({why})"
         ))),
+        Ok(other) => Some(Outcome::GuestCrash(format!(
+            "KVM internal error ({other:?})"
+        ))),
         Err(e) => Some(Outcome::VmmError(format!(
             "delivering a software interrupt: {e}"
         ))),

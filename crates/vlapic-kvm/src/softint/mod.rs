@@ -43,6 +43,7 @@ const PAGE: u64 = 4096;
 
 /// What [`deliver_at_rip`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SoftIntOutcome {
     /// The last exit was not an emulation failure on `int3` / `int n` (or the
     /// workaround is off): report it as before.
