@@ -181,7 +181,10 @@ pub enum Outcome {
 
 /// Why a delivery was not attempted (the caller keeps its crash report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Unsupported {
+    /// CR4.FRED is set: events are delivered the FRED way, which this does not do.
+    Fred,
     /// Real mode or virtual-8086 mode (KVM's emulator handles real mode itself).
     NotProtectedMode,
     /// 32-bit protected mode through a task gate, a 16-bit gate or to another
@@ -198,6 +201,7 @@ const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_VM: u64 = 1 << 17;
 const CR0_PE: u64 = 1;
 const CR4_LA57: u64 = 1 << 12;
+const CR4_FRED: u64 = 1 << 32;
 const EFER_LMA: u64 = 1 << 10;
 /// #PF error code bit: write access.
 pub const PF_WRITE: u32 = 1 << 1;
@@ -298,6 +302,9 @@ pub fn deliver<M: LinearMemory>(
 ) -> Result<Outcome, Unsupported> {
     if cpu.cr0 & CR0_PE == 0 || cpu.rflags & RFLAGS_VM != 0 {
         return Err(Unsupported::NotProtectedMode);
+    }
+    if cpu.cr4 & CR4_FRED != 0 {
+        return Err(Unsupported::Fred);
     }
     let mut fault = match deliver_one(cpu, Event::soft(si), mem) {
         Ok(e) => return Ok(Outcome::Entered(e)),

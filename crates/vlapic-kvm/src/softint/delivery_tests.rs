@@ -428,6 +428,21 @@ fn legacy_32bit_same_level() {
     assert_eq!(e.rflags & RFLAGS_IF, 0);
 }
 
+/// With CR4.FRED (bit 32) events use FRED's stack frames and entry points, not the
+/// IDT (Intel FRED specification): refused, never delivered the IDT way.
+#[test]
+fn fred_is_refused() {
+    let (mut m, mut cpu) = machine();
+    set_gate(&mut m, 3, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, true));
+    cpu.cr4 |= 1 << 32;
+    let before = m.mem.clone();
+    assert_eq!(
+        deliver(&cpu, SoftInt { vector: 3, len: 1 }, &mut m),
+        Err(Unsupported::Fred)
+    );
+    assert_eq!(m.mem, before);
+}
+
 #[test]
 fn real_mode_is_not_ours() {
     let (mut m, mut cpu) = machine();

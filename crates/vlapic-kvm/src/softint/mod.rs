@@ -64,6 +64,7 @@ impl std::fmt::Display for Unsupported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unsupported::NotProtectedMode => f.write_str("real or virtual-8086 mode"),
+            Unsupported::Fred => f.write_str("FRED event delivery (CR4.FRED) is on"),
             Unsupported::Legacy32 => f.write_str(
                 "32-bit protected mode through a task gate, a 16-bit gate or to another privilege level",
             ),
