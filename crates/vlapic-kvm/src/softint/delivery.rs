@@ -245,6 +245,17 @@ impl Event {
     fn ext(self) -> u16 {
         u16::from(!self.soft)
     }
+
+    /// RFLAGS as pushed: a fault-class exception pushes RF = 1 (SDM Vol. 3B
+    /// §17.3.1.1; KVM does the same when it injects a fault); #DF is an abort and
+    /// the software interrupt a trap, both push RFLAGS as they are.
+    fn pushed_rflags(self, rflags: u64) -> u64 {
+        if self.soft || self.vector == 8 {
+            rflags
+        } else {
+            rflags | RFLAGS_RF
+        }
+    }
 }
 
 /// A descriptor's error-code form: selector with RPL cleared, plus EXT.
@@ -473,7 +484,7 @@ fn deliver_ia32e<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M) -> Ste
     let body = [
         return_ip(cpu, ev.len, cpu.cs.l),
         u64::from(cpu.cs.selector),
-        cpu.rflags,
+        ev.pushed_rflags(cpu.rflags),
         cpu.rsp,
         u64::from(cpu.ss.selector),
     ];
@@ -553,7 +564,7 @@ fn deliver_legacy<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M) -> St
     let body = [
         return_ip(cpu, ev.len, false) as u32,
         u32::from(cpu.cs.selector),
-        cpu.rflags as u32,
+        ev.pushed_rflags(cpu.rflags) as u32,
     ];
     let mut words = [0u32; 4];
     let words = match ev.error {

@@ -155,6 +155,9 @@ fn fault_frame(m: &Flat, cpu: &CpuState, e: &Entry, f: Fault) {
         cpu.rip,
         "RIP on the faulting instruction"
     );
+    // SDM Vol. 3B §17.3.1.1: a fault pushes RF = 1; #DF (an abort) pushes RFLAGS as is.
+    let rf = if f == Fault::Df { 0 } else { RFLAGS_RF };
+    assert_eq!(m.u64_at(e.rsp + 24), cpu.rflags | rf, "pushed RFLAGS");
 }
 
 #[test]
@@ -272,6 +275,7 @@ fn gate_dpl_below_cpl_is_gp() {
 #[test]
 fn idt_checks() {
     let (mut m, mut cpu) = machine();
+    cpu.rflags &= !RFLAGS_RF; // so that the #NP frame's RF = 1 is the fault's doing
     set_gate(&mut m, 0x42, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, false));
     let (f, e) = faulted(int(&cpu, 0x42, &mut m));
     assert_eq!((f.vector(), f.error_code()), (11, 0x42 * 8 + 2));
