@@ -106,13 +106,55 @@ fn rec(i: usize) -> u64 {
 /// handler stack (`entry`), IF in the handler.
 fn check(what: &str, s: &Shot, count: u64, entry: u64, handler_if: bool) -> Res {
     let (cs, ss) = selectors();
-    ensure!(rec(0) == count, "{}: handler ran {} times, want {}", what, rec(0), count);
-    ensure!(rec(2) == s.ret, "{}: pushed RIP {:#x}, want {:#x} (after the instruction)", what, rec(2), s.ret);
-    ensure!(rec(3) == cs, "{}: pushed CS {:#x}, want {:#x}", what, rec(3), cs);
-    ensure!(rec(4) == s.rflags, "{}: pushed RFLAGS {:#x}, want {:#x}", what, rec(4), s.rflags);
-    ensure!(rec(5) == s.rsp, "{}: pushed RSP {:#x}, want {:#x}", what, rec(5), s.rsp);
-    ensure!(rec(6) == ss, "{}: pushed SS {:#x}, want {:#x}", what, rec(6), ss);
-    ensure!(rec(1) == entry, "{}: handler RSP {:#x}, want {:#x}", what, rec(1), entry);
+    ensure!(
+        rec(0) == count,
+        "{}: handler ran {} times, want {}",
+        what,
+        rec(0),
+        count
+    );
+    ensure!(
+        rec(2) == s.ret,
+        "{}: pushed RIP {:#x}, want {:#x} (after the instruction)",
+        what,
+        rec(2),
+        s.ret
+    );
+    ensure!(
+        rec(3) == cs,
+        "{}: pushed CS {:#x}, want {:#x}",
+        what,
+        rec(3),
+        cs
+    );
+    ensure!(
+        rec(4) == s.rflags,
+        "{}: pushed RFLAGS {:#x}, want {:#x}",
+        what,
+        rec(4),
+        s.rflags
+    );
+    ensure!(
+        rec(5) == s.rsp,
+        "{}: pushed RSP {:#x}, want {:#x}",
+        what,
+        rec(5),
+        s.rsp
+    );
+    ensure!(
+        rec(6) == ss,
+        "{}: pushed SS {:#x}, want {:#x}",
+        what,
+        rec(6),
+        ss
+    );
+    ensure!(
+        rec(1) == entry,
+        "{}: handler RSP {:#x}, want {:#x}",
+        what,
+        rec(1),
+        entry
+    );
     ensure!(
         (rec(7) & IF != 0) == handler_if,
         "{}: IF={} in the handler, want {}",
@@ -144,25 +186,59 @@ fn run() -> Res {
     crate::cpu::sti();
     let s = shot!("int3");
     crate::cpu::cli();
-    check("int3 (interrupt gate, IF=1)", &s, 1, (s.rsp & !15) - 40, false)?;
+    check(
+        "int3 (interrupt gate, IF=1)",
+        &s,
+        1,
+        (s.rsp & !15) - 40,
+        false,
+    )?;
 
     crate::cpu::sti();
     let s = shot!("int 0x61");
     crate::cpu::cli();
-    check("int $0x61 (trap gate, IF=1)", &s, 2, (s.rsp & !15) - 40, true)?;
+    check(
+        "int $0x61 (trap gate, IF=1)",
+        &s,
+        2,
+        (s.rsp & !15) - 40,
+        true,
+    )?;
 
     let s = shot!("int 0x62");
-    check("int $0x62 (IST1 gate)", &s, 3, (percpu::ist1_top() & !15) - 40, false)?;
+    check(
+        "int $0x62 (IST1 gate)",
+        &s,
+        3,
+        (percpu::ist1_top() & !15) - 40,
+        false,
+    )?;
 
     let s = shot!("int3");
-    check("int3 (interrupt gate, IF=0)", &s, 4, (s.rsp & !15) - 40, false)?;
+    check(
+        "int3 (interrupt gate, IF=0)",
+        &s,
+        4,
+        (s.rsp & !15) - 40,
+        false,
+    )?;
 
     let s = shot!("int 0x63");
     ensure!(rec(0) == 4, "int $0x63 (not present) ran the handler");
     let err = NP_ERR.load(SeqCst);
-    ensure!(err == u64::from(V_ABSENT) * 8 + 2, "int $0x63 (not present): #NP error {:#x}, want {:#x}", err, u64::from(V_ABSENT) * 8 + 2);
+    ensure!(
+        err == u64::from(V_ABSENT) * 8 + 2,
+        "int $0x63 (not present): #NP error {:#x}, want {:#x}",
+        err,
+        u64::from(V_ABSENT) * 8 + 2
+    );
     let rip = NP_RIP.load(SeqCst);
-    ensure!(rip == s.ret - 2, "int $0x63 (not present): #NP at {:#x}, want the int at {:#x}", rip, s.ret - 2);
+    ensure!(
+        rip == s.ret - 2,
+        "int $0x63 (not present): #NP at {:#x}, want the int at {:#x}",
+        rip,
+        s.ret - 2
+    );
     Ok(())
 }
 
@@ -284,9 +360,18 @@ pub fn soft_int_smp() -> Res {
     idt::default_gate(V_SMP);
     ensure!(r.is_some(), "cpu {} did not finish", ap);
     let total = SMP_TOTAL.load(SeqCst);
-    ensure!(total == 2 * ROUNDS * PER_ROUND, "{} handler entries, want {}", total, 2 * ROUNDS * PER_ROUND);
+    ensure!(
+        total == 2 * ROUNDS * PER_ROUND,
+        "{} handler entries, want {}",
+        total,
+        2 * ROUNDS * PER_ROUND
+    );
     let bad = SMP_BAD.load(SeqCst);
-    ensure!(bad == 0, "{} entries with a pushed RIP other than the instruction's end", bad);
+    ensure!(
+        bad == 0,
+        "{} entries with a pushed RIP other than the instruction's end",
+        bad
+    );
     let got_bsp = percpu::this().counts[V_CROSS as usize].load(SeqCst) - bsp_before;
     let got_ap = CPUS[ap].counts[V_CROSS as usize].load(SeqCst) - ap_before;
     // Fixed IPIs may merge in IRR (one pending per vector), so at most ROUNDS each.
