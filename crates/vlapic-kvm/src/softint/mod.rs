@@ -27,6 +27,7 @@
 //! protected mode is handled at the same privilege level through 32-bit gates only.
 
 pub mod delivery;
+pub mod fault;
 pub mod tables;
 
 use kvm_bindings::{kvm_segment, kvm_sregs};
