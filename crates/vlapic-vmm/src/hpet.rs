@@ -13,6 +13,9 @@
 //! never drifts. Minimum spacing: periodic expiries are delivered at least
 //! [`MIN_PERIOD_NS`] apart (the comparator itself stays architectural), so a guest
 //! programming a 10 ns period costs the host at most 10 000 interrupts a second.
+//! An edge-triggered timer with interrupts disabled is not armed (a match would have
+//! no visible effect but for a periodic comparator's advance, which then waits
+//! until the timer is enabled again).
 
 use crate::wire::{Reader, Writer};
 
@@ -187,15 +190,12 @@ impl Hpet {
         let at = self.s.timers.get(n).map(|t| {
             let m = width_mask(t);
             let ticks = t.comparator.wrapping_sub(cur) & m;
-            (
-                ticks,
-                t.config & TN_PERIODIC != 0,
-                t.period & m,
-                t.last_fire_ns,
-            )
+            let observable = t.config & (TN_ENABLE | TN_LEVEL) != 0;
+            let periodic = t.config & TN_PERIODIC != 0;
+            (ticks, periodic, t.period & m, t.last_fire_ns, observable)
         });
         let due = match at {
-            Some((ticks, periodic, period, last)) if enabled => {
+            Some((ticks, periodic, period, last, true)) if enabled => {
                 let mut due = self.ns_after(now, ticks);
                 if periodic && period != 0 {
                     due = due.max(last.saturating_add(MIN_PERIOD_NS));
