@@ -155,6 +155,11 @@ impl Rtc {
         self.s.ram[REG_A] & 0x70 == A_DV_NORMAL && self.s.ram[REG_B] & B_SET == 0
     }
 
+    /// SET mode: the time registers are plain bytes the guest writes.
+    fn set(&self) -> bool {
+        self.s.ram[REG_B] & B_SET != 0
+    }
+
     fn divider_on(&self) -> bool {
         self.s.ram[REG_A] & 0x70 == A_DV_NORMAL
     }
@@ -326,14 +331,10 @@ impl Rtc {
         if self.running() {
             let next = |k: u64| self.s.anchor_ns.saturating_add(k.saturating_mul(NS));
             let k = self.updates_at(now) + 1;
-            if b & C_UF != 0 {
+            // The alarm is checked at each update while AIE is on (one wake-up a
+            // second at most, only while IRQ 8 is low).
+            if b & (C_UF | C_AF) != 0 {
                 take(next(k));
-            }
-            if b & C_AF != 0 {
-                let cur = self.secs(now);
-                if let Some(i) = (1..=86_400i64).find(|i| self.alarm_matches(cur + i)) {
-                    take(next(k + i as u64 - 1));
-                }
             }
         }
         best
@@ -355,8 +356,8 @@ impl Rtc {
         self.sync(now);
         let i = usize::from(self.s.index & 0x7F);
         let v = match i {
-            0 | 2 | 4 | 6..=9 if self.running() => self.encode_time(self.secs(now))[i],
-            CENTURY if self.running() => self.encode_time(self.secs(now))[1],
+            0 | 2 | 4 | 6..=9 if !self.set() => self.encode_time(self.secs(now))[i],
+            CENTURY if !self.set() => self.encode_time(self.secs(now))[1],
             REG_A => {
                 let in_update =
                     self.running() && now.saturating_sub(self.s.anchor_ns) % NS >= NS - UIP_NS;
@@ -421,7 +422,7 @@ impl Rtc {
             }
             REG_C | REG_D => {} // read-only
             0 | 2 | 4 | 6..=9 | CENTURY => {
-                if self.running() {
+                if !self.set() {
                     let t = self.encode_time(self.secs(now));
                     for r in [0usize, 2, 4, 6, 7, 8, 9] {
                         self.s.ram[r] = t[r];
