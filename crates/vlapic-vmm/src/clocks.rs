@@ -131,6 +131,10 @@ impl Clocks {
         let (v, level) = d.rtc.port_in(port, self.clock.now_ns());
         self.apply_rtc(&d, level);
         drop(d);
+        if level.is_some() {
+            // Status C read: IRQ 8 is low again, the next flag can raise it.
+            self.cv.notify_all();
+        }
         data.fill(0);
         if let Some(b) = data.first_mut() {
             *b = v;
