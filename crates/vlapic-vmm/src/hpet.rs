@@ -453,6 +453,24 @@ impl Hpet {
         self.rearm(n, now);
     }
 
+    /// Moves the device from VM time `from` to VM time `to` as if no time passed in
+    /// between (a restore into a process whose VM time differs): the counter keeps
+    /// its value, armed expiries stay as far ahead.
+    pub fn rebase(&mut self, from: u64, to: u64) {
+        let shift = |t: u64| {
+            let v = i128::from(t) + i128::from(to) - i128::from(from);
+            u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+        };
+        if self.enabled() {
+            self.s.counter = self.counter(from);
+            self.s.anchor_ns = to;
+        }
+        for t in &mut self.s.timers {
+            t.due_ns = t.due_ns.map(shift);
+            t.last_fire_ns = shift(t.last_fire_ns);
+        }
+    }
+
     /// Encodes the state (save-file section `HPET`).
     pub fn encode(&self, w: &mut Writer) {
         let s = &self.s;

@@ -444,6 +444,19 @@ impl Rtc {
         self.irq()
     }
 
+    /// Moves the chip from VM time `from` to VM time `to` as if no time passed in
+    /// between (a restore into a process whose VM time differs): the clock shows the
+    /// same time, the divider keeps its phase, the flags stay as they were.
+    pub fn rebase(&mut self, from: u64, to: u64) {
+        self.sync(from);
+        if self.running() {
+            self.s.secs = self.secs(from);
+        }
+        let phase = from.saturating_sub(self.s.anchor_ns) % NS;
+        self.s.anchor_ns = to.saturating_sub(phase);
+        self.s.checked_ns = to;
+    }
+
     /// Encodes the state (save-file section `RTC0`).
     pub fn encode(&self, w: &mut Writer) {
         w.raw(&self.s.ram);

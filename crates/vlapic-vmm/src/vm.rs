@@ -433,8 +433,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let io = io.with_ram(ram.host_base().map_err(VmmError::Setup)?, ram.size());
     // The HPET and the RTC: as saved, or at power-on with the RTC showing the host's
     // wall clock (UTC), read this once.
-    let clock_devices = match restore.as_ref().and_then(|f| f.clocks.clone()) {
-        Some(d) => d,
+    let clock_devices = match restore
+        .as_ref()
+        .and_then(|f| f.clocks.clone().map(|d| (f, d)))
+    {
+        Some((f, mut d)) => {
+            d.rebase(f.header.vm_ns, clock.now_ns());
+            d
+        }
         None => {
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

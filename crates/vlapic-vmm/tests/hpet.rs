@@ -300,3 +300,28 @@ fn saved_state_round_trips_and_bad_state_is_refused() {
         }
     }
 }
+
+#[test]
+fn rebase_keeps_the_count_and_the_distance_to_each_expiry() {
+    // A restore into a VM whose clock reads less (or more) than at the save: the
+    // counter continues from its saved value and an armed comparator stays the same
+    // number of ticks ahead.
+    let mut h = Hpet::new();
+    wr(&mut h, GEN, 1, 0);
+    wr(&mut h, conf(2), ENB | PERIODIC | VAL_SET | route(16), 0);
+    wr(&mut h, cmp(2), 100_000, 0);
+    wr(&mut h, cmp(2), 100_000, 0);
+    let _ = h.tick(1_000_000);
+    let saved_at = 1_500_000;
+    let count = rd(&h, CNT, saved_at);
+    let ahead = h.next_deadline().unwrap() - saved_at;
+    for to in [7u64, 1 << 40] {
+        let mut r = h.clone();
+        r.rebase(saved_at, to);
+        assert_eq!(rd(&r, CNT, to), count);
+        assert_eq!(rd(&r, CNT, to + 10_000), count + 1_000);
+        assert_eq!(r.next_deadline(), Some(to + ahead));
+        assert_eq!(r.tick(to + ahead), vec![Line::Pulse(16)]);
+        assert_eq!(rd(&r, cmp(2), to + ahead), 300_000);
+    }
+}

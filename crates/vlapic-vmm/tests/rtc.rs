@@ -245,3 +245,19 @@ fn saved_state_round_trips_and_continues() {
         }
     }
 }
+
+#[test]
+fn rebase_keeps_the_time_and_the_divider_phase() {
+    // A restore into a VM whose clock reads differently: the same time is shown and
+    // the next update comes as far ahead as it was at the save.
+    let mut r = Rtc::new(LEAP_EVE, 0, 128 << 20);
+    let saved_at = 5 * S + S / 4;
+    let shown = time(&mut r, saved_at);
+    for to in [S / 2, 1 << 45] {
+        let mut b = r.clone();
+        b.rebase(saved_at, to);
+        assert_eq!(time(&mut b, to), shown);
+        assert_eq!(time(&mut b, to + 3 * S / 4 - 1), shown);
+        assert_eq!(b.secs(to + 3 * S / 4), LEAP_EVE + 6);
+    }
+}

@@ -97,6 +97,27 @@ fn route_pin(n: u64) -> Result<u32, Verdict> {
     }
 }
 
+/// Arms one-shot timer `n` `us` ahead and returns its comparator. A comparator
+/// written behind the counter only matches after a wrap (spec §2.3.9.2.1), so if the
+/// counter read back has already passed it (the host did not run this vCPU between
+/// the read and the write: a loaded host, a live-migration pause) and `fired` says
+/// nothing came, it is armed again (as Linux's `hpet_next_event` retries).
+fn arm_oneshot(n: u64, period_fs: u64, us: u64, fired: impl Fn() -> bool) -> u64 {
+    let mut target = 0;
+    for _ in 0..5 {
+        target = hr(MAIN_CNT) + ticks_us(period_fs, us);
+        hw(cmp(n), target);
+        if hr(MAIN_CNT) < target {
+            break;
+        }
+        time::settle(time::ms(50));
+        if fired() {
+            break;
+        }
+    }
+    target
+}
+
 /// Quiet both devices (scenario cleanup): HPET halted, RTC interrupts off, C read.
 pub fn quiet() {
     hw(GEN_CONF, 0);
@@ -139,9 +160,8 @@ pub fn hpet_oneshot() -> Res {
     ioapic::write_rte(pin, ioapic::rte(V_HPET, false, false, apic::id()));
     FIRES.store(0, SeqCst);
     let before = counts(V_HPET);
-    let target = hr(MAIN_CNT) + ticks_us(period, 2000);
     hw(conf(2), TN_ENB | (u64::from(pin) << 9));
-    hw(cmp(2), target);
+    let target = arm_oneshot(2, period, 5000, || FIRES.load(SeqCst) > 0);
     ensure!(hr(cmp(2)) == target, "comparator reads {:#x}", hr(cmp(2)));
     expect_delivery(V_HPET, &before, only(percpu::bsp()), "one-shot comparator")?;
     let at = AT.load(SeqCst);
@@ -184,17 +204,29 @@ pub fn hpet_periodic() -> Res {
     ioapic::write_rte(pin, ioapic::rte(V_HPET, false, false, apic::id()));
     FIRES.store(0, SeqCst);
     PERIOD.store(p, SeqCst);
-    let start = hr(MAIN_CNT);
-    START.store(start, SeqCst);
+    let mut start = 0;
     let t0 = cpu::rdtsc();
-    // §2.3.9.2.2: VAL_SET, then the first write sets the accumulator, the second
-    // the increment.
-    hw(
-        conf(2),
-        TN_ENB | TN_PERIODIC | TN_VAL_SET | (u64::from(pin) << 9),
-    );
-    hw(cmp(2), start + p);
-    hw(cmp(2), p);
+    for _ in 0..5 {
+        start = hr(MAIN_CNT);
+        START.store(start, SeqCst);
+        // §2.3.9.2.2: VAL_SET, then the first write sets the accumulator, the second
+        // the increment. The first expiry 5 periods ahead; if the counter passed it
+        // before the write landed (see arm_oneshot), the comparator would wait for a
+        // wrap: program it again.
+        hw(
+            conf(2),
+            TN_ENB | TN_PERIODIC | TN_VAL_SET | (u64::from(pin) << 9),
+        );
+        hw(cmp(2), start + 5 * p);
+        hw(cmp(2), p);
+        if hr(MAIN_CNT) < start + 5 * p {
+            break;
+        }
+        time::settle(time::ms(20));
+        if FIRES.load(SeqCst) > 0 {
+            break;
+        }
+    }
     let done = time::wait_irq(time::timeout() + time::ms(200), || FIRES.load(SeqCst) >= N);
     let c = hr(cmp(2));
     let now = hr(MAIN_CNT);
@@ -262,14 +294,15 @@ pub fn hpet_level() -> Res {
     ioapic::write_rte(pin, ioapic::rte(V_HPET_LEVEL, true, false, apic::id()));
     let before = counts(V_HPET_LEVEL);
     hw(conf(2), TN_LEVEL | TN_ENB | (u64::from(pin) << 9));
-    hw(cmp(2), hr(MAIN_CNT) + ticks_us(period, 1000));
+    FIRES.store(0, SeqCst);
+    arm_oneshot(2, period, 5000, || FIRES.load(SeqCst) > 0);
     // One entry: the status bit cleared in the handler releases the line, so the
     // EOI does not bring the interrupt back.
     expect_delivery(V_HPET_LEVEL, &before, only(percpu::bsp()), "level timer")?;
     ensure!(hr(GINTR_STA) & 4 == 0, "GINTR_STA {:#x}", hr(GINTR_STA));
     // Disabled interrupts still set the status bit in level mode (§2.3.8 bit 2).
     hw(conf(2), TN_LEVEL | (u64::from(pin) << 9));
-    hw(cmp(2), hr(MAIN_CNT) + ticks_us(period, 500));
+    arm_oneshot(2, period, 5000, || hr(GINTR_STA) & 4 != 0);
     ensure!(
         time::wait_until(time::timeout(), || hr(GINTR_STA) & 4 != 0),
         "status bit not set with INT_ENB clear"
@@ -294,9 +327,10 @@ pub fn hpet_legacy() -> Res {
     let b1 = counts(V_LEGACY1);
     hw(conf(0), TN_ENB);
     hw(conf(1), TN_ENB);
-    let now = hr(MAIN_CNT);
-    hw(cmp(0), now + ticks_us(period, 1000));
-    hw(cmp(1), now + ticks_us(period, 2000));
+    let c0 = move || counts(V_LEGACY0)[percpu::bsp()] != b0[percpu::bsp()];
+    let c1 = move || counts(V_LEGACY1)[percpu::bsp()] != b1[percpu::bsp()];
+    arm_oneshot(0, period, 5000, c0);
+    arm_oneshot(1, period, 10000, c1);
     expect_delivery(
         V_LEGACY0,
         &b0,
