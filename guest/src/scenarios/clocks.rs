@@ -174,6 +174,23 @@ pub fn hpet_oneshot() -> Res {
     Ok(())
 }
 
+/// Waits (IF=1) until `FIRES` reaches `n`; gives up after two timeouts in a row
+/// without a new interrupt (one may be eaten by a guest TSC that jumped forward
+/// across a save and restore). Whether `n` was reached.
+fn wait_count(n: u32) -> bool {
+    let mut stalls = 0;
+    while FIRES.load(SeqCst) < n && stalls < 2 {
+        let seen = FIRES.load(SeqCst);
+        time::wait_irq(time::timeout(), || FIRES.load(SeqCst) != seen);
+        stalls = if FIRES.load(SeqCst) == seen {
+            stalls + 1
+        } else {
+            0
+        };
+    }
+    FIRES.load(SeqCst) >= n
+}
+
 fn periodic_handler(_f: &mut Frame) {
     let c = hr(MAIN_CNT);
     // Interrupt n cannot come before the n-th period boundary (late ones may
@@ -227,7 +244,7 @@ pub fn hpet_periodic() -> Res {
             break;
         }
     }
-    let done = time::wait_irq(time::timeout() + time::ms(200), || FIRES.load(SeqCst) >= N);
+    let done = wait_count(N);
     let c = hr(cmp(2));
     let now = hr(MAIN_CNT);
     let t1 = cpu::rdtsc();
@@ -264,11 +281,14 @@ pub fn hpet_periodic() -> Res {
         fires,
         periods
     );
-    // The counter runs at its advertised rate against the TSC (loosely: a factor 2).
+    // The counter runs no faster than its advertised rate against the TSC (loosely:
+    // a factor 2). Only an upper bound: across a save and restore the guest TSC on
+    // some hosts jumps by the time between the two while the HPET continues from its
+    // saved count (a counter that is too slow or stops is caught by the count above).
     let hpet_us = now.wrapping_sub(start) * period_fs / 1_000_000_000;
     let tsc_us = (t1 - t0) * 1000 / time::tsc_khz().max(1);
     ensure!(
-        hpet_us * 2 >= tsc_us && hpet_us <= tsc_us * 2 + 1000,
+        hpet_us <= tsc_us * 2 + 1000,
         "HPET counted {} us while the TSC counted {} us",
         hpet_us,
         tsc_us
@@ -467,7 +487,7 @@ pub fn rtc_periodic() -> Res {
     let t0 = cpu::rdtsc();
     let b = rtc_read(0x0B);
     rtc_write(0x0B, b | 0x40); // PIE
-    let done = time::wait_irq(time::timeout(), || FIRES.load(SeqCst) >= N);
+    let done = wait_count(N);
     let t1 = cpu::rdtsc();
     rtc_write(0x0B, b & !0x70);
     rtc_read(0x0C);
