@@ -93,9 +93,11 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("hpet-oneshot", 1, Any, clocks::hpet_oneshot),
     sc("hpet-periodic", 1, Any, clocks::hpet_periodic),
     sc("hpet-level", 1, Any, clocks::hpet_level),
+    sc("hpet-level-masked", 1, Any, clocks::hpet_level_masked),
     sc("hpet-legacy", 1, Any, clocks::hpet_legacy),
     sc("rtc-time", 1, Any, clocks::rtc_time_read),
     sc("rtc-periodic", 1, Any, clocks::rtc_periodic),
+    sc("rtc-status-c", 1, Any, clocks::rtc_status_c),
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
     // ---- x2APIC phase ----
