@@ -730,6 +730,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             sh.wild_mmio.get().1,
             sh.msr_gp.get().1,
         ],
+        nmi_masked: sh.clocks.nmi_masked(),
+        hpet_coalesced: sh.clocks.hpet_missed(),
         elapsed,
         tsc_hz,
         live_in,
