@@ -269,7 +269,7 @@ impl Hpet {
             if t.config & TN_PERIODIC != 0 && period != 0 {
                 // Next grid point strictly after the counter: comparator + k × period.
                 let behind = cur.wrapping_sub(t.comparator) & m;
-                let k = behind / period + 1;
+                let k = (behind / period).saturating_add(1);
                 t.comparator = t.comparator.wrapping_add(k.wrapping_mul(period)) & m;
                 self.s.missed = self.s.missed.saturating_add(k - 1);
                 t.last_fire_ns = now;

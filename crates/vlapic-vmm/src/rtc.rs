@@ -285,7 +285,7 @@ impl Rtc {
                 // A daily alarm pattern that matched at all matched in the last day.
                 let last = self.secs(now);
                 let k = i64::try_from(n.min(86_400)).unwrap_or(86_400);
-                if (0..k).any(|i| self.alarm_matches(last - i)) {
+                if (0..k).any(|i| self.alarm_matches(last.saturating_sub(i))) {
                     self.s.ram[REG_C] |= C_AF;
                 }
             }

@@ -823,6 +823,28 @@ mod tests {
     }
 
     #[test]
+    fn version_1_files_without_hpet_and_rtc_are_still_read() {
+        // A file from before the HPET/RTC sections: version 1, no such sections;
+        // read with `clocks: None` (the restored VM gets them at power-on), and
+        // re-encoded as it was. Version 2 without the sections is an error.
+        let mut s = sample();
+        s.clocks = None;
+        let bytes = s.encode();
+        assert_eq!(bytes[8..12], 1u32.to_le_bytes());
+        let d = SaveFile::decode(&bytes).expect("a version-1 file decodes");
+        assert!(d.clocks.is_none());
+        assert_eq!(d.encode(), bytes);
+        let mut v2 = bytes.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        reseal(&mut v2);
+        assert!(SaveFile::decode(&v2).unwrap_err().contains("HPET missing"));
+        // And a version-2 file carries both devices.
+        let full = sample().encode();
+        assert_eq!(full[8..12], VERSION.to_le_bytes());
+        assert!(SaveFile::decode(&full).expect("decodes").clocks.is_some());
+    }
+
+    #[test]
     fn every_flipped_byte_is_an_error_not_a_panic() {
         let bytes = sample().encode();
         for i in 0..bytes.len() {

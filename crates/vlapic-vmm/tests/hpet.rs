@@ -325,3 +325,31 @@ fn rebase_keeps_the_count_and_the_distance_to_each_expiry() {
         assert_eq!(rd(&r, cmp(2), to + ahead), 300_000);
     }
 }
+
+#[test]
+fn state_from_a_file_with_extreme_values_never_panics() {
+    // A decoded state can hold anything the checks let through: a periodic timer
+    // of period 1 whose comparator is just ahead of the counter and whose expiry
+    // is already due, and a counter at the top of its range.
+    use vlapic_vmm::hpet::{HpetState, HpetTimer};
+    let t = HpetTimer {
+        config: ENB | PERIODIC | route(16),
+        comparator: u64::MAX,
+        period: 1,
+        due_ns: Some(0),
+        last_fire_ns: u64::MAX,
+    };
+    let mut h = Hpet::from_state(HpetState {
+        config: 3,
+        counter: u64::MAX - 1,
+        anchor_ns: u64::MAX,
+        timers: [t; 3],
+        ..HpetState::default()
+    });
+    for now in [0, 1, u64::MAX / 2, u64::MAX] {
+        let _ = h.tick(now);
+        let _ = h.next_deadline();
+        let _ = rd(&h, CNT, now);
+        h.rebase(now, u64::MAX - now);
+    }
+}

@@ -261,3 +261,23 @@ fn rebase_keeps_the_time_and_the_divider_phase() {
         assert_eq!(b.secs(to + 3 * S / 4), LEAP_EVE + 6);
     }
 }
+
+#[test]
+fn state_from_a_file_with_extreme_times_never_panics() {
+    // The clock's seconds are a signed 64-bit count from a file: the ends of the
+    // range, with every interrupt enabled and the alarm on "don't care".
+    for secs in [i64::MIN, i64::MIN + 86_400, -1, i64::MAX - 1, i64::MAX] {
+        let mut r = Rtc::new(secs, 0, 1 << 20);
+        write(&mut r, 0x0B, 0x72, 0);
+        for reg in [1u8, 3, 5] {
+            write(&mut r, reg, 0xFF, 0);
+        }
+        for now in [0, 3 * S, 100_000 * S] {
+            let _ = time(&mut r, now);
+            let _ = r.tick(now);
+            let _ = r.next_deadline(now);
+            read(&mut r, 0x0C, now);
+        }
+        r.rebase(5 * S, 1);
+    }
+}
