@@ -6,19 +6,22 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 21] = [
+const LAYERS: [&str; 24] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
     "guest",
+    "hpet",
+    "rtc",
     "stream",
     "console",
     "snapshot",
     "kernel_chip",
     "loader",
     "devices",
+    "clocks",
     "gate",
     "shared",
     "vcpu",
