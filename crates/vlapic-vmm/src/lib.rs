@@ -14,6 +14,7 @@ pub mod gate;
 pub mod guest;
 pub mod incoming;
 pub mod kernel_chip;
+pub mod kernel_timer;
 pub mod loader;
 pub mod memory;
 pub mod migrate;

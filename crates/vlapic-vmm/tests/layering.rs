@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 21] = [
+const LAYERS: [&str; 22] = [
     "files",
     "stats",
     "wire",
@@ -17,6 +17,7 @@ const LAYERS: [&str; 21] = [
     "console",
     "snapshot",
     "kernel_chip",
+    "kernel_timer",
     "loader",
     "devices",
     "gate",
