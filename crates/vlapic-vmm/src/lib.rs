@@ -20,6 +20,7 @@ pub mod memory;
 pub mod migrate;
 pub mod outcome;
 pub mod outgoing;
+pub mod pic;
 pub mod savefile;
 pub mod shared;
 pub mod snapshot;

@@ -6,13 +6,14 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 22] = [
+const LAYERS: [&str; 23] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
     "guest",
+    "pic",
     "stream",
     "console",
     "snapshot",
