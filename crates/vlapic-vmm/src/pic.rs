@@ -435,3 +435,91 @@ impl PicPair {
 #[cfg(test)]
 #[path = "pic_tests.rs"]
 mod tests;
+
+/// The pair as the VMM's device: shared by the port bus (0x20/0x21/0xA0/0xA1,
+/// 0x4D0/0x4D1, ISA IRQ lines) and the BSP's ExtINT source (INTA). Its INT output
+/// drives LINT0 of vCPU 0 (virtual-wire mode; SDM Vol. 3A §11.5.1: LINT0 programmed
+/// as ExtINT takes the 8259's INTR); [`PicDevice::take_lint0`] says which levels to
+/// drive it to since the last call.
+#[derive(Debug, Default)]
+pub struct PicDevice {
+    inner: std::sync::Mutex<PicWire>,
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct PicWire {
+    pair: PicPair,
+    /// The LINT0 level last driven.
+    lint0: bool,
+    /// An INTA happened since: INT drops during the cycle, so a request still
+    /// pending after it is a new rising edge.
+    acked: bool,
+}
+
+impl PicDevice {
+    fn with<R>(&self, f: impl FnOnce(&mut PicWire) -> R) -> R {
+        let r = f(&mut crate::lock(&self.inner));
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        r
+    }
+
+    /// A guest IN from a port [`owns`] says is ours.
+    pub fn read(&self, port: u16) -> u8 {
+        self.with(|w| w.pair.read(port))
+    }
+
+    /// A guest OUT to a port [`owns`] says is ours.
+    pub fn write(&self, port: u16, v: u8) {
+        self.with(|w| w.pair.write(port, v));
+    }
+
+    /// ISA IRQ `irq` (0–15) to `level`.
+    pub fn set_irq(&self, irq: u8, level: bool) {
+        self.with(|w| w.pair.set_irq(irq, level));
+    }
+
+    /// The INTA cycle of an ExtINT: the vector.
+    pub fn acknowledge(&self) -> u8 {
+        self.with(|w| {
+            w.acked = true;
+            w.pair.acknowledge()
+        })
+    }
+
+    /// The LINT0 levels to drive, in order, since the last call (empty: no change).
+    pub fn take_lint0(&self) -> Vec<bool> {
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut w = crate::lock(&self.inner);
+        let mut out = Vec::new();
+        if std::mem::take(&mut w.acked) && w.lint0 {
+            out.push(false);
+            w.lint0 = false;
+        }
+        let level = w.pair.output();
+        if level != w.lint0 {
+            out.push(level);
+            w.lint0 = level;
+        }
+        out
+    }
+
+    /// The pair's state (for a save file or a migration).
+    pub fn save(&self) -> PicPair {
+        crate::lock(&self.inner).pair
+    }
+
+    /// Continues `pair`; its INT output is driven onto LINT0 at the next
+    /// [`PicDevice::take_lint0`] (a level LINT0 already has makes no new edge).
+    pub fn restore(&self, pair: PicPair) {
+        self.with(|w| {
+            *w = PicWire {
+                pair,
+                lint0: false,
+                acked: false,
+            }
+        });
+    }
+}

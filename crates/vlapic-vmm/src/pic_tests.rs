@@ -294,3 +294,38 @@ fn invalid_kvm_bytes_are_refused() {
     }
     assert!(PicPair::from_bytes(&good[..31]).is_err());
 }
+
+/// LINT0 follows INT: up on a request, down after INTA; with auto-EOI and a second
+/// request still pending after INTA, down and up again (a new edge for the APIC,
+/// whose ExtINT LINT0 is edge-sensitive) — the 8259A drops INT during the INTA
+/// sequence.
+#[test]
+fn lint0_levels_follow_int_with_a_new_edge_after_each_inta() {
+    let d = PicDevice::default();
+    for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 4), (0x21, 3), (0x21, 0)] {
+        d.write(port, v);
+    }
+    assert_eq!(d.take_lint0(), Vec::<bool>::new());
+    d.set_irq(3, true);
+    d.set_irq(4, true);
+    assert_eq!(d.take_lint0(), vec![true]);
+    assert_eq!(
+        d.take_lint0(),
+        Vec::<bool>::new(),
+        "no change, nothing to drive"
+    );
+    assert_eq!(d.acknowledge(), 0x33);
+    assert_eq!(
+        d.take_lint0(),
+        vec![false, true],
+        "IRQ4 still pending (AEOI)"
+    );
+    assert_eq!(d.acknowledge(), 0x34);
+    assert_eq!(d.take_lint0(), vec![false]);
+    // A restored device re-drives its output.
+    let e = PicDevice::default();
+    let mut p = d.save();
+    p.set_irq(5, true);
+    e.restore(p);
+    assert_eq!(e.take_lint0(), vec![true]);
+}

@@ -168,6 +168,7 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
                 }
             }
         }
+        drive_lint0(sh);
         let end = match vcpu.run() {
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
@@ -179,6 +180,16 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             sh.finish(o);
             break;
         }
+    }
+}
+
+/// Drives the BSP's LINT0 to the 8259 pair's INT output if it changed (a port
+/// access, an IRQ line or an INTA on any vCPU), waking whoever must act.
+fn drive_lint0(sh: &Shared) {
+    for level in sh.io.pic.take_lint0() {
+        let rt = &sh.rt;
+        let w = rt.fabric().set_lint(0, 0, level, rt.now_ns());
+        rt.wake(&w);
     }
 }
 

@@ -424,7 +424,25 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             (console, io)
         }
     };
-    let rt = ApicRuntime::new(chip, clock.clone()).map_err(|e| VmmError::Setup(e.to_string()))?;
+    // The 8259 pair: its state from the file (PIC8; KVM's own PIC holds it with
+    // `--irqchip kernel`), and its INTA as the BSP's ExtINT source.
+    if let Some(p) = restore.as_ref().and_then(|f| f.pic) {
+        if cfg.kernel_irqchip {
+            crate::kernel_chip::load_pic(&vm, &p)
+                .map_err(|e| bad(format!("KVM's 8259s refused the state: {e}")))?;
+        } else {
+            io.pic.restore(p);
+        }
+    }
+    let pic = io.pic.clone();
+    let extint: vlapic_kvm::runtime::ExtIntSource = Arc::new(move || Some(pic.acknowledge()));
+    let rt = ApicRuntime::with_options(
+        chip,
+        clock.clone(),
+        vlapic_kvm::PollConfig::default(),
+        Some(extint),
+    )
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
     // The xAPIC page may not be moved over guest RAM (see ApicRuntime::refuse_apic_page_in).
     let ram_range = 0..ram.size();
     rt.refuse_apic_page_in(vec![ram_range]);
