@@ -25,6 +25,7 @@ use crate::{idt, ioapic, smp, time, BootInfo};
 
 mod io;
 mod ipi;
+mod pic;
 mod priority;
 mod state;
 mod timer;
@@ -89,6 +90,7 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("ioapic-level-retrigger", 1, Any, io::level_retrigger),
     sc("ioapic-mask", 1, Any, io::mask),
     sc("ioapic-eoi-register", 1, Any, io::eoi_register),
+    sc("pic-extint", 1, Any, pic::extint),
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
     // ---- x2APIC phase ----
