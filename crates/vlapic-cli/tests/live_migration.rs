@@ -180,6 +180,51 @@ fn migrate_over_tcp_loopback() {
     migrate_once(&format!("tcp:127.0.0.1:{}", free_tcp_port()));
 }
 
+/// `--incoming-timeout MS`: with no source in time the destination gives up with one
+/// line and exit 2, having run nothing, and removes its socket file; a source that
+/// comes in time migrates as usual.
+#[test]
+fn incoming_gives_up_after_its_accept_timeout() {
+    if !ready() {
+        return;
+    }
+    let p = sock("accept-timeout");
+    let addrs = [
+        format!("unix:{}", p.display()),
+        format!("tcp:127.0.0.1:{}", free_tcp_port()),
+    ];
+    for addr in &addrs {
+        let o = bin()
+            .args(["run", "--incoming", addr, "--incoming-timeout", "300"])
+            .args(["--quiet", "--json"])
+            .output()
+            .expect("destination");
+        let all = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{addr}: {all}");
+        assert!(o.stdout.is_empty(), "{addr}: ran something: {all}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{addr}: one line: {all}");
+        assert!(
+            err.contains("no source connected within 300 ms"),
+            "{addr}: {all}"
+        );
+    }
+    assert!(!p.exists(), "the socket file is left behind");
+    let addr = format!("unix:{}", sock("accept-in-time").display());
+    let dst = bin()
+        .args(["run", "--incoming", &addr, "--incoming-timeout", "60000"])
+        .args(["--quiet", "--json", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("destination");
+    std::thread::sleep(Duration::from_millis(100));
+    let so = source(&addr, 300, "2").wait_with_output().expect("source");
+    let d = dst.wait_with_output().expect("destination");
+    assert_eq!(json(&so)["outcome"]["kind"], "migrated", "{}", text(&so));
+    check_whole_run(&json(&d), &d);
+}
+
 /// Writes `bytes` to a waiting `--incoming` and returns its output.
 fn feed_destination(name: &str, bytes: &[u8]) -> Output {
     let p = sock(name);

@@ -62,6 +62,9 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// `--incoming ADDR`: wait for a VM from another process instead of booting.
     pub incoming: Option<Addr>,
+    /// `--incoming-timeout`: how long `--incoming` waits for a source to connect
+    /// (`None`: for ever).
+    pub incoming_timeout: Option<Duration>,
     /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
     pub migrate_to: Option<MigrateTo>,
 }
@@ -103,6 +106,7 @@ impl Default for VmConfig {
             save: None,
             restore: None,
             incoming: None,
+            incoming_timeout: None,
             migrate_to: None,
         }
     }
@@ -185,7 +189,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         (None, Some(addr)) => {
             kvm_usable().map_err(VmmError::Setup)?;
             let l = incoming::listen(addr).map_err(VmmError::Setup)?;
-            let mut inc = incoming::receive(l, addr).map_err(VmmError::Incoming)?;
+            let mut inc =
+                incoming::receive(l, addr, cfg.incoming_timeout).map_err(VmmError::Incoming)?;
             ram_in = inc.ram.take();
             let f = inc.file.take();
             incoming = Some(inc);
