@@ -487,6 +487,19 @@ impl PicDevice {
         })
     }
 
+    /// The ExtINT source of the BSP: INTA when INT is up, else `None` (dropped). An
+    /// ExtINT also comes from an IPI, IOAPIC entry or MSI in ExtINT mode; KVM's and
+    /// QEMU's APICs drop those, so with nothing requested this does not make the
+    /// spurious-IRQ7 INTA ([`PicPair::acknowledge`]) a hardware 8259 would answer.
+    pub fn acknowledge_if_requested(&self) -> Option<u8> {
+        self.with(|w| {
+            w.pair.output().then(|| {
+                w.acked = true;
+                w.pair.acknowledge()
+            })
+        })
+    }
+
     /// The LINT0 levels to drive, in order, since the last call (empty: no change).
     pub fn take_lint0(&self) -> Vec<bool> {
         if !self.dirty.swap(false, std::sync::atomic::Ordering::Acquire) {

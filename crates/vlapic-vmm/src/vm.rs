@@ -440,7 +440,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     let pic = io.pic.clone();
-    let extint: vlapic_kvm::runtime::ExtIntSource = Arc::new(move || Some(pic.acknowledge()));
+    let extint: vlapic_kvm::runtime::ExtIntSource =
+        Arc::new(move || pic.acknowledge_if_requested());
     let rt = ApicRuntime::with_options(
         chip,
         clock.clone(),
