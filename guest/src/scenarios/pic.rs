@@ -2,7 +2,8 @@
 //! bases 0x30/0x38), pc-testdev ISA lines through master and slave into LINT0 as ExtINT.
 //!
 //! Checked (8259A datasheet; SDM Vol. 3A §11.5.1 for LINT0 in ExtINT mode): OCW1
-//! reads back; the PIIX ELCR keeps IRQ0–2 edge; INTA returns base + IRQ (the slave's
+//! reads back; the PIIX ELCR keeps IRQ0–2 edge (all inputs are made edge-triggered
+//! for the test and the firmware's ELCR restored after); INTA returns base + IRQ (the slave's
 //! through the master's IRQ2) and sets ISR on both chips of the cascade, which the
 //! handler reads with OCW3 and clears with a non-specific EOI; an edge latched while
 //! masked is taken when unmasked. Then for 1.2 s it keeps raising lines and checking
@@ -88,7 +89,10 @@ fn run() -> Res {
     imr_check("after OCW1")?;
     cpu::outb(0x4D0, 0xFF);
     let elcr = cpu::inb(0x4D0);
+    // Every input edge-triggered (firmware such as SeaBIOS under QEMU makes the
+    // PCI interrupt lines, 10 and 11 among them, level-triggered).
     cpu::outb(0x4D0, 0);
+    cpu::outb(0x4D1, 0);
     ensure!(
         elcr & 0x07 == 0,
         "ELCR 0x4D0 reads {:#04x}: IRQ0-2 must stay edge",
@@ -149,8 +153,11 @@ fn run() -> Res {
 }
 
 pub fn extint() -> Res {
+    let elcr = (cpu::inb(0x4D0), cpu::inb(0x4D1));
     let r = run();
     mask_all();
+    cpu::outb(0x4D0, elcr.0);
+    cpu::outb(0x4D1, elcr.1);
     apic::write(apic::LVT_LINT0, apic::LVT_MASKED);
     r
 }
