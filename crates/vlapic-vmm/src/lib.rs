@@ -3,15 +3,18 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
+// outcome, memory, guest, hpet, rtc → console, snapshot, loader → devices, clocks →
+// gate → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
+pub mod clocks;
 pub mod console;
 pub mod devices;
 pub mod files;
 pub mod gate;
 pub mod guest;
+pub mod hpet;
 pub mod incoming;
 pub mod kernel_chip;
 pub mod kernel_timer;
@@ -21,6 +24,7 @@ pub mod migrate;
 pub mod outcome;
 pub mod outgoing;
 pub mod pic;
+pub mod rtc;
 pub mod savefile;
 pub mod shared;
 pub mod snapshot;

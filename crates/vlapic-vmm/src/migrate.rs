@@ -35,8 +35,12 @@ pub fn migrate(
     }
     let paused_at = Instant::now();
 
-    // Every vCPU is out of KVM_RUN and parked: the APIC/IOAPIC state is quiescent.
-    // Export it, through the library's binary encoding, into a fresh fabric.
+    // Every vCPU is out of KVM_RUN and parked, and the HPET/RTC are held still (no
+    // line moves until the new fabric is in place): the interrupt state is quiescent.
+    // Export it, through the library's binary encoding, into a fresh fabric; the
+    // devices go through their save-file encoding too.
+    let mut clocks = sh.clocks.hold();
+    *clocks = clocks.round_trip()?;
     let now = sh.rt.now_ns();
     let old = sh.chip();
     let bytes = native::encode_fabric(&old.export());
@@ -76,6 +80,8 @@ pub fn migrate(
         .map(|i| old.take_events(i).unwrap_or_default())
         .collect();
     sh.rt.replace_fabric(fresh);
+    drop(clocks);
+    sh.clocks.poke();
     drop(old);
     gate.state_bytes
         .fetch_max(bytes.len() as u64, Ordering::Relaxed);

@@ -14,11 +14,14 @@ use vlapic::Events;
 
 use vlapic_kvm::RunState;
 
+pub use crate::clocks::ClockDevices;
 use crate::console::{ConsoleLog, ConsoleOut};
 pub use crate::devices::DevicesState;
+use crate::hpet::Hpet;
 use crate::lock;
 use crate::memory::GuestRam;
 use crate::pic::PicPair;
+use crate::rtc::Rtc;
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::snapshot::VcpuState;
 use crate::stats::ExitCounts;
@@ -26,8 +29,12 @@ pub use crate::wire::{crc32, Reader, Writer};
 
 /// First eight bytes of every save file.
 pub const MAGIC: [u8; 8] = *b"VLAPICSV";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes. Version 2 added the `HPET` and `RTC0`
+/// sections; version 1 files (without them) are still read, and the restored VM
+/// gets both devices at power-on.
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Guest page size for the memory section.
 pub const PAGE: usize = 4096;
 /// Header flag: every APIC started in x2APIC mode (`--x2apic`).
@@ -42,12 +49,14 @@ const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
 
-/// The optional section after `DEVS`: the 8259 pair, 32 bytes (two `kvm_pic_state`).
+/// The optional section after the last mandatory one (`DEVS` in version 1, `RTC0`
+/// in version 2): the 8259 pair, 32 bytes (two `kvm_pic_state`).
 const PIC_SECTION: [u8; 4] = *b"PIC8";
 
-/// Section tags, in file order (`VCPU` once per vCPU).
-const SECTIONS: [[u8; 4]; 7] = [
-    *b"HEAD", *b"FABR", *b"VCPU", *b"MEM0", *b"CONS", *b"STAT", *b"DEVS",
+/// Section tags, in file order (`VCPU` once per vCPU; `HPET` and `RTC0` from
+/// version 2 on).
+const SECTIONS: [[u8; 4]; 9] = [
+    *b"HEAD", *b"FABR", *b"VCPU", *b"MEM0", *b"CONS", *b"STAT", *b"DEVS", *b"HPET", *b"RTC0",
 ];
 
 /// The fixed-size header.
@@ -135,6 +144,8 @@ pub struct SaveFile {
     pub stats: Stats,
     /// Port devices.
     pub devices: DevicesState,
+    /// The HPET and the CMOS RTC (`None`: a version-1 file, which had neither).
+    pub clocks: Option<ClockDevices>,
     /// The 8259 pair: the optional section `PIC8` after `DEVS` (absent in files of
     /// builds without it; the pair then starts at power-on).
     pub pic: Option<PicPair>,
@@ -268,7 +279,8 @@ impl SaveFile {
 
         let mut w = Writer::default();
         w.raw(&MAGIC);
-        w.u32(VERSION);
+        // A file read from version 1 re-encodes as version 1 (nothing to add).
+        w.u32(if self.clocks.is_some() { VERSION } else { 1 });
         w.u32(0);
         w.u64(0); // file length, patched below
         w.section(SECTIONS[0], &head.buf);
@@ -307,6 +319,14 @@ impl SaveFile {
             d.u64(*fw_pos);
             d.buf
         });
+        if let Some(c) = &self.clocks {
+            let mut h = Writer::default();
+            c.hpet.encode(&mut h);
+            w.section(SECTIONS[7], &h.buf);
+            let mut r = Writer::default();
+            c.rtc.encode(&mut r);
+            w.section(SECTIONS[8], &r.buf);
+        }
         if let Some(p) = &self.pic {
             w.section(PIC_SECTION, &p.to_bytes());
         }
@@ -327,9 +347,10 @@ impl SaveFile {
         let mut p = Reader::new(file, "file header");
         p.take(MAGIC.len())?;
         let version = p.u32()?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(format!(
-                "format version {version} is not supported (this build reads version {VERSION})"
+                "format version {version} is not supported (this build reads versions \
+                 {OLDEST_VERSION} to {VERSION})"
             ));
         }
         if p.u32()? != 0 {
@@ -472,6 +493,17 @@ impl SaveFile {
             fw_pos: r.u64()?,
         };
         r.finish()?;
+        let clocks = if version >= 2 {
+            let mut r = next(SECTIONS[7], "HPET")?;
+            let hpet = Hpet::decode(&mut r)?;
+            r.finish()?;
+            let mut r = next(SECTIONS[8], "RTC0")?;
+            let rtc = Rtc::decode(&mut r)?;
+            r.finish()?;
+            Some(ClockDevices { hpet, rtc })
+        } else {
+            None
+        };
         let pic = if secs.remaining() > 0 {
             let at = secs.pos + PREFIX;
             let tag = secs.take(4)?;
@@ -502,6 +534,7 @@ impl SaveFile {
             console,
             stats,
             devices,
+            clocks,
             pic,
         })
     }
@@ -533,6 +566,8 @@ pub(crate) fn gather(
     mut header: Header,
 ) -> Result<SaveFile, String> {
     let paused = sh.migration.paused();
+    // The HPET and RTC stay still (no line moves) while the fabric is exported.
+    let clocks = sh.clocks.hold();
     let now = sh.clock().now_ns();
     header.vm_ns = now;
     header.guest_tsc = sh.clock().guest_tsc();
@@ -628,6 +663,7 @@ pub(crate) fn gather(
         console: console.raw_log(),
         stats,
         devices: sh.io.save(),
+        clocks: Some(clocks.clone()),
         pic: Some(match &sh.kernel_irqchip {
             Some(vm) => crate::kernel_chip::capture_pic(vm)?,
             None => sh.io.pic.save(),
@@ -789,6 +825,7 @@ mod tests {
                 fw_key: 5,
                 fw_pos: 2,
             },
+            clocks: Some(ClockDevices::new(1_700_000_000, 5, 4 << 20)),
             pic: Some({
                 let mut p = PicPair::default();
                 p.write(0x20, 0x11);
@@ -817,6 +854,7 @@ mod tests {
         assert_eq!(d.memory, s.memory);
         assert_eq!(d.stats, s.stats);
         assert_eq!(d.devices, s.devices);
+        assert_eq!(d.clocks, s.clocks);
         assert_eq!(d.pic, s.pic);
         assert_eq!(d.console.scenarios, s.console.scenarios);
         assert_eq!(d.console.tail, s.console.tail);
@@ -826,6 +864,35 @@ mod tests {
         assert_eq!(d.vcpus[1].run, RunState::WaitForSipi);
         assert_eq!(d.vcpus[0].kvm.tsc(), Some(1234));
         assert_eq!(d.encode(), bytes, "re-encoding is identical");
+    }
+
+    #[test]
+    fn version_1_files_without_hpet_and_rtc_are_still_read() {
+        // A file from before the HPET/RTC sections: version 1, no such sections;
+        // read with `clocks: None` (the restored VM gets them at power-on), and
+        // re-encoded as it was. Version 2 without the sections is an error.
+        let mut s = sample();
+        s.clocks = None;
+        // A version-1 file this build writes (a VM restored from one) has PIC8.
+        let with_pic = s.encode();
+        assert_eq!(with_pic[8..12], 1u32.to_le_bytes());
+        let d = SaveFile::decode(&with_pic).expect("version 1 with PIC8");
+        assert!(d.clocks.is_none() && d.pic.is_some());
+        assert_eq!(d.encode(), with_pic);
+        // As builds before the HPET/RTC wrote it: no PIC8 either.
+        s.pic = None;
+        let bytes = s.encode();
+        let d = SaveFile::decode(&bytes).expect("a version-1 file decodes");
+        assert!(d.clocks.is_none() && d.pic.is_none());
+        assert_eq!(d.encode(), bytes);
+        let mut v2 = bytes.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        reseal(&mut v2);
+        assert!(SaveFile::decode(&v2).unwrap_err().contains("HPET missing"));
+        // And a version-2 file carries both devices.
+        let full = sample().encode();
+        assert_eq!(full[8..12], VERSION.to_le_bytes());
+        assert!(SaveFile::decode(&full).expect("decodes").clocks.is_some());
     }
 
     #[test]
@@ -911,7 +978,7 @@ mod tests {
             .contains("magic"));
         let mut f = MAGIC.to_vec();
         assert!(SaveFile::decode(&f).unwrap_err().contains("ends early"));
-        f.extend_from_slice(&2u32.to_le_bytes());
-        assert!(SaveFile::decode(&f).unwrap_err().contains("version 2"));
+        f.extend_from_slice(&3u32.to_le_bytes());
+        assert!(SaveFile::decode(&f).unwrap_err().contains("version 3"));
     }
 }

@@ -7,6 +7,7 @@ use kvm_ioctls::VmFd;
 use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic_kvm::{ApicRuntime, VmClock};
 
+use crate::clocks::Clocks;
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
 use crate::lock;
@@ -27,6 +28,8 @@ pub struct Shared {
     pub verifier_carry: Mutex<(u8, u64)>,
     /// Port-I/O devices.
     pub io: IoBus,
+    /// The HPET (MMIO) and the CMOS RTC (ports 0x70/0x71).
+    pub clocks: Arc<Clocks>,
     /// How the run ended (first writer wins).
     pub outcome: Mutex<Option<Outcome>>,
     /// Signalled when `outcome` is set.
@@ -71,6 +74,7 @@ impl Shared {
             }
         }
         self.rt.stop();
+        self.clocks.stop();
         self.migration.release_all();
         self.done.notify_all();
     }

@@ -62,6 +62,10 @@ pub struct RunReport {
     pub msr_gp: u64,
     /// The first unknown port, wild MMIO address and #GP MSR seen.
     pub first_odd: [u64; 3],
+    /// The guest left the CMOS index port's NMI-mask bit (0x70 bit 7) set.
+    pub nmi_masked: bool,
+    /// HPET expiries that coalesced into an earlier interrupt (handled late).
+    pub hpet_coalesced: u64,
     /// Wall-clock run time.
     pub elapsed: Duration,
     /// Guest TSC frequency used for VM time.
@@ -271,6 +275,14 @@ impl RunReport {
             "odd guest:    {} unknown-port, {} wild-MMIO, {} MSR #GP",
             self.unknown_ports, self.wild_mmio, self.msr_gp
         );
+        if self.nmi_masked || self.hpet_coalesced > 0 {
+            let _ = writeln!(
+                s,
+                "platform:     CMOS NMI mask {}, {} HPET expiries coalesced",
+                if self.nmi_masked { "set" } else { "clear" },
+                self.hpet_coalesced
+            );
+        }
         for ((n, what), first) in [
             (self.unknown_ports, "unknown port"),
             (self.wild_mmio, "wild MMIO address"),
@@ -536,6 +548,8 @@ mod tests {
             wild_mmio: 0,
             msr_gp: 0,
             first_odd: [0; 3],
+            nmi_masked: false,
+            hpet_coalesced: 0,
             elapsed: Duration::from_millis(1500),
             tsc_hz: 2_000_000_000,
             live_in: None,

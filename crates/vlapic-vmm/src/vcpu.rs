@@ -77,10 +77,15 @@ fn serve(sh: &Shared, me: usize, exit: Exit<'_>) -> Option<Outcome> {
         Exit::Handled(_) | Exit::Idle | Exit::Stopped => None,
         Exit::AllStopped => Some(Outcome::AllStopped),
         Exit::IoIn(port, data) => {
-            sh.io.port_in(port, data);
+            if !sh.clocks.port_in(port, data) {
+                sh.io.port_in(port, data);
+            }
             None
         }
         Exit::IoOut(port, data) => {
+            if sh.clocks.port_out(port, data) {
+                return None;
+            }
             let o = sh.io.port_out(port, data);
             if let Some((pin, level)) = o.irq {
                 sh.rt.set_irq_line(pin, level);
@@ -88,12 +93,16 @@ fn serve(sh: &Shared, me: usize, exit: Exit<'_>) -> Option<Outcome> {
             o.exit.map(Outcome::DebugExit)
         }
         Exit::MmioRead(addr, data) => {
-            sh.wild_mmio.hit(addr);
-            data.fill(0xFF);
+            if !sh.clocks.mmio_read(addr, data) {
+                sh.wild_mmio.hit(addr);
+                data.fill(0xFF);
+            }
             None
         }
-        Exit::MmioWrite(addr, _) => {
-            sh.wild_mmio.hit(addr);
+        Exit::MmioWrite(addr, data) => {
+            if !sh.clocks.mmio_write(addr, data) {
+                sh.wild_mmio.hit(addr);
+            }
             None
         }
         Exit::Shutdown => Some(Outcome::GuestCrash(
@@ -272,18 +281,30 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
             }
             Err(e) => return Err(format!("KVM_RUN: {e}")),
             Ok(VcpuExit::IoIn(port, data)) => {
-                sh.io.port_in(port, data);
+                if !sh.clocks.port_in(port, data) {
+                    sh.io.port_in(port, data);
+                }
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                let o = sh.io.port_out(port, data);
-                if let Some((pin, level)) = o.irq {
-                    let _ = vm.set_irq_line(pin, level);
+                if sh.clocks.port_out(port, data) {
+                    None
+                } else {
+                    let o = sh.io.port_out(port, data);
+                    if let Some((pin, level)) = o.irq {
+                        let _ = vm.set_irq_line(pin, level);
+                    }
+                    o.exit.map(Outcome::DebugExit)
                 }
-                o.exit.map(Outcome::DebugExit)
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xFF);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !sh.clocks.mmio_read(addr, data) {
+                    data.fill(0xFF);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                sh.clocks.mmio_write(addr, data);
                 None
             }
             Ok(_) => None,
@@ -370,28 +391,38 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     why = ExitReason::IoIn;
-                    sh.io.port_in(port, data);
+                    if !sh.clocks.port_in(port, data) {
+                        sh.io.port_in(port, data);
+                    }
                     None
                 }
                 VcpuExit::IoOut(port, data) => {
                     why = ExitReason::IoOut;
-                    let o = sh.io.port_out(port, data);
-                    let irq = o.irq.and_then(|(pin, level)| {
-                        vm.set_irq_line(pin, level)
-                            .err()
-                            .map(|e| Outcome::VmmError(format!("KVM_IRQ_LINE({pin}): {e}")))
-                    });
-                    irq.or(o.exit.map(Outcome::DebugExit))
+                    if sh.clocks.port_out(port, data) {
+                        None
+                    } else {
+                        let o = sh.io.port_out(port, data);
+                        let irq = o.irq.and_then(|(pin, level)| {
+                            vm.set_irq_line(pin, level)
+                                .err()
+                                .map(|e| Outcome::VmmError(format!("KVM_IRQ_LINE({pin}): {e}")))
+                        });
+                        irq.or(o.exit.map(Outcome::DebugExit))
+                    }
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     why = ExitReason::MmioRead;
-                    sh.wild_mmio.hit(addr);
-                    data.fill(0xFF);
+                    if !sh.clocks.mmio_read(addr, data) {
+                        sh.wild_mmio.hit(addr);
+                        data.fill(0xFF);
+                    }
                     None
                 }
-                VcpuExit::MmioWrite(addr, _) => {
+                VcpuExit::MmioWrite(addr, data) => {
                     why = ExitReason::MmioWrite;
-                    sh.wild_mmio.hit(addr);
+                    if !sh.clocks.mmio_write(addr, data) {
+                        sh.wild_mmio.hit(addr);
+                    }
                     None
                 }
                 VcpuExit::Hlt => {

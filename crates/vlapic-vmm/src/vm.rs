@@ -12,6 +12,7 @@ use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::{ApicMode, LapicConfig, TimerClock};
 use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
+use crate::clocks::{ClockDevices, Clocks, IrqSink};
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
@@ -454,6 +455,33 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     rt.refuse_apic_page_in(vec![ram_range]);
     // pc-testdev's page-flush port acts on guest RAM (alive until the end of run_vm).
     let io = io.with_ram(ram.host_base().map_err(VmmError::Setup)?, ram.size());
+    // The HPET and the RTC: as saved, or at power-on with the RTC showing the host's
+    // wall clock (UTC), read this once.
+    let clock_devices = match restore
+        .as_ref()
+        .and_then(|f| f.clocks.clone().map(|d| (f, d)))
+    {
+        Some((f, mut d)) => {
+            d.rebase(f.header.vm_ns, clock.now_ns());
+            d
+        }
+        None => {
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            ClockDevices::new(unix, clock.now_ns(), ram.size())
+        }
+    };
+    let sink: IrqSink = if cfg.kernel_irqchip {
+        let vm = vm.clone();
+        Box::new(move |pin, level| {
+            let _ = vm.set_irq_line(pin, level);
+        })
+    } else {
+        let rt = rt.clone();
+        Box::new(move |pin, level| rt.set_irq_line(pin, level))
+    };
+    let clocks = Arc::new(Clocks::new(clock_devices, clock.clone(), sink));
     let carry = restore
         .as_ref()
         .map_or((0, 0), |f| (f.stats.max_nesting, f.stats.violations));
@@ -462,6 +490,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         fabric_cfg,
         verifier_carry: Mutex::new(carry),
         io,
+        clocks: clocks.clone(),
         outcome: Mutex::new(None),
         done: Condvar::new(),
         wild_mmio: Odd::default(),
@@ -498,6 +527,13 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     drop(incoming);
     let mut live_out: Option<LiveStats> = None;
 
+    let clocks_thread = {
+        let c = clocks.clone();
+        std::thread::Builder::new()
+            .name("hpet-rtc".into())
+            .spawn(move || c.run())
+            .map_err(|e| VmmError::Setup(format!("cannot start the HPET/RTC thread: {e}")))?
+    };
     let start = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for (i, fd) in fds.into_iter().enumerate() {
@@ -659,6 +695,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     sh.rt.stop();
+    sh.clocks.stop();
+    let _ = clocks_thread.join();
     let elapsed = prior + start.elapsed();
     drop(vm);
 
@@ -716,6 +754,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             sh.wild_mmio.get().1,
             sh.msr_gp.get().1,
         ],
+        nmi_masked: sh.clocks.nmi_masked(),
+        hpet_coalesced: sh.clocks.hpet_missed(),
         elapsed,
         tsc_hz,
         live_in,

@@ -6,13 +6,15 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 23] = [
+const LAYERS: [&str; 26] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
     "guest",
+    "hpet",
+    "rtc",
     "pic",
     "stream",
     "console",
@@ -21,6 +23,7 @@ const LAYERS: [&str; 23] = [
     "kernel_timer",
     "loader",
     "devices",
+    "clocks",
     "gate",
     "shared",
     "vcpu",

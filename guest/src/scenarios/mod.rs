@@ -23,6 +23,7 @@ use crate::platform::Selection;
 use crate::report::{self, Res, Verdict};
 use crate::{idt, ioapic, smp, time, BootInfo};
 
+mod clocks;
 mod io;
 mod ipi;
 mod pic;
@@ -91,6 +92,14 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("ioapic-mask", 1, Any, io::mask),
     sc("ioapic-eoi-register", 1, Any, io::eoi_register),
     sc("pic-extint", 1, Any, pic::extint),
+    sc("hpet-oneshot", 1, Any, clocks::hpet_oneshot),
+    sc("hpet-periodic", 1, Any, clocks::hpet_periodic),
+    sc("hpet-level", 1, Any, clocks::hpet_level),
+    sc("hpet-level-masked", 1, Any, clocks::hpet_level_masked),
+    sc("hpet-legacy", 1, Any, clocks::hpet_legacy),
+    sc("rtc-time", 1, Any, clocks::rtc_time_read),
+    sc("rtc-periodic", 1, Any, clocks::rtc_periodic),
+    sc("rtc-status-c", 1, Any, clocks::rtc_status_c),
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
     // ---- x2APIC phase ----
@@ -194,6 +203,7 @@ pub const LEVEL_LINE: u32 = 15;
 /// Restore a quiet, known state on all CPUs after a scenario.
 pub fn cleanup() {
     cpu::cli();
+    clocks::quiet();
     ioapic::set_line(EDGE_LINE, false);
     ioapic::set_line(LEVEL_LINE, false);
     ioapic::mask_all();

@@ -213,10 +213,15 @@ pub(super) fn import<B: Backend>(
             return Err(FabricError::Apic { index: i, error });
         }
     }
-    let mut none = Wake::default();
-    b.ioapic(now, &mut none, |io| (io.import(ioapic), PinSet::EMPTY))
+    // Installed as it was, with no delivery: an asserted, unmasked level pin whose
+    // remote IRR is clear is one whose last delivery no APIC accepted (every other way
+    // into that condition fires the pin at once). The source would fire it again only
+    // at its next trigger (an EOI for its vector, a write to its entry, a line change),
+    // so the destination waits for the same trigger: export → import → export is the
+    // identity, and the VM behaves the same on either side of a migration.
+    let mut wake = Wake::default();
+    b.ioapic(now, &mut wake, |io| (io.import(ioapic), PinSet::EMPTY))
         .map_err(FabricError::IoApic)?;
-    let mut wake = ioapic_service(b, now);
     for i in 0..b.len() {
         if b.apic(i, |a| a.needs_kick()) == Some(true) {
             wake.push(i);

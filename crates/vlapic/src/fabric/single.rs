@@ -233,8 +233,9 @@ impl Fabric {
         ops::set_irq_line(self, pin, level, now)
     }
 
-    /// Fires every IOAPIC level pin that is asserted, unmasked and not in service
-    /// (after importing IOAPIC state).
+    /// Fires every IOAPIC level pin that is asserted, unmasked and not in service.
+    /// [`Fabric::import`] does not (it installs state exactly); an embedder that
+    /// installs IOAPIC state from a source whose pending lines were never sent calls it.
     pub fn ioapic_service(&mut self, now: u64) -> Wake {
         ops::ioapic_service(self, now)
     }
@@ -261,9 +262,11 @@ impl Fabric {
     }
 
     /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
-    /// error nothing changes. Afterwards the routing map follows the imported IDs,
-    /// asserted level lines with remote IRR clear are re-delivered, and the returned
-    /// [`Wake`] names every vCPU with something to take.
+    /// error nothing changes. Afterwards the routing map follows the imported IDs and
+    /// the returned [`Wake`] names every vCPU with something to take. Nothing is
+    /// delivered by the import itself: an asserted level pin whose last delivery was
+    /// not accepted (remote IRR clear) fires at its next trigger, as on the source, so
+    /// exporting the imported fabric gives back exactly `state`.
     pub fn import(&mut self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
         ops::import(self, state, now)
     }
