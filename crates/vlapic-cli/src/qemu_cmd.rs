@@ -585,6 +585,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         save: None,
         restore: None,
         incoming: None,
+        incoming_timeout: None,
         migrate_to: None,
     };
     let rep = match run_vm(&cfg) {

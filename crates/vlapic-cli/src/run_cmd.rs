@@ -104,6 +104,10 @@ pub struct RunArgs {
         conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "restore", "save", "migrate_every"]
     )]
     pub incoming: Option<vlapic_vmm::stream::Addr>,
+    /// How long `--incoming` waits for a source to connect, in milliseconds (default:
+    /// for ever). Nobody in time: one line, exit code 2, nothing run.
+    #[arg(long, value_name = "MS", requires = "incoming")]
+    pub incoming_timeout: Option<u64>,
     /// Live-migrate the running VM to `vlapic run --incoming ADDR` in another process
     /// after `--migrate-after` ms: pre-copy of RAM with KVM's dirty log while the guest
     /// runs, then a short pause for the last pages and the vCPU, APIC and device state.
@@ -242,6 +246,7 @@ pub fn run(a: RunArgs) -> ExitCode {
         }),
         restore: a.restore.clone(),
         incoming: a.incoming.clone(),
+        incoming_timeout: a.incoming_timeout.map(Duration::from_millis),
         migrate_to: a.migrate_to.clone().map(|addr| MigrateTo {
             addr,
             after: Duration::from_millis(a.migrate_after),

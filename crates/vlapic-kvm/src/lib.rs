@@ -121,6 +121,19 @@
 //!     the CPU would (IDT gate checks, IST/RSPn stack, frame, RIP after the
 //!     instruction), faults on the way included, and the vCPU runs on; anything else
 //!     stays a crash for you to report. Deviations are in the README.
+//!
+//! # Leaving KVM's in-kernel APIC
+//!
+//! An embedder that moves a VM *from* KVM's own APIC (`KVM_CREATE_IRQCHIP`) to vlapic
+//! reads each vCPU with `KVM_GET_LAPIC` while it is out of `KVM_RUN`. KVM's APIC timer
+//! does not set IRR when it expires: it counts the expiry (`lapic_timer.pending`) and
+//! moves it into IRR in its run loop, after the vCPU's next pass through guest entry
+//! or halt — which a `KVM_RUN` with `immediate_exit` never reaches. A one-shot expiry
+//! counted while the vCPU was paused therefore reads as TMCCT 0 with IRR clear, and
+//! is lost if saved like that. vlapic-vmm's `kernel_timer` module runs the vCPU once
+//! through KVM's loop without entering the guest (a signal pending and unblocked only
+//! inside `KVM_RUN` with `KVM_SET_SIGNAL_MASK`; KVM leaves with `KVM_EXIT_INTR` after
+//! injecting), saves, and repeats once if the page shows an expired one-shot timer.
 #![deny(missing_docs)]
 #![cfg(target_arch = "x86_64")]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -181,6 +181,7 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
                 }
             }
         }
+        drive_lint0(sh);
         let end = match vcpu.run() {
             Ok(Exit::InternalError(..)) => {
                 sh.exits.count(me, ExitReason::Other);
@@ -227,6 +228,16 @@ fn soft_int(
         Err(e) => Some(Outcome::VmmError(format!(
             "delivering a software interrupt: {e}"
         ))),
+    }
+}
+
+/// Drives the BSP's LINT0 to the 8259 pair's INT output if it changed (a port
+/// access, an IRQ line or an INTA on any vCPU), waking whoever must act.
+fn drive_lint0(sh: &Shared) {
+    for level in sh.io.pic.take_lint0() {
+        let rt = &sh.rt;
+        let w = rt.fabric().set_lint(0, 0, level, rt.now_ns());
+        rt.wake(&w);
     }
 }
 
@@ -351,7 +362,7 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
             "the last instruction needed over {MAX_FINISH_EXITS} exits"
         ));
     }
-    let apic = crate::kernel_chip::save_apic(fd)?;
+    let apic = save_kernel_apic(fd)?;
     let saved = PausedVcpu {
         kvm: VcpuState::save(fd, &sh.msr_list)?,
         run: apic.run,
@@ -364,6 +375,26 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
         Some((None, _, _)) => Ok(true),
         Some((Some(_), _, _)) => Err("the in-kernel irqchip cannot move into a new VM here".into()),
     }
+}
+
+/// Saves a paused vCPU's in-kernel APIC with no timer interrupt left counted inside
+/// KVM only (`kernel_timer`): a flush run, the save, and, if the save shows an expired
+/// one-shot timer, a second flush and save. A one-shot timer expires once and the
+/// guest runs no instruction meanwhile, so when the first save shows it expired it
+/// expired before the second flush, which put its interrupt in IRR (if KVM had not
+/// already); when it shows it counting, it had not expired, so KVM counted nothing.
+/// A TSC-deadline expiry KVM has not injected stays visible (KVM clears
+/// IA32_TSC_DEADLINE only when it injects), and a periodic tick counted after the
+/// flush is lost as if coalesced with the next one (as ticks are while IRR holds one).
+fn save_kernel_apic(fd: &mut VcpuFd) -> Result<crate::kernel_chip::KernelApic, String> {
+    let sig = vlapic_kvm::kick::kick_signal()?;
+    crate::kernel_timer::flush_pending_timers(fd, sig)?;
+    let apic = crate::kernel_chip::save_apic(fd)?;
+    if !crate::kernel_timer::oneshot_expired(&apic.page) {
+        return Ok(apic);
+    }
+    crate::kernel_timer::flush_pending_timers(fd, sig)?;
+    crate::kernel_chip::save_apic(fd)
 }
 
 /// The loop for `--irqchip kernel`: KVM's LAPIC handles APIC accesses, HLT,

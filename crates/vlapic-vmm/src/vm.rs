@@ -63,6 +63,9 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// `--incoming ADDR`: wait for a VM from another process instead of booting.
     pub incoming: Option<Addr>,
+    /// `--incoming-timeout`: how long `--incoming` waits for a source to connect
+    /// (`None`: for ever).
+    pub incoming_timeout: Option<Duration>,
     /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
     pub migrate_to: Option<MigrateTo>,
     /// Deliver `int3` / `int n` that KVM's instruction emulator fails on (hosts
@@ -107,6 +110,7 @@ impl Default for VmConfig {
             save: None,
             restore: None,
             incoming: None,
+            incoming_timeout: None,
             migrate_to: None,
             soft_interrupts: true,
         }
@@ -190,7 +194,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         (None, Some(addr)) => {
             kvm_usable().map_err(VmmError::Setup)?;
             let l = incoming::listen(addr).map_err(VmmError::Setup)?;
-            let mut inc = incoming::receive(l, addr).map_err(VmmError::Incoming)?;
+            let mut inc =
+                incoming::receive(l, addr, cfg.incoming_timeout).map_err(VmmError::Incoming)?;
             ram_in = inc.ram.take();
             let f = inc.file.take();
             incoming = Some(inc);
@@ -429,7 +434,26 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             (console, io)
         }
     };
-    let rt = ApicRuntime::new(chip, clock.clone()).map_err(|e| VmmError::Setup(e.to_string()))?;
+    // The 8259 pair: its state from the file (PIC8; KVM's own PIC holds it with
+    // `--irqchip kernel`), and its INTA as the BSP's ExtINT source.
+    if let Some(p) = restore.as_ref().and_then(|f| f.pic) {
+        if cfg.kernel_irqchip {
+            crate::kernel_chip::load_pic(&vm, &p)
+                .map_err(|e| bad(format!("KVM's 8259s refused the state: {e}")))?;
+        } else {
+            io.pic.restore(p);
+        }
+    }
+    let pic = io.pic.clone();
+    let extint: vlapic_kvm::runtime::ExtIntSource =
+        Arc::new(move || pic.acknowledge_if_requested());
+    let rt = ApicRuntime::with_options(
+        chip,
+        clock.clone(),
+        vlapic_kvm::PollConfig::default(),
+        Some(extint),
+    )
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
     // The xAPIC page may not be moved over guest RAM (see ApicRuntime::refuse_apic_page_in).
     let ram_range = 0..ram.size();
     rt.refuse_apic_page_in(vec![ram_range]);

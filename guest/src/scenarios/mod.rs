@@ -26,6 +26,7 @@ use crate::{idt, ioapic, smp, time, BootInfo};
 mod clocks;
 mod io;
 mod ipi;
+mod pic;
 mod priority;
 mod softint;
 
@@ -93,6 +94,7 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("ioapic-level-retrigger", 1, Any, io::level_retrigger),
     sc("ioapic-mask", 1, Any, io::mask),
     sc("ioapic-eoi-register", 1, Any, io::eoi_register),
+    sc("pic-extint", 1, Any, pic::extint),
     sc("hpet-oneshot", 1, Any, clocks::hpet_oneshot),
     sc("hpet-periodic", 1, Any, clocks::hpet_periodic),
     sc("hpet-level", 1, Any, clocks::hpet_level),
