@@ -148,7 +148,9 @@ fn run() -> Res {
         imr_check("during the traffic")?;
         rounds += 1;
     }
-    ensure!(rounds >= 10, "only {} rounds in 1.2 s", rounds);
+    // Both lines at least once: how many rounds fit depends on the host's load (8 were
+    // seen with the load average at 15), and throughput is not what is checked here.
+    ensure!(rounds >= 2, "only {} rounds in 1.2 s", rounds);
     Ok(())
 }
 
