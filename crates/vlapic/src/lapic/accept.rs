@@ -34,6 +34,24 @@ impl LocalApic {
             self.stats.refused_disabled = self.stats.refused_disabled.saturating_add(1);
             return false;
         }
+        #[cfg(feature = "trace")]
+        if !matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
+            let source = self.trace.take_source();
+            let vector = if d.mode == DeliveryMode::StartUp {
+                d.vector
+            } else {
+                0
+            };
+            let mode = d.mode;
+            trace_event!(
+                self,
+                crate::trace::TraceKind::Event {
+                    mode,
+                    vector,
+                    source
+                }
+            );
+        }
         match d.mode {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
                 self.accept_vector(d.vector, d.level_triggered)
@@ -75,6 +93,14 @@ impl LocalApic {
         }
         self.tmr.assign(vector, level);
         self.irr.insert(vector);
+        trace_event!(
+            self,
+            crate::trace::TraceKind::Accepted {
+                vector,
+                level,
+                source: self.trace.take_source(),
+            }
+        );
         true
     }
 
@@ -115,6 +141,7 @@ impl LocalApic {
         // One per accepted interrupt: a u64 cannot wrap in any VM's lifetime (584
         // years at 10^9 a second), so the plain increment skips saturation's compare.
         self.stats.accepted = self.stats.accepted.wrapping_add(1);
+        trace_event!(self, crate::trace::TraceKind::Acknowledged { vector: v });
         #[cfg(feature = "verify")]
         self.verifier.on_accept(v, &self.isr);
         Some(v)
@@ -130,6 +157,7 @@ impl LocalApic {
         };
         #[cfg(feature = "verify")]
         self.verifier.on_eoi(v, &self.isr);
+        trace_event!(self, crate::trace::TraceKind::Eoi { vector: v });
         if !self.tmr.contains(v) {
             return None;
         }
@@ -225,6 +253,7 @@ impl LocalApic {
         if lvt::is_masked(value) || value & LVT_REMOTE_IRR != 0 {
             return false;
         }
+        trace_source!(self, crate::trace::Source::Local(entry));
         if self.accept_vector(lvt::vector(value), true) {
             self.set_lvt_bits(entry, LVT_REMOTE_IRR, true);
             return true;
@@ -261,9 +290,18 @@ impl LocalApic {
         if lvt::is_masked(value) {
             return false;
         }
+        trace_source!(self, crate::trace::Source::Local(entry));
         match entry.delivery_mode(value) {
             Some(DeliveryMode::Fixed) => self.accept_vector(lvt::vector(value), false),
             Some(DeliveryMode::Nmi) => {
+                trace_event!(
+                    self,
+                    crate::trace::TraceKind::Event {
+                        mode: DeliveryMode::Nmi,
+                        vector: 0,
+                        source: self.trace.take_source(),
+                    }
+                );
                 self.post_nmi();
                 true
             }
@@ -306,6 +344,7 @@ impl LocalApic {
         match icr::decode(self.icr, x2apic) {
             IcrCommand::Send(msg) => Some(msg),
             IcrCommand::SelfInterrupt(v) => {
+                trace_source!(self, crate::trace::Source::SelfIpi);
                 self.accept_vector(v, false);
                 None
             }
@@ -325,6 +364,7 @@ impl LocalApic {
         if vector < 16 {
             self.signal_error(ESR_SEND_ILLEGAL_VECTOR);
         } else {
+            trace_source!(self, crate::trace::Source::SelfIpi);
             self.accept_vector(vector, false);
         }
     }
