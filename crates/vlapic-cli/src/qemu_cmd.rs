@@ -579,6 +579,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         restore: None,
         incoming: None,
         migrate_to: None,
+        trace: None,
     };
     let rep = match run_vm(&cfg) {
         Ok(r) => r,

@@ -120,6 +120,12 @@ pub struct RunArgs {
         requires = "migrate_to"
     )]
     pub migrate_after: u64,
+    /// Record every vCPU's interrupts (acceptance to EOI with their source, IPIs,
+    /// timer expiries, NMI/INIT/SIPI, TPR, pauses with each vCPU's ISR, verifier
+    /// violations) with VM-time stamps into FILE as Chrome trace-event JSON (opens in
+    /// Perfetto and chrome://tracing); `vlapic timeline FILE` draws it. See docs/trace.md.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 fn parse_addr(s: &str) -> Result<vlapic_vmm::stream::Addr, String> {
@@ -235,6 +241,7 @@ pub fn run(a: RunArgs) -> ExitCode {
             after: Duration::from_millis(a.save_after),
         }),
         restore: a.restore.clone(),
+        trace: a.trace.clone(),
         incoming: a.incoming.clone(),
         migrate_to: a.migrate_to.clone().map(|addr| MigrateTo {
             addr,

@@ -3,7 +3,8 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
+// outcome, memory, guest → console, snapshot, loader → devices → gate → shared →
+// trace, trace_json (feature `trace`) → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
@@ -25,6 +26,10 @@ pub mod snapshot;
 pub mod stats;
 pub mod stream;
 pub mod summary;
+#[cfg(feature = "trace")]
+pub mod trace;
+#[cfg(feature = "trace")]
+pub mod trace_json;
 pub mod vcpu;
 pub mod vm;
 pub mod wire;

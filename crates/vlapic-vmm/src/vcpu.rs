@@ -172,6 +172,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
         };
+        #[cfg(feature = "trace")]
+        if let Some(t) = &sh.trace {
+            t.drain(me, &sh.chip());
+        }
         if let Some(mut o) = end {
             if let Outcome::GuestCrash(m) = &mut o {
                 *m = crash_context(vcpu, me, m);

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 21] = [
+const LAYERS: [&str; 23] = [
     "files",
     "stats",
     "wire",
@@ -21,6 +21,8 @@ const LAYERS: [&str; 21] = [
     "devices",
     "gate",
     "shared",
+    "trace",
+    "trace_json",
     "vcpu",
     "migrate",
     "savefile",
