@@ -74,8 +74,11 @@ pub struct Model {
     pub marks: Vec<Mark>,
     /// Pauses.
     pub pauses: Vec<Pause>,
-    /// First and last time seen (µs).
+    /// First and last time seen (µs from the first event: every time in the model
+    /// is relative to it).
     pub span: (f64, f64),
+    /// VM time of the first event (µs).
+    pub origin_us: f64,
     /// `otherData.vlapic` figures: migrations, max_nesting, violations, outcome...
     pub summary: BTreeMap<String, String>,
 }
@@ -230,7 +233,15 @@ impl Model {
         {
             return Err("an event names a vCPU with no track".into());
         }
-        m.span = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+        // Times shown from the first event (VM time itself counts from the guest
+        // TSC's origin, which says nothing to a reader).
+        let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+        m.origin_us = lo;
+        m.span = (0.0, hi - lo);
+        m.handlers.iter_mut().for_each(|h| h.ts -= lo);
+        m.ipis.iter_mut().for_each(|p| p.ts -= lo);
+        m.marks.iter_mut().for_each(|k| k.ts -= lo);
+        m.pauses.iter_mut().for_each(|p| p.ts -= lo);
         Ok(m)
     }
 
@@ -290,7 +301,7 @@ impl Model {
         let span_ms = (self.span.1 - self.span.0) / 1000.0;
         let _ = writeln!(
             s,
-            "trace: {} vCPUs, {:.1} ms of VM time, {} handlers, {} IPIs, {} pauses",
+            "trace: {} vCPUs, {:.1} ms of VM time, {} handlers, {} IPIs, {} pauses (times from the first event)",
             self.vcpus,
             span_ms,
             self.handlers.len(),
@@ -386,12 +397,13 @@ pub(crate) mod tests {
             [Ipi {
                 from: 0,
                 to: 1,
-                ts: 1.0
+                ts: 0.0
             }]
         );
         assert_eq!(m.marks.len(), 1);
         assert_eq!(m.pauses[0].isr, ["", "0x41 0x61"]);
-        assert_eq!(m.span, (1.0, 9.0));
+        assert_eq!(m.span, (0.0, 8.0));
+        assert_eq!((m.origin_us, m.handlers[1].ts), (1.0, 1.0));
         assert_eq!(m.summary.get("migrations").map(String::as_str), Some("1"));
     }
 

@@ -17,6 +17,8 @@ const WIDTH: f64 = 1500.0;
 const LEFT: f64 = 80.0;
 /// Height of one nesting level.
 const LEVEL: f64 = 9.0;
+/// Top of the "VM paused" row.
+const PAUSE_ROW: f64 = 16.0;
 /// Height of the depth strip under each lane.
 const STRIP: f64 = 18.0;
 
@@ -75,7 +77,7 @@ fn window_svg(m: &Model, w: &Window, id: &str, label: bool) -> String {
     let cols = WIDTH as usize;
     let depths: Vec<usize> = (0..m.vcpus).map(|i| lane_depth(m, i)).collect();
     let mut tops = Vec::with_capacity(m.vcpus);
-    let mut y = 24.0;
+    let mut y = PAUSE_ROW + 22.0;
     for d in &depths {
         tops.push(y);
         y += *d as f64 * LEVEL + STRIP + 14.0;
@@ -249,7 +251,13 @@ fn window_svg(m: &Model, w: &Window, id: &str, label: bool) -> String {
         );
     }
     s.push_str("</g>");
-    // Pauses: bands across every lane, at least a pixel wide.
+    // Pauses: a faint band across every lane (at least a pixel wide) and a mark in
+    // the "VM paused" row; darker when something was in service.
+    let _ = write!(
+        s,
+        r#"<text class="lane-label" x="4" y="{:.0}">VM paused</text>"#,
+        PAUSE_ROW + 7.0
+    );
     for p in m
         .pauses
         .iter()
@@ -257,6 +265,13 @@ fn window_svg(m: &Model, w: &Window, id: &str, label: bool) -> String {
     {
         let x0 = w.x(p.ts);
         let x1 = w.x(p.ts + p.dur).max(x0 + 1.5);
+        let busy = p.isr.iter().any(|v| !v.is_empty());
+        let _ = write!(
+            s,
+            r#"<rect class="{}" x="{x0:.1}" y="{PAUSE_ROW}" width="{:.1}" height="8"/>"#,
+            if busy { "pmark busy" } else { "pmark" },
+            x1 - x0
+        );
         let isr: Vec<String> = p
             .isr
             .iter()
@@ -265,9 +280,9 @@ fn window_svg(m: &Model, w: &Window, id: &str, label: bool) -> String {
             .collect();
         let _ = write!(
             s,
-            r#"<rect class="pause" x="{x0:.1}" y="16" width="{:.1}" height="{:.0}"><title>{} at {}: downtime {} µs; in service: {}</title></rect>"#,
+            r#"<rect class="pause" x="{x0:.1}" y="{PAUSE_ROW}" width="{:.1}" height="{:.0}"><title>{} at {}: downtime {} µs; in service: {}</title></rect>"#,
             x1 - x0,
-            height - 20.0,
+            height - PAUSE_ROW - 4.0,
             esc(&p.kind),
             fmt_us(p.ts),
             p.downtime_us,
@@ -276,6 +291,21 @@ fn window_svg(m: &Model, w: &Window, id: &str, label: bool) -> String {
     }
     s.push_str("</svg>");
     s
+}
+
+/// An axis label with as many decimals as the step needs.
+fn axis_label(t: f64, step: f64) -> String {
+    let (v, st, unit) = if step >= 1000.0 {
+        (t / 1000.0, step / 1000.0, "ms")
+    } else {
+        (t, step, "µs")
+    };
+    let decimals = if st >= 1.0 {
+        0
+    } else {
+        (-st.log10().floor()) as usize
+    };
+    format!("{v:.decimals$} {unit}")
 }
 
 /// Time axis labels along the top.
@@ -295,7 +325,7 @@ fn axis(s: &mut String, w: &Window, height: f64) {
             s,
             r#"<line class="grid" x1="{x:.1}" y1="14" x2="{x:.1}" y2="{height:.0}"/><text class="axis" x="{:.1}" y="11">{}</text>"#,
             x + 2.0,
-            fmt_us(t)
+            axis_label(t, step)
         );
         t += step;
     }
@@ -306,7 +336,7 @@ h1{font-size:18px;margin:0 0 4px}h2{font-size:15px;margin:18px 0 4px}\
 .sum{color:#444;margin:2px 0 8px}.scroll{overflow-x:auto;border:1px solid #ccc}\
 .lane-bg{fill:#f6f6f6}.lane-label{font-size:12px;font-weight:600}\
 .depth{fill:#9aa;stroke:#567;stroke-width:.5}.ipi{stroke:#333;stroke-width:.7;opacity:.55}\
-.pause{fill:#f0a500;opacity:.35}.tick{stroke:#0a0;stroke-width:1}.evt{stroke:#a0a;stroke-width:2}\
+.pause{fill:#f0a500;opacity:.13}.pmark{fill:#f0a500}.busy{fill:#d03000}.tick{stroke:#0a0;stroke-width:1}.evt{stroke:#a0a;stroke-width:2}\
 .viol{stroke:#e00;stroke-width:2}.grid{stroke:#ddd;stroke-width:.5}.axis{font-size:10px;fill:#555}\
 .vec{font-size:7px;fill:#fff}.legend span{display:inline-block;margin:2px 10px 2px 0}\
 .sw{display:inline-block;width:14px;height:10px;vertical-align:middle;margin-right:3px}\
@@ -399,7 +429,8 @@ pub fn page(m: &Model, title: &str) -> String {
 <span>↘ IPI sender → receiver</span><span><i class=\"sw\" style=\"background:#0a0;width:2px\"></i>timer expiry</span>\
 <span><i class=\"sw\" style=\"background:#a0a;width:3px\"></i>NMI/INIT/SIPI</span>\
 <span><i class=\"sw\" style=\"background:#e00;width:3px\"></i>verifier violation</span>\
-<span><i class=\"sw\" style=\"background:#f0a500;opacity:.5\"></i>VM paused (migration/save/restore; hover: ISR per vCPU)</span></div>",
+<span><i class=\"sw\" style=\"background:#f0a500\"></i>VM paused (migration, save, restore; hover: ISR per vCPU)</span>\
+<span><i class=\"sw\" style=\"background:#d03000\"></i>paused with an interrupt in service</span></div>",
     );
     s.push_str("<h2>Whole run</h2><p class=\"sum\">Each pixel column shows, per nesting level, the highest class in service; hover for details. \
 <button data-zoom=\"2\" data-for=\"overview\">zoom ×2</button><button data-zoom=\"0\" data-for=\"overview\">reset</button></p>");
@@ -460,7 +491,7 @@ mod tests {
         assert!(html.contains("0x61 on vCPU 1, depth 2, from MSI"));
         assert!(html.contains("class=\"ipi\""));
         assert!(html.contains(
-            "migration at 4.0 µs: downtime 800 µs; in service: vCPU 0: -; vCPU 1: 0x41 0x61"
+            "migration at 3.0 µs: downtime 800 µs; in service: vCPU 0: -; vCPU 1: 0x41 0x61"
         ));
     }
 
