@@ -168,6 +168,10 @@ pub struct BenchArgs {
     /// on generated guests; `--json` prints `{"schema": 1, "exit_cost": [...]}`.
     #[arg(long)]
     pub exit_cost: bool,
+    /// With `--exit-cost`: the measured runs record their interrupts (`run --trace`),
+    /// to show the recorder's per-exit cost.
+    #[arg(long, requires = "exit_cost")]
+    pub trace: bool,
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -312,7 +316,7 @@ fn kernel_cmdline(kernel: &Option<PathBuf>, append: &str) -> String {
 /// in-kernel irqchip, side by side (BENCH lines, per-scenario time and exits).
 pub fn bench(a: BenchArgs) -> ExitCode {
     if a.exit_cost {
-        return crate::exit_cost::run(a.json);
+        return crate::exit_cost::run(a.json, a.trace);
     }
     let kernel = match load_kernel(&a.kernel, VmConfig::default().memory_mib) {
         Ok(k) => k,
