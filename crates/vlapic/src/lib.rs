@@ -103,7 +103,9 @@ extern crate alloc;
 macro_rules! trace_event {
     ($apic:expr, $kind:expr) => {
         #[cfg(feature = "trace")]
-        {
+        if $apic.trace.enabled() {
+            // Off: one test of a flag; the event (and the origin it takes) is
+            // built only when recording.
             let now = $apic.now;
             let kind = $kind;
             $apic.trace.record(now, kind);

@@ -144,6 +144,7 @@ impl Default for TraceRing {
 
 impl TraceRing {
     /// Whether events are recorded.
+    #[inline(always)]
     pub fn enabled(&self) -> bool {
         self.enabled
     }
@@ -165,10 +166,12 @@ impl TraceRing {
 
     pub(crate) fn set_enabled(&mut self, on: bool) {
         self.enabled = on;
+        self.source = Source::Unknown;
     }
 
-    /// Appends one event, or counts it lost.
-    #[inline]
+    /// Appends one event, or counts it lost (callers test [`TraceRing::enabled`]
+    /// first: the trace macros do).
+    #[inline(never)]
     pub(crate) fn record(&mut self, time: u64, kind: TraceKind) {
         if !self.enabled {
             return;

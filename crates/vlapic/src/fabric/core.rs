@@ -68,6 +68,23 @@ impl Origin {
     }
 }
 
+/// The origin handed to each target's trace: the trace's source with feature
+/// `trace`, nothing (a zero-sized value, no register passed) without it.
+#[cfg(feature = "trace")]
+pub(super) type TraceSource = crate::trace::Source;
+/// The origin handed to each target's trace (nothing without feature `trace`).
+#[cfg(not(feature = "trace"))]
+pub(super) type TraceSource = ();
+
+impl Origin {
+    /// What the targets' traces record as the origin.
+    #[inline(always)]
+    pub(super) fn trace_source(&self) -> TraceSource {
+        #[cfg(feature = "trace")]
+        return self.source;
+    }
+}
+
 /// Result of routing one message.
 pub(super) struct Routed {
     /// Targets whose APIC took the message.
@@ -93,7 +110,7 @@ pub(super) fn route_message<A: ApicAccess>(
     }
     let mut accepted = 0usize;
     map.resolve(&msg.dest, from.sender, |t| {
-        if deliver_one(apics, t, d, from, now, wake) {
+        if deliver_one(apics, t, d, from.trace_source(), now, wake) {
             accepted = accepted.saturating_add(1);
         }
     });
@@ -155,7 +172,7 @@ pub(super) fn route_lowest_priority<A: ApicAccess>(
             };
         };
         rotor_out = Some(w.wrapping_add(1).checked_rem(n).unwrap_or(0));
-        match deliver_to(apics, w, d, from, now, wake) {
+        match deliver_to(apics, w, d, from.trace_source(), now, wake) {
             Outcome::Accepted => {
                 return Routed {
                     accepted: 1,
@@ -187,13 +204,13 @@ pub(super) fn deliver_to<A: ApicAccess>(
     apics: &mut A,
     t: usize,
     d: Delivery,
-    _from: Origin,
+    _source: TraceSource,
     now: u64,
     wake: &mut Wake,
 ) -> Outcome {
     let Some((ok, work, enabled)) = apics.with(t, |a| {
         #[cfg(feature = "trace")]
-        a.set_trace_source(_from.source);
+        a.set_trace_source(_source);
         let ok = a.deliver(d, now);
         (ok, ok && a.needs_kick(), a.is_enabled())
     }) else {
@@ -214,11 +231,14 @@ pub(super) fn deliver_one<A: ApicAccess>(
     apics: &mut A,
     t: usize,
     d: Delivery,
-    from: Origin,
+    source: TraceSource,
     now: u64,
     wake: &mut Wake,
 ) -> bool {
-    matches!(deliver_to(apics, t, d, from, now, wake), Outcome::Accepted)
+    matches!(
+        deliver_to(apics, t, d, source, now, wake),
+        Outcome::Accepted
+    )
 }
 
 /// Fires IOAPIC pins through `route` (which returns how many APICs accepted), setting

@@ -18,7 +18,8 @@ impl LocalApic {
     /// and set ESR receive-illegal-vector for vectors 0–15 (SDM §11.5.3, §11.4.7.2).
     /// A hardware-disabled APIC takes nothing. INIT resets the APIC at once,
     /// keeping its mode and ID (SDM §11.4.7.3).
-    #[inline]
+    #[cfg_attr(not(feature = "trace"), inline)]
+    #[cfg_attr(feature = "trace", inline(always))] // keeps the "off" cost to its flag tests
     pub fn deliver(&mut self, d: Delivery, now: u64) -> bool {
         self.advance(now);
         if let DeliveryMode::Fixed | DeliveryMode::LowestPriority = d.mode {
@@ -35,7 +36,9 @@ impl LocalApic {
             return false;
         }
         #[cfg(feature = "trace")]
-        if !matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
+        if self.trace.enabled()
+            && !matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority)
+        {
             let source = self.trace.take_source();
             let vector = if d.mode == DeliveryMode::StartUp {
                 d.vector
@@ -93,15 +96,27 @@ impl LocalApic {
         }
         self.tmr.assign(vector, level);
         self.irr.insert(vector);
+        #[cfg(feature = "trace")]
+        if self.trace.enabled() {
+            self.trace_accepted(vector, level);
+        }
+        true
+    }
+
+    /// Records an acceptance (out of line: the accept path stays small when off).
+    #[cfg(feature = "trace")]
+    #[cold]
+    #[inline(never)]
+    fn trace_accepted(&mut self, vector: u8, level: bool) {
+        let source = self.trace.take_source();
         trace_event!(
             self,
             crate::trace::TraceKind::Accepted {
                 vector,
                 level,
-                source: self.trace.take_source(),
+                source
             }
         );
-        true
     }
 
     #[cold]
