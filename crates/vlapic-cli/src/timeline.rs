@@ -83,6 +83,10 @@ pub struct Model {
     pub summary: BTreeMap<String, String>,
 }
 
+/// A vCPU's deepest nesting: depth, the vectors in service then (outermost first),
+/// and when (µs).
+pub type Deepest = (u8, Vec<u8>, f64);
+
 /// Largest vCPU index a trace may name (the VMM's limit).
 const MAX_VCPUS: usize = 64;
 
@@ -112,7 +116,9 @@ impl Model {
                 m.summary.insert(k.clone(), s);
             }
         }
-        let mut flows: BTreeMap<u64, (Option<(usize, f64)>, Option<usize>)> = BTreeMap::new();
+        // Flow id -> (sender and time, receiver).
+        type Ends = (Option<(usize, f64)>, Option<usize>);
+        let mut flows: BTreeMap<u64, Ends> = BTreeMap::new();
         let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
         for (i, e) in events.iter().enumerate() {
             let bad = |what: &str| format!("traceEvents[{i}]: {what}");
@@ -245,9 +251,8 @@ impl Model {
         Ok(m)
     }
 
-    /// Deepest nesting per vCPU: (depth, the vectors in service then, outermost first,
-    /// and when).
-    pub fn deepest(&self) -> Vec<(u8, Vec<u8>, f64)> {
+    /// Deepest nesting per vCPU.
+    pub fn deepest(&self) -> Vec<Deepest> {
         let mut out = vec![(0u8, Vec::new(), 0.0); self.vcpus];
         for (i, h) in self.handlers.iter().enumerate() {
             let Some(slot) = out.get_mut(h.vcpu) else {

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::timeline::Model;
+use crate::timeline::{Deepest, Model};
 
 /// Drawing width of the time axis, pixels.
 const WIDTH: f64 = 1500.0;
@@ -362,13 +362,13 @@ s.setAttribute('width',nw);s.setAttribute('preserveAspectRatio','none');s.setAtt
 /// (its outermost handler, with a margin), at most three.
 fn closer_windows(m: &Model) -> Vec<(String, Window)> {
     let mut out = Vec::new();
-    let mut deep: Vec<(usize, (u8, Vec<u8>, f64))> = m
+    let mut deep: Vec<(usize, Deepest)> = m
         .deepest()
         .into_iter()
         .enumerate()
         .filter(|(_, d)| d.0 >= 2)
         .collect();
-    deep.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    deep.sort_by_key(|d| std::cmp::Reverse(d.1 .0));
     for (vcpu, (depth, vs, ts)) in deep.into_iter().take(3) {
         let outer = m
             .handlers
@@ -452,7 +452,7 @@ pub fn page(m: &Model, title: &str) -> String {
         s.push_str("</div>");
     }
     let _ = write!(s, "<h2>Digest</h2><pre>{}</pre>", esc(&m.digest()));
-    let _ = write!(s, "<script>{SCRIPT}</script></body></html>\n");
+    let _ = writeln!(s, "<script>{SCRIPT}</script></body></html>");
     s
 }
 

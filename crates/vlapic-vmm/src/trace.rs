@@ -27,9 +27,9 @@ pub struct Lane {
     /// Verifier violations seen, as (VM ns, running total): the total grew at a drain.
     pub violations: Vec<(u64, u64)>,
     /// The verifier's violation count at the last drain (per fabric).
-    seen_violations: u64,
+    pub(crate) seen_violations: u64,
     /// The ring's lost count at the last drain (per fabric).
-    seen_lost: u64,
+    pub(crate) seen_lost: u64,
 }
 
 /// A pause of the whole VM: a live migration (in-process or to another process), a

@@ -74,7 +74,12 @@ impl Origin {
 pub(super) type TraceSource = crate::trace::Source;
 /// The origin handed to each target's trace (nothing without feature `trace`).
 #[cfg(not(feature = "trace"))]
-pub(super) type TraceSource = ();
+pub(super) type TraceSource = NoSource;
+
+/// Zero-sized: what the targets' traces get without feature `trace`.
+#[cfg(not(feature = "trace"))]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NoSource;
 
 impl Origin {
     /// What the targets' traces record as the origin.
@@ -82,6 +87,8 @@ impl Origin {
     pub(super) fn trace_source(&self) -> TraceSource {
         #[cfg(feature = "trace")]
         return self.source;
+        #[cfg(not(feature = "trace"))]
+        NoSource
     }
 }
 
