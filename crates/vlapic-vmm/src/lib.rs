@@ -3,8 +3,8 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, guest → console, snapshot, loader → devices → gate → shared →
-// trace, trace_json (feature `trace`) → vcpu →
+// outcome, memory, guest → console, snapshot, loader → devices → gate → trace,
+// trace_json (feature `trace`) → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
