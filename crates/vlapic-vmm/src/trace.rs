@@ -15,9 +15,10 @@ use vlapic::Effects;
 
 use crate::lock;
 
-/// Events kept per vCPU; more are counted in [`Recorder::dropped`] (a bound on the
-/// recorder's memory: 4 Mi events of 24 bytes is 96 MiB per vCPU at most).
-pub const MAX_EVENTS_PER_VCPU: usize = 1 << 22;
+/// Events kept in all, shared equally among the vCPUs; more are counted in
+/// [`Recorder::dropped`] (a bound on the recorder's memory, whatever the guest does:
+/// 8 Mi events of at most 24 bytes is 192 MiB).
+pub const MAX_EVENTS: usize = 1 << 23;
 
 /// What one vCPU's thread recorded.
 #[derive(Debug, Default, Clone)]
@@ -52,6 +53,8 @@ pub struct Pause {
 #[derive(Debug)]
 pub struct Recorder {
     lanes: Vec<Mutex<Lane>>,
+    /// Events kept per vCPU ([`MAX_EVENTS`] / vCPUs).
+    cap: usize,
     pauses: Mutex<Vec<Pause>>,
     dropped: AtomicU64,
     lost: AtomicU64,
@@ -77,6 +80,7 @@ impl Recorder {
     pub fn new(vcpus: usize) -> Self {
         Self {
             lanes: (0..vcpus).map(|_| Mutex::new(Lane::default())).collect(),
+            cap: MAX_EVENTS / vcpus.max(1),
             pauses: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -107,11 +111,12 @@ impl Recorder {
         let mut lane = lock(lane);
         let lane = &mut *lane;
         let mut dropped = 0u64;
+        let cap = self.cap;
         let res = chip.with_apic(me, 0, |a| {
             let mut last = 0;
             a.drain_trace(|e| {
                 last = e.time;
-                if lane.events.len() < MAX_EVENTS_PER_VCPU {
+                if lane.events.len() < cap {
                     lane.events.push(e);
                 } else {
                     dropped += 1;
@@ -206,6 +211,42 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use vlapic::fabric::FabricConfig;
+    use vlapic::trace::{Source, TraceKind};
+
+    /// An IPI from vCPU 0 to 1 lands in vCPU 1's buffer with its sender; a pause
+    /// reads each vCPU's ISR (SDM §11.8.4: acknowledge sets ISR).
+    #[test]
+    fn drain_moves_events_and_pause_reads_isr() {
+        let f = SharedFabric::new(FabricConfig::with_vcpus(2));
+        for i in 0..2 {
+            f.lapic_mmio_write(i, 0xF0, &0x1FFu32.to_le_bytes(), 0);
+        }
+        let r = Recorder::new(2);
+        r.enable(&f);
+        f.lapic_mmio_write(0, 0x310, &(1u32 << 24).to_le_bytes(), 5);
+        f.lapic_mmio_write(0, 0x300, &0x41u32.to_le_bytes(), 5);
+        assert_eq!(f.plan_entry(1, 6, true).and_then(|p| p.inject), Some(0x41));
+        r.drain_all(&f);
+        r.pause_from("migration", (7, 9), 3, &f);
+        let (lanes, pauses) = r.take();
+        assert!(lanes[0].events.is_empty());
+        let kinds: Vec<TraceKind> = lanes[1].events.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                TraceKind::Accepted {
+                    vector: 0x41,
+                    level: false,
+                    source: Source::Ipi { from: 0 }
+                },
+                TraceKind::Acknowledged { vector: 0x41 }
+            ]
+        );
+        assert_eq!(pauses[0].isr, [vec![], vec![0x41]]);
+        assert_eq!((r.lost(), r.dropped()), (0, 0));
+    }
 
     #[test]
     fn isr_words_to_vectors() {
