@@ -587,6 +587,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         incoming: None,
         incoming_timeout: None,
         migrate_to: None,
+        trace: None,
     };
     let rep = match run_vm(&cfg) {
         Ok(r) => r,

@@ -166,6 +166,10 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
 
 fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
     let me = vcpu.index();
+    // `--trace`: the fabric this vCPU drains, re-read only after a migration (the
+    // only time it is replaced, with this vCPU parked in `migrate_here`).
+    #[cfg(feature = "trace")]
+    let mut chip = sh.trace.as_ref().map(|_| sh.chip());
     while !sh.stopped() {
         if sh
             .migration
@@ -173,7 +177,13 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             match migrate_here(vcpu, sh) {
-                Ok(true) => continue,
+                Ok(true) => {
+                    #[cfg(feature = "trace")]
+                    if chip.is_some() {
+                        chip = Some(sh.chip());
+                    }
+                    continue;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     sh.finish(Outcome::VmmError(format!("vcpu{me}: migration: {e}")));
@@ -190,6 +200,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
         };
+        #[cfg(feature = "trace")]
+        if let (Some(t), Some(chip)) = (&sh.trace, &chip) {
+            t.drain(me, chip);
+        }
         if let Some(mut o) = end {
             if let Outcome::GuestCrash(m) = &mut o {
                 *m = crash_context(vcpu, me, m);

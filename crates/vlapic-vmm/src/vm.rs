@@ -71,6 +71,8 @@ pub struct VmConfig {
     /// Deliver `int3` / `int n` that KVM's instruction emulator fails on (hosts
     /// whose emulator performs them only in real mode; `vlapic_kvm::softint`).
     pub soft_interrupts: bool,
+    /// `--trace FILE`: record the interrupts (feature `trace`) as Chrome trace JSON.
+    pub trace: Option<PathBuf>,
 }
 
 /// Where and when `--migrate-to` sends the VM.
@@ -113,6 +115,7 @@ impl Default for VmConfig {
             incoming_timeout: None,
             migrate_to: None,
             soft_interrupts: true,
+            trace: None,
         }
     }
 }
@@ -182,6 +185,15 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
         ));
     }
+    #[cfg(not(feature = "trace"))]
+    if cfg.trace.is_some() {
+        return Err(VmmError::Setup(
+            "--trace: this build has no recorder (vlapic-vmm feature `trace`)".into(),
+        ));
+    }
+    #[cfg(feature = "trace")]
+    let mut tracer =
+        crate::trace_json::TraceFile::create(cfg.trace.as_deref(), cfg.kernel_irqchip)?;
     // `--incoming`: the VM arrives whole (RAM and a save file without memory) first.
     let mut incoming = None;
     let mut ram_in = None;
@@ -505,7 +517,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         migration: MigrationGate::new(n),
         msr_list,
         kernel_irqchip: cfg.kernel_irqchip.then(|| vm.clone()),
+        #[cfg(feature = "trace")]
+        trace: tracer.as_mut().map(|t| t.recorder(n)),
     });
+    #[cfg(feature = "trace")]
+    if let Some(t) = &sh.trace {
+        t.enable(&sh.chip());
+        if restore.is_some() && incoming.is_none() {
+            let now = clock.now_ns();
+            t.pause_from("restore", (now, now), 0, &sh.chip());
+        }
+    }
     let prior = restore.as_ref().map_or(Duration::ZERO, |f| {
         Duration::from_nanos(f.header.elapsed_ns)
     });
@@ -528,6 +550,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         inc.take_over().map_err(VmmError::Incoming)?;
         let d = inc.stats.downtime_us.unwrap_or(0);
         sh.migration.max_downtime_us.fetch_max(d, Ordering::Relaxed);
+        #[cfg(feature = "trace")]
+        if let Some(t) = &sh.trace {
+            let now = clock.now_ns();
+            t.pause_from("incoming", (now, now), d, &sh.chip());
+        }
         live_in = Some(inc.stats.clone());
     }
     drop(incoming);
@@ -604,8 +631,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         migrate_every
                             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     );
+                    let _t0 = (sh.rt.now_ns(), Instant::now());
                     match save_now(&sh, &ram, &console, header, &path, start) {
-                        Ok(Some(line)) => sh.finish(Outcome::Saved(line)),
+                        Ok(Some(line)) => {
+                            #[cfg(feature = "trace")]
+                            if let Some(t) = &sh.trace {
+                                let down = u64::try_from(_t0.1.elapsed().as_micros()).unwrap_or(0);
+                                t.pause_from("save", (_t0.0, sh.rt.now_ns()), down, &sh.chip());
+                            }
+                            sh.finish(Outcome::Saved(line))
+                        }
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("save: {e}"))),
                     }
@@ -620,6 +655,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     let header = header_now(0);
                     match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
                         Ok(Sent::Moved(st)) => {
+                            #[cfg(feature = "trace")]
+                            if let Some(t) = &sh.trace {
+                                let d = st.downtime_us.unwrap_or(0);
+                                let now = sh.rt.now_ns();
+                                t.pause_from("migrate-to", (now, now), d, &sh.chip());
+                            }
                             live_out = Some(st);
                             sh.finish(Outcome::Migrated(to.addr.to_string()));
                         }
@@ -742,6 +783,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     let outcome = lock(&sh.outcome).clone().unwrap_or(Outcome::Timeout);
+    #[cfg(feature = "trace")]
+    if let Some(t) = tracer {
+        let meta = crate::trace_json::TraceMeta {
+            vcpus: n,
+            migrations: sh.migration.done.load(Ordering::Relaxed),
+            max_nesting,
+            violations,
+            outcome: format!("{outcome:?}"),
+            ..Default::default()
+        };
+        if let Err(e) = t.finish(&chip, meta) {
+            eprintln!("vlapic run: {e}");
+        }
+    }
     Ok(RunReport {
         outcome,
         console: console.log(),

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 26] = [
+const LAYERS: [&str; 28] = [
     "files",
     "stats",
     "wire",
@@ -25,6 +25,8 @@ const LAYERS: [&str; 26] = [
     "devices",
     "clocks",
     "gate",
+    "trace",
+    "trace_json",
     "shared",
     "vcpu",
     "migrate",

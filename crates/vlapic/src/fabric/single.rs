@@ -70,10 +70,10 @@ impl Core {
         )
     }
 
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
         let rotor = self.rotor;
         let (mut acc, map) = self.access();
-        let r = route_message(&mut acc, map, rotor, msg, sender, now, wake);
+        let r = route_message(&mut acc, map, rotor, msg, from, now, wake);
         if let Some(new) = r.rotor {
             self.rotor = new;
         }
@@ -114,8 +114,8 @@ impl Backend for Fabric {
         self.core.apics.get(vcpu).map(f)
     }
 
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
-        self.core.route(msg, sender, now, wake)
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
+        self.core.route(msg, from, now, wake)
     }
 
     fn ioapic<R>(
@@ -126,7 +126,9 @@ impl Backend for Fabric {
     ) -> R {
         let (r, pins) = f(&mut self.ioapic);
         let core = &mut self.core;
-        service_pins(&mut self.ioapic, pins, |m| core.route(m, None, now, wake));
+        service_pins(&mut self.ioapic, pins, |m, from| {
+            core.route(m, from, now, wake)
+        });
         r
     }
 
