@@ -129,11 +129,10 @@ fn check_structure(summary: &Value, t: &Value) {
     for v in summary["vcpus"].as_array().unwrap() {
         let i = v["index"].as_u64().unwrap();
         let took = hs.get(&i).map_or(0, Vec::len) as u64;
-        assert_eq!(
-            Some(took),
-            v["interrupts"].as_u64(),
-            "vCPU {i}: handlers vs interrupts"
-        );
+        // ExtINT vectors come from the 8259 (the pic-extint scenario): no local APIC
+        // acknowledges or retires them, so they are no handler slice of the APIC.
+        let apic_handled = v["interrupts"].as_u64().unwrap() - v["extints"].as_u64().unwrap();
+        assert_eq!(took, apic_handled, "vCPU {i}: handlers vs interrupts");
     }
     let mut flows: BTreeMap<u64, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
     for e in evs

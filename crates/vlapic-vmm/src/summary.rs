@@ -25,6 +25,8 @@ pub struct VcpuReport {
     pub exits: ExitCounts,
     /// Interrupts injected with KVM_INTERRUPT.
     pub interrupts: u64,
+    /// Of `interrupts`, those from the 8259 (ExtINT; not counted across a restore).
+    pub extints: u64,
     /// NMIs injected.
     pub nmis: u64,
     /// SIPIs that started this vCPU.
@@ -382,7 +384,7 @@ impl RunReport {
                     .collect();
                 serde_json::json!({
                     "index": v.index, "state": v.state, "rip": v.rip,
-                    "interrupts": v.interrupts, "nmis": v.nmis, "sipis": v.sipis,
+                    "interrupts": v.interrupts, "extints": v.extints, "nmis": v.nmis, "sipis": v.sipis,
                     "apic": v.apic, "exits": ex,
                 })
             })
@@ -547,6 +549,7 @@ mod tests {
                 rip: 0x10_0000,
                 exits: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0],
                 interrupts: 42,
+                extints: 0,
                 nmis: 1,
                 sipis: 0,
                 apic: "xapic".into(),

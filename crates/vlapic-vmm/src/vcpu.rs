@@ -29,8 +29,8 @@ pub struct Vcpu {
     pub start: RunState,
     /// Events already taken from the APIC, to act on first (a restored vCPU's).
     pub carried: Events,
-    /// Counters to continue from (interrupts, NMIs, SIPIs; a restored vCPU's).
-    pub counters: [u64; 3],
+    /// Counters to continue from (interrupts, NMIs, SIPIs, ExtINTs; a restored vCPU's).
+    pub counters: [u64; 4],
 }
 
 /// Where a vCPU was when its thread ended (the report is built from it).
@@ -150,6 +150,7 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
         interrupts: v.counters[0],
         nmis: v.counters[1],
         sipis: v.counters[2],
+        extints: v.counters[3],
         ..VcpuCounters::default()
     });
     vcpu_loop(&mut vcpu, &sh);
@@ -303,7 +304,7 @@ fn migrate_here(vcpu: &mut ApicVcpu, sh: &Shared) -> Result<bool, String> {
         kvm: VcpuState::save(vcpu.fd(), &sh.msr_list)?,
         run: vcpu.state(),
         events: vcpu.take_carried(),
-        counters: [c.interrupts, c.nmis, c.sipis],
+        counters: [c.interrupts, c.nmis, c.sipis, c.extints],
         kernel_apic: None,
     };
     let Some((fd, st, events)) = sh.migration.pause(me, saved, &sh.rt) else {
@@ -381,7 +382,7 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
         kvm: VcpuState::save(fd, &sh.msr_list)?,
         run: apic.run,
         events: Events::default(),
-        counters: [0; 3],
+        counters: [0; 4],
         kernel_apic: Some(apic),
     };
     match sh.migration.pause(me, saved, &sh.rt) {

@@ -580,7 +580,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 None => RunState::WaitForSipi,
             },
             carried: saved.map(|s| s.events).unwrap_or_default(),
-            counters: saved.map_or([0; 3], |s| [s.interrupts, s.nmis, s.sipis]),
+            counters: saved.map_or([0; 4], |s| [s.interrupts, s.nmis, s.sipis, 0]),
         };
         let s = sh.clone();
         match std::thread::Builder::new()
@@ -732,6 +732,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 interrupts: end.counters.interrupts,
                 nmis: end.counters.nmis,
                 sipis: end.counters.sipis,
+                extints: end.counters.extints,
                 ..VcpuReport::default()
             }),
             Err(_) => reports.push(VcpuReport {
