@@ -204,7 +204,7 @@ impl<const G: u32> SummarySet<G> {
     }
 
     /// Removes vector `v`.
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn remove(&mut self, v: u8) {
         let (w, m) = slot(v);
         let word = self.set.words[w] & !m;
@@ -289,14 +289,14 @@ impl<const G: u32> SummarySet<G> {
     }
 
     /// Removes and returns the highest vector (one lookup for both).
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn pop_highest(&mut self) -> Option<u8> {
         self.pop_highest_slot().map(slot_vector)
     }
 
     /// The highest class present, 0 for the empty set (as ISRV = 0 has class 0).
     /// Meaningful for the class summary (`G = 4`).
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn top_class(&self) -> u8 {
         // Setting bit 0 changes nothing but the empty case, which becomes class 0.
         ((31 ^ u32::from(self.summary | 1).leading_zeros()) & 15) as u8

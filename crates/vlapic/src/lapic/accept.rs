@@ -5,7 +5,6 @@ use super::*;
 use crate::delivery::{Delivery, DeliveryMode};
 use crate::icr::{self, IcrCommand, IpiMessage};
 use crate::lvt::{self, Lvt, LVT_LEVEL, LVT_REMOTE_IRR};
-use crate::priority;
 use crate::regs::*;
 use crate::vector_set::{slot_vector, Slot};
 
@@ -105,13 +104,6 @@ impl LocalApic {
         (blocking >> class == 0).then_some(((i, bit), class))
     }
 
-    /// PPR[7:4] = max(TPR[7:4], ISRV[7:4]) (SDM §11.8.3.1), ISRV's class read from
-    /// ISR's derived class summary: what [`LocalApic::ppr`] would give, shifted.
-    #[inline(always)]
-    pub(super) fn ppr_class(&self) -> u8 {
-        priority::class(self.tpr).max(self.isr.top_class())
-    }
-
     /// Whether the vCPU has anything to take: a deliverable vector or an event.
     /// A halted vCPU wakes on this.
     pub fn has_work(&self) -> bool {
@@ -143,7 +135,7 @@ impl LocalApic {
             return self.spurious_eoi();
         };
         #[cfg(feature = "verify")]
-        self.verifier.on_eoi(slot_vector(at), &self.isr);
+        self.verifier.on_eoi_at(at, &self.isr);
         if !self.tmr.contains_slot(at) {
             return None;
         }
