@@ -12,29 +12,51 @@ use crate::lock;
 /// One host thread that sleeps until the earliest armed LAPIC timer deadline
 /// (VM nanoseconds) and kicks the vCPUs whose deadlines passed.
 pub struct TimerService {
-    deadlines: Mutex<Vec<Option<u64>>>,
+    deadlines: Mutex<Deadlines>,
     cv: Condvar,
     stop: AtomicBool,
+}
+
+/// The armed deadlines, and the one the service thread sleeps toward.
+struct Deadlines {
+    /// Per vCPU, the VM time to kick it at.
+    at: Vec<Option<u64>>,
+    /// The earliest deadline the service thread saw before it went to sleep (`None`:
+    /// none was armed). It wakes by then at the latest, so arming a later deadline,
+    /// or disarming, needs no wake-up: it finds nothing due and sleeps again.
+    wake_at: Option<u64>,
 }
 
 impl TimerService {
     /// A service for `n` vCPUs with nothing armed.
     pub fn new(n: usize) -> Self {
         Self {
-            deadlines: Mutex::new(vec![None; n]),
+            deadlines: Mutex::new(Deadlines {
+                at: vec![None; n],
+                wake_at: None,
+            }),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
         }
     }
 
     /// Arms (or with `None` disarms) the timer of `vcpu` at VM time `deadline`.
+    /// Wakes the service thread only for a deadline earlier than the one it sleeps
+    /// toward (issue 14: a wake-up per vCPU exit costs the host a thread switch).
     pub fn arm(&self, vcpu: usize, deadline: Option<u64>) {
         let mut d = lock(&self.deadlines);
-        if let Some(slot) = d.get_mut(vcpu) {
+        if let Some(slot) = d.at.get_mut(vcpu) {
             *slot = deadline;
         }
+        let wake = deadline.is_some_and(|t| d.wake_at.is_none_or(|w| t < w));
+        if wake {
+            // Until it has looked again, the thread counts as sleeping toward `t`.
+            d.wake_at = deadline;
+        }
         drop(d);
-        self.cv.notify_all();
+        if wake {
+            self.cv.notify_all();
+        }
     }
 
     /// Stops [`TimerService::run`].
@@ -58,7 +80,7 @@ impl TimerService {
             }
             let now = clock.now_ns();
             let mut earliest: Option<u64> = None;
-            for (i, slot) in g.iter_mut().enumerate() {
+            for (i, slot) in g.at.iter_mut().enumerate() {
                 match *slot {
                     Some(t) if t <= now => {
                         *slot = None;
@@ -78,6 +100,7 @@ impl TimerService {
                 g = lock(&self.deadlines);
                 continue;
             }
+            g.wake_at = earliest;
             let wait = earliest.map_or(Duration::from_millis(100), |t| {
                 Duration::from_nanos(t.saturating_sub(now)).min(Duration::from_millis(100))
             });
