@@ -18,8 +18,8 @@
 //! [`Verifier::is_consistent`] re-derives both values from the stack for the tests.
 
 use crate::priority::class;
-use crate::VectorSet;
 use crate::vector_set::{slot_vector, Slot};
+use crate::VectorSet;
 
 /// Deepest legal nesting: one in-service vector per class 1–15.
 pub const MAX_DEPTH: usize = 15;
