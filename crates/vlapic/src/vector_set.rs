@@ -447,6 +447,18 @@ mod tests {
                     plain.remove(t);
                 }
                 assert_eq!(s.pop_highest(), top);
+            } else if x & 6 == 2 && x & 0x100_0000 != 0 {
+                // The slot forms acknowledge uses: the highest vector's slot, its
+                // removal there, and insertion at a slot with its group given.
+                let top = plain.highest();
+                assert_eq!(s.highest_slot().map(slot_vector), top);
+                if let Some(at) = s.highest_slot() {
+                    s.remove_highest_at(at);
+                    plain.remove(slot_vector(at));
+                }
+                let at = (usize::from(v >> 5), u32::from(v & 31));
+                s.insert_at(at, u32::from(v) >> G);
+                plain.insert(v);
             } else if x & 1 == 0 {
                 s.insert(v);
                 plain.insert(v);
