@@ -204,7 +204,7 @@ impl<const G: u32> SummarySet<G> {
     }
 
     /// Removes vector `v`.
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn remove(&mut self, v: u8) {
         let (w, m) = slot(v);
         let word = self.set.words[w] & !m;
@@ -213,49 +213,123 @@ impl<const G: u32> SummarySet<G> {
         self.summary &= !(u16::from(empty) << (v >> G));
     }
 
-    /// The top summary bit (0..=15) and the word it lies in; `summary` must not be 0.
+    /// The summary bits: bit `g` set exactly when group `g` has a vector (for the
+    /// class summary, `G = 4`, bit `c` is priority class `c`).
     #[inline(always)]
-    fn top(&self) -> (u32, usize) {
-        let g = (31 ^ u32::from(self.summary).leading_zeros()) & 15;
-        (g, (g >> 5u32.wrapping_sub(G)) as usize)
+    pub(crate) fn summary(&self) -> u16 {
+        self.summary
     }
 
-    /// Removes and returns the highest vector (one lookup for both).
+    /// The summary group of the vector at a slot: its class (`G = 4`) or its word.
     #[inline(always)]
-    pub(crate) fn pop_highest(&mut self) -> Option<u8> {
+    const fn slot_group((i, bit): Slot) -> u32 {
+        if G == 4 {
+            (i as u32) << 1 | bit >> 4
+        } else {
+            i as u32
+        }
+    }
+
+    /// Adds the vector at a slot (word masked to 0–7, bit to 0–31) whose summary group
+    /// `g` (masked to 0–15) the caller has already computed: [`SummarySet::insert`]
+    /// for a vector just found by a lookup.
+    #[inline(always)]
+    pub(crate) fn insert_at(&mut self, (i, bit): Slot, g: u32) {
+        self.set.words[i & 7] |= 1 << (bit & 31);
+        self.summary |= 1 << (g & 15);
+    }
+
+    /// The top summary group (0–15), the word it lies in (0–7) and that word's
+    /// highest bit; `None` for the empty set.
+    #[inline(always)]
+    fn top(&self) -> Option<(u32, Slot)> {
         if self.summary == 0 {
             return None;
         }
-        // As in `highest`: group g is occupied, so its word is not empty.
-        let (g, i) = self.top();
+        // summary != 0: its top bit names an occupied group, in a word that is not
+        // empty.
+        let g = 15 ^ (self.summary.leading_zeros() & 15);
+        let i = if G == 4 { g >> 1 } else { g & 7 } as usize;
         let w = self.set.words[i];
-        let bit = 31 ^ w.leading_zeros();
-        // Wrapping: no overflow even if the summary were ever wrong (w == 0).
-        let rest = w & !1u32.wrapping_shl(bit);
-        self.set.words[i] = rest;
-        let empty = Self::group_bits(rest, bit) == 0;
-        self.summary &= !(u16::from(empty) << g);
-        Some(((i as u32) << 5 | bit) as u8)
+        // `| 1` changes nothing for a non-empty word and lets this be one bit scan.
+        Some((g, (i, 31 ^ (w | 1).leading_zeros())))
+    }
+
+    /// Removes the highest vector, at `(i, bit)` in group `g`, as found by
+    /// [`SummarySet::top`]. Nothing above it is set in its word, so its group is left
+    /// empty exactly when no bit remains from the group's first one up; then the
+    /// group's summary bit, set until now, is flipped off.
+    #[inline(always)]
+    fn remove_top(&mut self, g: u32, (i, bit): Slot) {
+        let Some(word) = self.set.words.get_mut(i) else {
+            return;
+        };
+        // The bit is set: the exclusive or clears it.
+        let rest = *word ^ 1u32.wrapping_shl(bit);
+        *word = rest;
+        let first = if G == 4 { bit & 16 } else { 0 };
+        if rest >> first == 0 {
+            self.summary ^= 1 << (g & 15);
+        }
+    }
+
+    /// Removes the highest vector, at the slot [`SummarySet::highest_slot`] returned
+    /// (nothing changed in between).
+    #[inline(always)]
+    pub(crate) fn remove_highest_at(&mut self, at: Slot) {
+        self.remove_top(Self::slot_group(at), at);
+    }
+
+    /// Removes and returns the highest vector's slot (one lookup for both).
+    #[inline(always)]
+    pub(crate) fn pop_highest_slot(&mut self) -> Option<Slot> {
+        let (g, at) = self.top()?;
+        self.remove_top(g, at);
+        Some(at)
+    }
+
+    /// Removes and returns the highest vector (one lookup for both).
+    #[cfg(test)]
+    pub(crate) fn pop_highest(&mut self) -> Option<u8> {
+        self.pop_highest_slot().map(slot_vector)
     }
 
     /// The highest class present, 0 for the empty set (as ISRV = 0 has class 0).
     /// Meaningful for the class summary (`G = 4`).
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn top_class(&self) -> u8 {
         // Setting bit 0 changes nothing but the empty case, which becomes class 0.
         ((31 ^ u32::from(self.summary | 1).leading_zeros()) & 15) as u8
     }
 
+    /// The slot of the highest vector, from the summary: no word walk.
+    #[inline(always)]
+    pub(crate) fn highest_slot(&self) -> Option<Slot> {
+        self.top().map(|(_, at)| at)
+    }
+
     /// The highest vector in the set, from the summary: no word walk.
     #[inline(always)]
     pub(crate) fn highest(&self) -> Option<u8> {
-        if self.summary == 0 {
-            return None;
-        }
-        // summary != 0: its top bit names an occupied group, in a non-empty word.
-        let (_, i) = self.top();
-        let w = self.set.words[i];
-        Some(((i as u32) << 5 | (31 ^ w.leading_zeros())) as u8)
+        self.highest_slot().map(slot_vector)
+    }
+}
+
+/// Where a vector lives in a [`VectorSet`]: register word (0–7) and bit (0–31).
+/// Lookups return it so that the next step need not split the vector again.
+pub(crate) type Slot = (usize, u32);
+
+/// The vector at a slot (word and bit masked to their ranges).
+#[inline(always)]
+pub(crate) const fn slot_vector((i, bit): Slot) -> u8 {
+    ((i as u32 & 7) << 5 | (bit & 31)) as u8
+}
+
+impl VectorSet {
+    /// Whether the vector at a slot is in the set (slot masked to its ranges).
+    #[inline(always)]
+    pub(crate) const fn contains_slot(&self, (i, bit): Slot) -> bool {
+        self.words[i & 7] >> (bit & 31) & 1 != 0
     }
 }
 
@@ -373,6 +447,18 @@ mod tests {
                     plain.remove(t);
                 }
                 assert_eq!(s.pop_highest(), top);
+            } else if x & 6 == 2 && x & 0x100_0000 != 0 {
+                // The slot forms acknowledge uses: the highest vector's slot, its
+                // removal there, and insertion at a slot with its group given.
+                let top = plain.highest();
+                assert_eq!(s.highest_slot().map(slot_vector), top);
+                if let Some(at) = s.highest_slot() {
+                    s.remove_highest_at(at);
+                    plain.remove(slot_vector(at));
+                }
+                let at = (usize::from(v >> 5), u32::from(v & 31));
+                s.insert_at(at, u32::from(v) >> G);
+                plain.insert(v);
             } else if x & 1 == 0 {
                 s.insert(v);
                 plain.insert(v);

@@ -52,7 +52,8 @@ impl LocalApic {
                 }
                 self.timer
                     .write_tsc_deadline(value, self.timer_mode(), &self.cfg.clock);
-                self.advance(now);
+                // A deadline already passed fires now.
+                self.settle_timer();
                 return Ok(Effects {
                     timer_changed: true,
                     ..Effects::default()

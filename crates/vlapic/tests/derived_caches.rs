@@ -3,7 +3,9 @@
 //! acknowledge, EOI by MMIO and MSR, TPR/CR8, INIT, power-on reset, IA32_APIC_BASE
 //! writes (disable resets), imports of reachable and of corrupted states, verifier
 //! on/off and audits, time — every cache equals a fresh derivation
-//! ([`LocalApic::caches_consistent`]), and PPR, the pending vector and the vector an
+//! ([`LocalApic::caches_consistent`]), no timer expiry is left due at the latest time
+//! seen ([`LocalApic::timer_settled`], which `advance` relies on), and PPR, the
+//! pending vector and the vector an
 //! EOI retires equal the SDM rules computed here from ISR, IRR and TPR alone
 //! (SDM Vol. 3A §11.8.3.1, §11.8.4, §11.8.5).
 //!
@@ -55,6 +57,8 @@ enum Op {
     Audit,
     Time(u32),
     Write(u16, u32),
+    /// WRMSR IA32_TSC_DEADLINE: a TSC value near the current time, past or future.
+    TscDeadline(i16),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -79,6 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Audit),
         1 => (0u32..5000).prop_map(Op::Time),
         2 => (0u16..0x40, any::<u32>()).prop_map(|(o, v)| Op::Write(o << 4, v)),
+        1 => any::<i16>().prop_map(Op::TscDeadline),
     ]
 }
 
@@ -170,6 +175,11 @@ fn apply(a: &mut LocalApic, shadow: &mut LocalApic, op: &Op, now: &mut u64) {
         Op::Write(o, v) => {
             let _ = a.write_register(u64::from(*o), *v, *now);
         }
+        Op::TscDeadline(d) => {
+            // The default clock: 1 GHz TSC, so a TSC value is a VM time in ns.
+            let tsc = now.saturating_add_signed(i64::from(*d)).max(1);
+            let _ = a.write_msr(0x6E0, tsc, *now);
+        }
     }
 }
 
@@ -189,6 +199,8 @@ proptest! {
         for op in &ops {
             apply(&mut a, &mut shadow, op, &mut now);
             prop_assert!(a.caches_consistent(), "after {:?}", op);
+            // advance() does nothing at a time already seen: no timer is left due.
+            prop_assert!(a.timer_settled(), "after {:?}", op);
             prop_assert!(shadow.caches_consistent());
             prop_assert_eq!(a.ppr(), naive_ppr(a.tpr(), a.isr()), "after {:?}", op);
             prop_assert_eq!(a.pending_vector(), naive_pending(&a), "after {:?}", op);

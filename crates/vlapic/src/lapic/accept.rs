@@ -5,8 +5,8 @@ use super::*;
 use crate::delivery::{Delivery, DeliveryMode};
 use crate::icr::{self, IcrCommand, IpiMessage};
 use crate::lvt::{self, Lvt, LVT_LEVEL, LVT_REMOTE_IRR};
-use crate::priority;
 use crate::regs::*;
+use crate::vector_set::{slot_vector, Slot};
 
 impl LocalApic {
     // ----- interrupt arrival, acceptance, EOI --------------------------------
@@ -129,15 +129,20 @@ impl LocalApic {
     /// its class is above PPR's (SDM §11.8.3.1).
     #[inline]
     pub fn pending_vector(&self) -> Option<u8> {
-        let v = self.irr.highest()?;
-        (priority::class(v) > self.ppr_class()).then_some(v)
+        self.pending_slot().map(|(at, _)| slot_vector(at))
     }
 
-    /// PPR[7:4] = max(TPR[7:4], ISRV[7:4]) (SDM §11.8.3.1), ISRV's class read from
-    /// ISR's derived class summary: what [`LocalApic::ppr`] would give, shifted.
+    /// [`LocalApic::pending_vector`] as a slot of IRR, with the vector's class. The
+    /// test `class(v) > max(TPR[7:4], ISRV[7:4])` is done on ISR's class summary: it
+    /// holds exactly when neither an ISR class nor TPR's class is at or above
+    /// `class(v)`, i.e. when `(ISR classes | 1 << TPR[7:4]) >> class(v)` is 0 (an
+    /// empty ISR has no class bit, as ISRV = 0 is class 0).
     #[inline(always)]
-    pub(super) fn ppr_class(&self) -> u8 {
-        priority::class(self.tpr).max(self.isr.top_class())
+    fn pending_slot(&self) -> Option<(Slot, u32)> {
+        let (i, bit) = self.irr.highest_slot()?;
+        let class = ((i as u32) << 1 | bit >> 4) & 15;
+        let blocking = u32::from(self.isr.summary()) | 1 << (self.tpr >> 4);
+        (blocking >> class == 0).then_some(((i, bit), class))
     }
 
     /// Whether the vCPU has anything to take: a deliverable vector or an event.
@@ -150,9 +155,11 @@ impl LocalApic {
     /// vector's class as a consequence of the ISR bit. Returns the vector.
     #[inline(always)]
     pub fn acknowledge(&mut self) -> Option<u8> {
-        let v = self.pending_vector()?;
-        self.irr.remove(v);
-        self.isr.insert(v);
+        // The slot found by the lookup serves IRR's removal and ISR's insertion.
+        let (at, class) = self.pending_slot()?;
+        self.irr.remove_highest_at(at);
+        self.isr.insert_at(at, class);
+        let v = slot_vector(at);
         // One per accepted interrupt: a u64 cannot wrap in any VM's lifetime (584
         // years at 10^9 a second), so the plain increment skips saturation's compare.
         self.stats.accepted = self.stats.accepted.wrapping_add(1);
@@ -166,17 +173,24 @@ impl LocalApic {
     /// if it was level-triggered and EOI broadcast is not suppressed, for the IOAPIC.
     #[inline]
     pub(crate) fn eoi(&mut self) -> Option<u8> {
-        let Some(v) = self.isr.pop_highest() else {
-            self.stats.spurious_eoi = self.stats.spurious_eoi.saturating_add(1);
-            return None;
+        let Some(at) = self.isr.pop_highest_slot() else {
+            return self.spurious_eoi();
         };
         #[cfg(feature = "verify")]
-        self.verifier.on_eoi(v, &self.isr);
-        trace_event!(self, crate::trace::TraceKind::Eoi { vector: v });
-        if !self.tmr.contains(v) {
+        self.verifier.on_eoi_at(at, &self.isr);
+        trace_event!(self, crate::trace::TraceKind::Eoi { vector: slot_vector(at) });
+        if !self.tmr.contains_slot(at) {
             return None;
         }
-        self.level_eoi(v)
+        self.level_eoi(slot_vector(at))
+    }
+
+    /// An EOI with nothing in service: counted; nothing else changes.
+    #[cold]
+    #[inline(never)]
+    fn spurious_eoi(&mut self) -> Option<u8> {
+        self.stats.spurious_eoi = self.stats.spurious_eoi.saturating_add(1);
+        None
     }
 
     /// The level-triggered half of an EOI: LINT0 remote IRR, and the broadcast.

@@ -134,11 +134,13 @@ impl LocalApic {
             Reg::TimerInitial => {
                 self.timer
                     .write_initial(v32, self.now, self.timer_mode(), &self.cfg.clock);
+                self.settle_timer();
                 fx.timer_changed = true;
             }
             Reg::TimerDivide => {
                 self.timer
                     .write_divide(v32, self.now, self.timer_mode(), &self.cfg.clock);
+                self.settle_timer();
                 fx.timer_changed = true;
             }
             Reg::SelfIpi => self.self_ipi(v32 as u8),
@@ -190,6 +192,7 @@ impl LocalApic {
             let new_mode = TimerMode::from_lvt(new).unwrap_or(TimerMode::OneShot);
             self.timer
                 .change_mode(old_mode, new_mode, self.now, &self.cfg.clock);
+            self.settle_timer();
             return true;
         }
         false

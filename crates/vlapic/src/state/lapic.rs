@@ -206,6 +206,9 @@ impl LocalApic {
     /// the verifier is rebuilt from ISR. Pending non-vectored events, LINT levels and
     /// statistics are not APIC state and are kept.
     ///
+    /// A timer expiry already due at `now` is delivered by the import itself, as
+    /// [`LocalApic::advance`] would deliver it.
+    ///
     /// Afterwards the embedder must re-read [`LocalApic::next_timer_deadline`] and
     /// rebuild routing (ID, LDR, DFR, mode and enable state may all have changed).
     pub fn import(&mut self, state: &LapicState, now: u64) -> Result<(), ImportError> {
@@ -271,6 +274,8 @@ impl LocalApic {
         );
         #[cfg(feature = "verify")]
         self.verifier.rebuild(&self.isr);
+        // An expiry already due at `now` is delivered now, as `advance(now)` would.
+        self.settle_timer();
         Ok(())
     }
 }
