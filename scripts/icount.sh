@@ -24,13 +24,14 @@ build() { # $1 = name, rest = cargo feature flags
 }
 build verify
 build noverify --no-default-features --features std
+build trace --features trace
 
 # Instructions of one run: callgrind's "Collected" total.
 ir() { # $1 = binary, $2 = scenario, $3 = N
     valgrind --tool=callgrind --callgrind-out-file=/dev/null "$tmp/$1" "$2" "$3" 2>&1 \
         | awk '/Collected :/ { print $NF }'
 }
-per() { # $1 = binary, $2 = scenario
+per() { # $1 = binary, $2 = scenario (ICOUNT_TRACE from the environment)
     local a b
     a=$(ir "$1" "$2" "$N1")
     b=$(ir "$1" "$2" "$N2")
@@ -58,3 +59,13 @@ echo "|---|---|"
 echo "| unicast fixed IPI, xAPIC: MMIO ICR low write -> target IRR -> Wake | $(per verify ipi-xapic) |"
 echo "| unicast fixed IPI, x2APIC: WRMSR 0x830 -> target IRR -> Wake | $(per verify ipi-x2apic) |"
 echo "| IOAPIC edge: line rises (-> target IRR -> Wake) and falls | $(per verify ioapic-edge) |"
+echo
+echo "trace feature (issue 17): default features, then with \`trace\` compiled in but off,"
+echo "then recording (ICOUNT_TRACE=1: the cycle drains its ring every iteration, the"
+echo "fabric operations drain the target's every 32)"
+echo
+echo "| operation | default features | trace compiled in, off | trace recording |"
+echo "|---|---|---|---|"
+for s in cycle-off-1 cycle-off-4 cycle-on-4 ipi-xapic ipi-x2apic ioapic-edge; do
+    echo "| $s | $(per verify "$s") | $(per trace "$s") | $(ICOUNT_TRACE=1 per trace "$s") |"
+done

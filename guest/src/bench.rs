@@ -5,6 +5,8 @@
 //! * `ipi-roundtrip`    — BSP -> AP fixed IPI, the AP's handler IPIs back;
 //! * `tsc-deadline`     — arm IA32_TSC_DEADLINE = now + 1000 until handler entry;
 //! * `tpr-write`        — one TPR write (MMIO or MSR), averaged over 16 writes;
+//! * `int3-roundtrip`   — `int3` to its handler and `iretq` back (on hosts that
+//!   cannot execute it at CPL0, the VMM delivers it);
 //! * `self-ipi-x2apic`  — SELF IPI MSR until the handler ran, incl. EOI
 //!   (switches the BSP to x2APIC mode, so it runs last).
 
@@ -132,6 +134,13 @@ pub fn run(_info: &BootInfo) -> ! {
         }
         apic::write(apic::TPR, 0);
         report::bench("tpr-write", median(&mut s), ITERS);
+    }
+
+    // int3-roundtrip
+    {
+        let mut s = [0u64; ITERS];
+        let m = crate::scenarios::int3_round_trip(&mut s);
+        report::bench("int3-roundtrip", m, ITERS);
     }
 
     // self-ipi-x2apic (last: leaves the BSP in x2APIC mode)

@@ -234,7 +234,11 @@ pub fn set_gate(vector: u8, handler: u64, ist: u8, attr: u8) {
         off_hi: (handler >> 32) as u32,
         _r: 0,
     };
-    unsafe { (IDT.0.get() as *mut Gate).add(vector as usize).write_volatile(g) };
+    unsafe {
+        (IDT.0.get() as *mut Gate)
+            .add(vector as usize)
+            .write_volatile(g)
+    };
 }
 
 /// The gate [`init`] installs for `vector`.

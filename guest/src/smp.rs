@@ -81,6 +81,13 @@ fn command_loop(i: usize) -> ! {
 /// Run `f(arg)` on AP `cpu` and wait for its result (`None` on timeout or
 /// if the AP is offline/dead). Must be called from the BSP.
 pub fn run_on(cpu: usize, f: ApFn, arg: u64) -> Option<u64> {
+    let seq = post(cpu, f, arg)?;
+    wait_ack(cpu, seq)
+}
+
+/// Start `f(arg)` on AP `cpu` without waiting; the sequence number for
+/// [`wait_ack`] (`None` if the AP is offline/dead). Must be called from the BSP.
+pub fn post(cpu: usize, f: ApFn, arg: u64) -> Option<u32> {
     let c = &CPUS[cpu];
     if !c.online.load(Acquire) || c.dead.load(Acquire) {
         return None;
@@ -90,6 +97,13 @@ pub fn run_on(cpu: usize, f: ApFn, arg: u64) -> Option<u64> {
     let seq = c.cmd_seq.load(Acquire).wrapping_add(1);
     c.cmd_seq.store(seq, Release);
     apic::send_ipi(cpu as u32, apic::DM_FIXED | apic::WAKE_VECTOR as u32);
+    Some(seq)
+}
+
+/// Wait for the command `seq` posted to `cpu` to finish; its result (`None` on
+/// timeout: the AP is then marked dead).
+pub fn wait_ack(cpu: usize, seq: u32) -> Option<u64> {
+    let c = &CPUS[cpu];
     let ok = time::wait_until(time::timeout(), || c.ack_seq.load(Acquire) == seq);
     if ok {
         Some(c.cmd_result.load(Acquire))

@@ -102,9 +102,15 @@ pub fn image(op: Op, n: u32) -> Vec<u8> {
 }
 
 /// Callgrind's instruction count and the run's total exits for `op` × `n`.
-fn measure(exe: &Path, dir: &Path, op: Op, n: u32) -> Result<(u64, u64), String> {
+fn measure(exe: &Path, dir: &Path, op: Op, n: u32, trace: bool) -> Result<(u64, u64), String> {
     let kernel = dir.join(format!("{}-{n}.img", op.name()));
     std::fs::write(&kernel, image(op, n)).map_err(|e| format!("{}: {e}", kernel.display()))?;
+    let trace_file = dir.join(format!("{}-{n}.trace.json", op.name()));
+    let trace_args: Vec<&std::ffi::OsStr> = if trace {
+        vec!["--trace".as_ref(), trace_file.as_os_str()]
+    } else {
+        Vec::new()
+    };
     let out = Command::new("valgrind")
         .args([
             "--tool=callgrind",
@@ -122,6 +128,7 @@ fn measure(exe: &Path, dir: &Path, op: Op, n: u32) -> Result<(u64, u64), String>
             "--kernel",
         ])
         .arg(&kernel)
+        .args(&trace_args)
         .output()
         .map_err(|e| format!("cannot run valgrind: {e}"))?;
     let err = String::from_utf8_lossy(&out.stderr);
@@ -145,8 +152,8 @@ fn measure(exe: &Path, dir: &Path, op: Op, n: u32) -> Result<(u64, u64), String>
     Ok((ir, exits))
 }
 
-/// `vlapic bench --exit-cost`.
-pub fn run(json: bool) -> ExitCode {
+/// `vlapic bench --exit-cost`; with `trace`, the measured runs record (`--trace`).
+pub fn run(json: bool, trace: bool) -> ExitCode {
     if Command::new("valgrind").arg("--version").output().is_err() {
         eprintln!("vlapic bench: --exit-cost needs valgrind (apt-get install valgrind)");
         return ExitCode::from(2);
@@ -165,7 +172,8 @@ pub fn run(json: bool) -> ExitCode {
     }
     let mut rows = Vec::new();
     for op in Op::ALL {
-        let r = measure(&exe, &dir, op, 1000).and_then(|a| Ok((a, measure(&exe, &dir, op, 2000)?)));
+        let r = measure(&exe, &dir, op, 1000, trace)
+            .and_then(|a| Ok((a, measure(&exe, &dir, op, 2000, trace)?)));
         match r {
             Ok(((ir1, ex1), (ir2, ex2))) => rows.push((
                 op,

@@ -8,6 +8,9 @@ mod exit_cost;
 mod qemu_cmd;
 mod run_cmd;
 mod state_cmds;
+mod timeline;
+mod timeline_cmd;
+mod timeline_html;
 
 /// vlapic: an emulated x86 local APIC, its KVM test VMM and state tools.
 #[derive(Parser, Debug)]
@@ -25,6 +28,9 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Run the guest's benchmarks with our APIC and KVM's, side by side.
     Bench(run_cmd::BenchArgs),
+    /// Draw a `vlapic run --trace` file as a self-contained HTML page (one lane per
+    /// vCPU, nested handlers, IPI arrows, pauses, nesting depth), or a text digest.
+    Timeline(timeline_cmd::TimelineArgs),
     /// Show saved APIC state in readable form (or JSON), listing every rule it breaks.
     Inspect(state_cmds::InspectArgs),
     /// Validate saved APIC state and convert it between formats.
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run_cmd::run(a),
         Command::Bench(a) => run_cmd::bench(a),
+        Command::Timeline(a) => timeline_cmd::timeline(a),
         Command::Inspect(a) => state_cmds::inspect(a),
         Command::Convert(a) => state_cmds::convert(a),
         Command::Replay(a) => state_cmds::replay(a),

@@ -85,12 +85,14 @@ Accepted (everything else is refused with one line naming the option, exit 2):
   -machine/-M [type=]pc[,accel=kvm][,kernel_irqchip=on|off|split][,pit=off,...]
                           kernel_irqchip=on uses KVM's in-kernel irqchip (the baseline);
                           off/split (the default here) use vlapic in userspace;
-                          pit, hpet, smm, usb, vmport, graphics: only =off (none exists)
+                          pit, smm, usb, vmport, graphics: only =off (none exists);
+                          hpet=on|off (the HPET is always present)
   -accel kvm[,kernel-irqchip=...]   -enable-kvm
   -device isa-debug-exit,iobase=0xf4[,iosize=N]   -device pc-testdev
                           (both are always present; isa-debug-exit only at 0xf4)
   -serial stdio|mon:stdio|none|null   -display none   -vga none   -monitor none
-  -nographic -nodefaults -no-reboot -no-user-config -no-hpet -no-acpi -name NAME
+  -nographic -nodefaults -no-reboot -no-user-config -no-acpi -name NAME
+  -no-hpet                (accepted; the HPET at 0xFED00000 stays present)
   -global kvm-pit.lost_tick_policy=discard   (there is no PIT; accepted as a no-op)
 Probes: -h/-help, -version, -device help|?, -machine help|?, -accel help|?, -cpu help|?
 
@@ -381,9 +383,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         "kernel_irqchip" | "kernel-irqchip" => {
                             kernel_irqchip = irqchip_value(&opt, &val)?;
                         }
+                        // The HPET is always there: `hpet=on` is what it is, `off`
+                        // leaves it in place (a guest that does not look for it at
+                        // 0xFED00000 is not affected).
+                        "hpet" => {}
                         // None of these exists here: switching one off is a no-op,
                         // asking for one is refused.
-                        "pit" | "smm" | "usb" | "vmport" | "hpet" | "graphics" => {
+                        "pit" | "smm" | "usb" | "vmport" | "graphics" => {
                             if !matches!(val.as_str(), "off" | "false" | "no") {
                                 return Err(format!("{opt}: {k}={val}: vlapic's PC has no {k}"));
                             }
@@ -579,7 +585,9 @@ pub fn main(args: &[OsString]) -> ExitCode {
         save: None,
         restore: None,
         incoming: None,
+        incoming_timeout: None,
         migrate_to: None,
+        trace: None,
     };
     let rep = match run_vm(&cfg) {
         Ok(r) => r,

@@ -104,6 +104,10 @@ pub struct RunArgs {
         conflicts_with_all = ["kernel", "append", "module", "vcpus", "memory", "x2apic", "verify", "restore", "save", "migrate_every"]
     )]
     pub incoming: Option<vlapic_vmm::stream::Addr>,
+    /// How long `--incoming` waits for a source to connect, in milliseconds (default:
+    /// for ever). Nobody in time: one line, exit code 2, nothing run.
+    #[arg(long, value_name = "MS", requires = "incoming")]
+    pub incoming_timeout: Option<u64>,
     /// Live-migrate the running VM to `vlapic run --incoming ADDR` in another process
     /// after `--migrate-after` ms: pre-copy of RAM with KVM's dirty log while the guest
     /// runs, then a short pause for the last pages and the vCPU, APIC and device state.
@@ -126,6 +130,12 @@ pub struct RunArgs {
     /// the run with the KVM internal error, as KVM reports it.
     #[arg(long)]
     pub no_soft_int: bool,
+    /// Record every vCPU's interrupts (acceptance to EOI with their source, IPIs,
+    /// timer expiries, NMI/INIT/SIPI, TPR, pauses with each vCPU's ISR, verifier
+    /// violations) with VM-time stamps into FILE as Chrome trace-event JSON (opens in
+    /// Perfetto and chrome://tracing); `vlapic timeline FILE` draws it. See docs/trace.md.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
 }
 
 fn parse_addr(s: &str) -> Result<vlapic_vmm::stream::Addr, String> {
@@ -168,6 +178,10 @@ pub struct BenchArgs {
     /// on generated guests; `--json` prints `{"schema": 1, "exit_cost": [...]}`.
     #[arg(long)]
     pub exit_cost: bool,
+    /// With `--exit-cost`: the measured runs record their interrupts (`run --trace`),
+    /// to show the recorder's per-exit cost.
+    #[arg(long, requires = "exit_cost")]
+    pub trace: bool,
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -241,7 +255,9 @@ pub fn run(a: RunArgs) -> ExitCode {
             after: Duration::from_millis(a.save_after),
         }),
         restore: a.restore.clone(),
+        trace: a.trace.clone(),
         incoming: a.incoming.clone(),
+        incoming_timeout: a.incoming_timeout.map(Duration::from_millis),
         migrate_to: a.migrate_to.clone().map(|addr| MigrateTo {
             addr,
             after: Duration::from_millis(a.migrate_after),
@@ -312,7 +328,7 @@ fn kernel_cmdline(kernel: &Option<PathBuf>, append: &str) -> String {
 /// in-kernel irqchip, side by side (BENCH lines, per-scenario time and exits).
 pub fn bench(a: BenchArgs) -> ExitCode {
     if a.exit_cost {
-        return crate::exit_cost::run(a.json);
+        return crate::exit_cost::run(a.json, a.trace);
     }
     let kernel = match load_kernel(&a.kernel, VmConfig::default().memory_mib) {
         Ok(k) => k,

@@ -109,6 +109,31 @@
 //!     [`ApicRuntime::refuse_apic_page_in`] makes such a WRMSR to IA32_APIC_BASE #GP
 //!     (a deliberate deviation: hardware accepts any base) instead of letting the base
 //!     read back an address whose accesses reach RAM.
+//! 15. **Some hosts cannot execute `int3` / `int n` in protected or long mode.** A
+//!     nested KVM may run guest CPL0 code through KVM's instruction emulator, which
+//!     performs software interrupts only in real mode: `KVM_EXIT_INTERNAL_ERROR`
+//!     (emulation failure) and the VM is lost — Linux's int3 self-test and text
+//!     patching, Zephyr's `irq_offload`, kvm-unit-tests `eventinj` all do this. A
+//!     workaround for such hosts, off unless asked for:
+//!     [`ApicVcpu::enable_soft_interrupts`], then on [`Exit::InternalError`] call
+//!     [`ApicVcpu::deliver_soft_interrupt`] ([`softint::deliver_at_rip`] for a vCPU
+//!     not run by the adapter): for `CC` / `CD nn` at CS:RIP it delivers the event as
+//!     the CPU would (IDT gate checks, IST/RSPn stack, frame, RIP after the
+//!     instruction), faults on the way included, and the vCPU runs on; anything else
+//!     stays a crash for you to report. Deviations are in the README.
+//!
+//! # Leaving KVM's in-kernel APIC
+//!
+//! An embedder that moves a VM *from* KVM's own APIC (`KVM_CREATE_IRQCHIP`) to vlapic
+//! reads each vCPU with `KVM_GET_LAPIC` while it is out of `KVM_RUN`. KVM's APIC timer
+//! does not set IRR when it expires: it counts the expiry (`lapic_timer.pending`) and
+//! moves it into IRR in its run loop, after the vCPU's next pass through guest entry
+//! or halt — which a `KVM_RUN` with `immediate_exit` never reaches. A one-shot expiry
+//! counted while the vCPU was paused therefore reads as TMCCT 0 with IRR clear, and
+//! is lost if saved like that. vlapic-vmm's `kernel_timer` module runs the vCPU once
+//! through KVM's loop without entering the guest (a signal pending and unblocked only
+//! inside `KVM_RUN` with `KVM_SET_SIGNAL_MASK`; KVM leaves with `KVM_EXIT_INTR` after
+//! injecting), saves, and repeats once if the page shows an expired one-shot timer.
 #![deny(missing_docs)]
 #![cfg(target_arch = "x86_64")]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -96,6 +96,9 @@ pub struct VcpuCounters {
     pub nmis: u64,
     /// SIPIs that started the vCPU.
     pub sipis: u64,
+    /// Of [`VcpuCounters::interrupts`], the vectors taken from the ExtINT source (the
+    /// embedder's 8259), which no local APIC acknowledges or retires.
+    pub extints: u64,
     /// `int3` / `int n` delivered by [`ApicVcpu::deliver_soft_interrupt`] (including
     /// those whose delivery raised a fault, which was injected instead).
     pub soft_interrupts: u64,
@@ -390,6 +393,7 @@ impl ApicVcpu {
                             Error::Host(format!("KVM_INTERRUPT(ExtINT {v:#x}): {e}"))
                         })?;
                         self.counters.interrupts += 1;
+                        self.counters.extints += 1;
                         self.state = RunState::Running;
                     }
                 }

@@ -52,6 +52,14 @@ impl ClockDevices {
         Ok(Self { hpet, rtc })
     }
 
+    /// Moves both devices from VM time `from` (the save's) to `to` (the restoring
+    /// VM's now), as the fabric's import re-arms its timers: the guest sees no time
+    /// pass on them across a save and restore.
+    pub fn rebase(&mut self, from: u64, to: u64) {
+        self.hpet.rebase(from, to);
+        self.rtc.rebase(from, to);
+    }
+
     fn next_deadline(&self, now: u64) -> Option<u64> {
         match (self.hpet.next_deadline(), self.rtc.next_deadline(now)) {
             (Some(a), Some(b)) => Some(a.min(b)),

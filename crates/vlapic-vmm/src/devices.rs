@@ -1,7 +1,7 @@
 //! Port-I/O platform devices: 16550 COM1, isa-debug-exit (0xF4), QEMU fw_cfg
 //! (0x510/0x511), port 0x80, QEMU's pc-testdev (I/O data register 0xE0, page
 //! flush 0xE4, IRQ lines 0x2000+N), a PCI host bridge with no devices
-//! (0xCF8/0xCFC), 8259 ports ignored.
+//! (0xCF8/0xCFC), the 8259A pair (`pic`; ports 0x20/0x21/0xA0/0xA1/0x4D0/0x4D1).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -11,6 +11,7 @@ use vm_superio::{Serial, Trigger};
 
 use crate::console::ConsoleOut;
 use crate::lock;
+use crate::pic::{self, PicDevice};
 use crate::stats::Odd;
 
 /// COM1 base port.
@@ -98,6 +99,8 @@ pub struct IoBus {
     pub page_flushes: std::sync::atomic::AtomicU64,
     /// Accesses to ports nothing claims (reads return all ones), first port.
     pub unknown_ports: Odd,
+    /// The 8259A pair (shared with the BSP's ExtINT source).
+    pub pic: std::sync::Arc<PicDevice>,
 }
 
 impl IoBus {
@@ -116,6 +119,7 @@ impl IoBus {
             ram: None,
             page_flushes: Default::default(),
             unknown_ports: Odd::default(),
+            pic: Default::default(),
         }
     }
 
@@ -170,6 +174,7 @@ impl IoBus {
             ram: None,
             page_flushes: Default::default(),
             unknown_ports: Odd::default(),
+            pic: Default::default(),
         })
     }
 
@@ -188,6 +193,7 @@ impl IoBus {
             pci_address: _,
             ram: _,          // host mapping for the page flush, not guest state
             page_flushes: _, // a diagnostic counter
+            pic: _,          // its own save-file section (PIC8), see `SaveFile::pic`
         } = self;
         let SerialState {
             baud_divisor_low,
@@ -248,7 +254,12 @@ impl IoBus {
                     f.pos = f.pos.saturating_add(1);
                 }
             }
-            0x20 | 0x21 | 0xA0 | 0xA1 => data.fill(0),
+            p if pic::owns(p) => {
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = self.pic.read(p);
+                }
+            }
             0x80 => data.fill(0),
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => data.fill(0),
             DEBUG_EXIT => data.fill(0),
@@ -301,9 +312,15 @@ impl IoBus {
                 f.pos = 0;
             }
             p if p == FW_CFG + 1 => {}
-            0x20 | 0x21 | 0xA0 | 0xA1 | 0x80 => {}
+            p if pic::owns(p) => self.pic.write(p, v[0]),
+            0x80 => {}
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => {
                 let pin = u32::from(p - TESTDEV_IRQ);
+                // ISA lines 0-15 reach the 8259s as well as the IOAPIC (as KVM's
+                // default GSI routing wires them).
+                if pin < 16 {
+                    self.pic.set_irq(pin as u8, value & 0xFF != 0);
+                }
                 return IoOutcome {
                     irq: Some((pin, value & 0xFF != 0)),
                     exit: None,

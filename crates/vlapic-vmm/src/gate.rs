@@ -23,8 +23,8 @@ pub struct PausedVcpu {
     pub run: RunState,
     /// Events the vCPU had already taken from its APIC but not yet acted on.
     pub events: Events,
-    /// The vCPU's counters: interrupts, NMIs and SIPIs so far.
-    pub counters: [u64; 3],
+    /// The vCPU's counters: interrupts, NMIs, SIPIs and ExtINT interrupts so far.
+    pub counters: [u64; 4],
     /// `--irqchip kernel`: KVM's LAPIC page, APIC base and TSC deadline.
     pub kernel_apic: Option<KernelApic>,
 }

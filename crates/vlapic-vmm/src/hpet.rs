@@ -269,7 +269,7 @@ impl Hpet {
             if t.config & TN_PERIODIC != 0 && period != 0 {
                 // Next grid point strictly after the counter: comparator + k × period.
                 let behind = cur.wrapping_sub(t.comparator) & m;
-                let k = behind / period + 1;
+                let k = (behind / period).saturating_add(1);
                 t.comparator = t.comparator.wrapping_add(k.wrapping_mul(period)) & m;
                 self.s.missed = self.s.missed.saturating_add(k - 1);
                 t.last_fire_ns = now;
@@ -451,6 +451,24 @@ impl Hpet {
         t.config &= !TN_VAL_SET;
         t.last_fire_ns = 0;
         self.rearm(n, now);
+    }
+
+    /// Moves the device from VM time `from` to VM time `to` as if no time passed in
+    /// between (a restore into a process whose VM time differs): the counter keeps
+    /// its value, armed expiries stay as far ahead.
+    pub fn rebase(&mut self, from: u64, to: u64) {
+        let shift = |t: u64| {
+            let v = i128::from(t) + i128::from(to) - i128::from(from);
+            u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+        };
+        if self.enabled() {
+            self.s.counter = self.counter(from);
+            self.s.anchor_ns = to;
+        }
+        for t in &mut self.s.timers {
+            t.due_ns = t.due_ns.map(shift);
+            t.last_fire_ns = shift(t.last_fire_ns);
+        }
     }
 
     /// Encodes the state (save-file section `HPET`).

@@ -6,7 +6,7 @@
 //! which) the caller starts the vCPUs. A refused stream or a source that goes away
 //! before its commit ends this process with one line and without running anything.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::memory::GuestRam;
 use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC};
@@ -32,10 +32,20 @@ pub fn listen(addr: &Addr) -> Result<Listener, String> {
     Listener::bind(addr)
 }
 
-/// Accepts one source on `listener` and receives its VM up to the pause. `Err` is
-/// one line (also sent to the source as `ERRO` when the connection allows).
-pub fn receive(listener: Listener, addr: &Addr) -> Result<Incoming, String> {
-    let mut conn = listener.accept()?;
+/// Accepts one source on `listener` (within `accept_limit`, if given) and receives
+/// its VM up to the pause. `Err` is one line (also sent to the source as `ERRO` when
+/// the connection allows).
+pub fn receive(
+    listener: Listener,
+    addr: &Addr,
+    accept_limit: Option<Duration>,
+) -> Result<Incoming, String> {
+    let Some(mut conn) = listener.accept_within(accept_limit)? else {
+        return Err(format!(
+            "--incoming {addr}: no source connected within {} ms",
+            accept_limit.unwrap_or_default().as_millis()
+        ));
+    };
     let t0 = Instant::now();
     conn.set_timeout(Some(std::time::Duration::from_secs(60)));
     match receive_on(&mut conn) {

@@ -2,9 +2,8 @@
 //! (`KVM_GET_LAPIC`/`KVM_SET_LAPIC` with IA32_APIC_BASE and IA32_TSC_DEADLINE) and
 //! IOAPIC (`KVM_GET_IRQCHIP`/`KVM_SET_IRQCHIP`, chip 2) converted to and from the
 //! library's architectural state through `vlapic::state::kvm`, with the library's
-//! full import validation on the way in. The 8259 PICs are not carried: this VMM's
-//! guests never use them (they are masked at boot, ExtINT is not wired), and the
-//! library has no 8259 state to carry them in.
+//! full import validation on the way in; and the 8259 pair (chips 0 and 1) to and
+//! from the VMM's own (`pic`, whose state is KVM's `kvm_pic_state` field for field).
 
 use kvm_bindings::{kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -13,11 +12,17 @@ use vlapic::state::kvm::{self as kfmt, KvmExtra};
 use vlapic::state::{FabricState, IoApicState, LapicState};
 use vlapic::TimerClock;
 use vlapic_kvm::RunState;
+
+use crate::pic::{PicPair, KVM_PIC_STATE_LEN};
 use zerocopy::{FromBytes as _, IntoBytes as _};
 
 const APIC_BASE: u32 = 0x1B;
 const TSC_DEADLINE: u32 = 0x6E0;
 const IOAPIC_CHIP: u32 = 2;
+const PIC_MASTER_CHIP: u32 = 0;
+const PIC_SLAVE_CHIP: u32 = 1;
+/// `struct kvm_irqchip`: chip_id u32, pad u32, then the chip union.
+const CHIP_DATA: usize = 8;
 const KVM_IOAPIC_PINS: usize = 24;
 
 /// One vCPU's in-kernel APIC as KVM hands it out.
@@ -204,6 +209,50 @@ fn load_apic(fd: &VcpuFd, s: &LapicState, now: u64, clock: &TimerClock) -> Resul
         .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
     if extra.tsc_deadline != 0 {
         set_msr(fd, TSC_DEADLINE, extra.tsc_deadline)?;
+    }
+    Ok(())
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, String> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(|e| format!("KVM_GET_IRQCHIP({chip_id}): {e}"))?;
+    Ok(chip)
+}
+
+/// KVM's 8259 pair (`KVM_GET_IRQCHIP` chips 0 and 1) as the VMM's, validated
+/// (`PicPair::from_bytes`).
+pub fn capture_pic(vm: &VmFd) -> Result<PicPair, String> {
+    let mut b = Vec::with_capacity(2 * KVM_PIC_STATE_LEN);
+    for id in [PIC_MASTER_CHIP, PIC_SLAVE_CHIP] {
+        let chip = get_chip(vm, id)?;
+        let bytes = chip.as_bytes();
+        b.extend_from_slice(
+            bytes
+                .get(CHIP_DATA..CHIP_DATA + KVM_PIC_STATE_LEN)
+                .ok_or("kvm_irqchip layout")?,
+        );
+    }
+    PicPair::from_bytes(&b).map_err(|e| format!("KVM's 8259 state: {e}"))
+}
+
+/// Loads the VMM's 8259 pair into KVM's (`KVM_SET_IRQCHIP` chips 0 and 1).
+pub fn load_pic(vm: &VmFd, pair: &PicPair) -> Result<(), String> {
+    for (id, pic) in [
+        (PIC_MASTER_CHIP, &pair.chips[0]),
+        (PIC_SLAVE_CHIP, &pair.chips[1]),
+    ] {
+        let mut bytes = get_chip(vm, id)?.as_bytes().to_vec();
+        bytes
+            .get_mut(CHIP_DATA..CHIP_DATA + KVM_PIC_STATE_LEN)
+            .ok_or("kvm_irqchip layout")?
+            .copy_from_slice(&pic.to_kvm());
+        let chip = kvm_irqchip::read_from_bytes(&bytes).map_err(|_| "kvm_irqchip layout")?;
+        vm.set_irqchip(&chip)
+            .map_err(|e| format!("KVM_SET_IRQCHIP({id}): {e}"))?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
 // outcome, memory, guest, hpet, rtc → console, snapshot, loader → devices, clocks →
-// gate → shared → vcpu →
+// gate → trace, trace_json (feature `trace`) → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
@@ -17,11 +17,13 @@ pub mod guest;
 pub mod hpet;
 pub mod incoming;
 pub mod kernel_chip;
+pub mod kernel_timer;
 pub mod loader;
 pub mod memory;
 pub mod migrate;
 pub mod outcome;
 pub mod outgoing;
+pub mod pic;
 pub mod rtc;
 pub mod savefile;
 pub mod shared;
@@ -29,6 +31,10 @@ pub mod snapshot;
 pub mod stats;
 pub mod stream;
 pub mod summary;
+#[cfg(feature = "trace")]
+pub mod trace;
+#[cfg(feature = "trace")]
+pub mod trace_json;
 pub mod vcpu;
 pub mod vm;
 pub mod wire;

@@ -43,6 +43,11 @@ pub fn migrate(
     *clocks = clocks.round_trip()?;
     let now = sh.rt.now_ns();
     let old = sh.chip();
+    #[cfg(feature = "trace")]
+    if let Some(t) = &sh.trace {
+        // What the vCPUs did not drain yet goes with the old fabric: take it now.
+        t.drain_all(&old);
+    }
     let bytes = native::encode_fabric(&old.export());
     let state =
         native::decode_fabric(&bytes).map_err(|e| format!("decoding the fabric state: {e:?}"))?;
@@ -79,6 +84,10 @@ pub fn migrate(
     let carried: Vec<Events> = (0..n)
         .map(|i| old.take_events(i).unwrap_or_default())
         .collect();
+    #[cfg(feature = "trace")]
+    if let Some(t) = &sh.trace {
+        t.enable(&fresh);
+    }
     sh.rt.replace_fabric(fresh);
     drop(clocks);
     sh.clocks.poke();
@@ -89,6 +98,20 @@ pub fn migrate(
     gate.resume_all(fds, carried);
     let down = u64::try_from(paused_at.elapsed().as_micros()).unwrap_or(u64::MAX);
     gate.max_downtime_us.fetch_max(down, Ordering::Relaxed);
+    #[cfg(feature = "trace")]
+    if let Some(t) = &sh.trace {
+        t.pause(crate::trace::Pause {
+            kind: "migration",
+            start_ns: now,
+            end_ns: sh.rt.now_ns().max(now),
+            downtime_us: down,
+            isr: state
+                .apics
+                .iter()
+                .map(|a| crate::trace::isr_vectors(&a.isr))
+                .collect(),
+        });
+    }
     gate.done.fetch_add(1, Ordering::Relaxed);
     sh.rt.wake(&wake);
     Ok(Some(vm))

@@ -285,7 +285,7 @@ impl Rtc {
                 // A daily alarm pattern that matched at all matched in the last day.
                 let last = self.secs(now);
                 let k = i64::try_from(n.min(86_400)).unwrap_or(86_400);
-                if (0..k).any(|i| self.alarm_matches(last - i)) {
+                if (0..k).any(|i| self.alarm_matches(last.saturating_sub(i))) {
                     self.s.ram[REG_C] |= C_AF;
                 }
             }
@@ -442,6 +442,19 @@ impl Rtc {
             }
         }
         self.irq()
+    }
+
+    /// Moves the chip from VM time `from` to VM time `to` as if no time passed in
+    /// between (a restore into a process whose VM time differs): the clock shows the
+    /// same time, the divider keeps its phase, the flags stay as they were.
+    pub fn rebase(&mut self, from: u64, to: u64) {
+        self.sync(from);
+        if self.running() {
+            self.s.secs = self.secs(from);
+        }
+        let phase = from.saturating_sub(self.s.anchor_ns) % NS;
+        self.s.anchor_ns = to.saturating_sub(phase);
+        self.s.checked_ns = to;
     }
 
     /// Encodes the state (save-file section `RTC0`).

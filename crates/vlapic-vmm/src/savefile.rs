@@ -20,6 +20,7 @@ pub use crate::devices::DevicesState;
 use crate::hpet::Hpet;
 use crate::lock;
 use crate::memory::GuestRam;
+use crate::pic::PicPair;
 use crate::rtc::Rtc;
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::snapshot::VcpuState;
@@ -47,6 +48,10 @@ pub const FLAG_KVM_APIC: u32 = 4;
 const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
+
+/// The optional section after the last mandatory one (`DEVS` in version 1, `RTC0`
+/// in version 2): the 8259 pair, 32 bytes (two `kvm_pic_state`).
+const PIC_SECTION: [u8; 4] = *b"PIC8";
 
 /// Section tags, in file order (`VCPU` once per vCPU; `HPET` and `RTC0` from
 /// version 2 on).
@@ -141,6 +146,9 @@ pub struct SaveFile {
     pub devices: DevicesState,
     /// The HPET and the CMOS RTC (`None`: a version-1 file, which had neither).
     pub clocks: Option<ClockDevices>,
+    /// The 8259 pair: the optional section `PIC8` after `DEVS` (absent in files of
+    /// builds without it; the pair then starts at power-on).
+    pub pic: Option<PicPair>,
 }
 
 impl std::fmt::Debug for SaveFile {
@@ -319,6 +327,9 @@ impl SaveFile {
             c.rtc.encode(&mut r);
             w.section(SECTIONS[8], &r.buf);
         }
+        if let Some(p) = &self.pic {
+            w.section(PIC_SECTION, &p.to_bytes());
+        }
         let total = (w.buf.len() + 4) as u64;
         if let Some(len) = w.buf.get_mut(16..24) {
             len.copy_from_slice(&total.to_le_bytes());
@@ -493,6 +504,26 @@ impl SaveFile {
         } else {
             None
         };
+        let pic = if secs.remaining() > 0 {
+            let at = secs.pos + PREFIX;
+            let tag = secs.take(4)?;
+            if tag != PIC_SECTION {
+                return Err(format!(
+                    "section {:?} at offset {at} where PIC8 or the end was expected",
+                    String::from_utf8_lossy(tag)
+                ));
+            }
+            let len = secs.u64()?;
+            let b = usize::try_from(len)
+                .ok()
+                .and_then(|l| secs.take(l).ok())
+                .ok_or_else(|| {
+                    format!("section PIC8 at offset {at}: length {len} runs past the end")
+                })?;
+            Some(PicPair::from_bytes(b).map_err(|e| format!("section PIC8: {e}"))?)
+        } else {
+            None
+        };
         secs.finish()
             .map_err(|_| "data after the last section".to_string())?;
         Ok(Self {
@@ -504,6 +535,7 @@ impl SaveFile {
             stats,
             devices,
             clocks,
+            pic,
         })
     }
 }
@@ -632,6 +664,10 @@ pub(crate) fn gather(
         stats,
         devices: sh.io.save(),
         clocks: Some(clocks.clone()),
+        pic: Some(match &sh.kernel_irqchip {
+            Some(vm) => crate::kernel_chip::capture_pic(vm)?,
+            None => sh.io.pic.save(),
+        }),
     })
 }
 
@@ -790,6 +826,13 @@ mod tests {
                 fw_pos: 2,
             },
             clocks: Some(ClockDevices::new(1_700_000_000, 5, 4 << 20)),
+            pic: Some({
+                let mut p = PicPair::default();
+                p.write(0x20, 0x11);
+                p.write(0x21, 0x30);
+                p.set_irq(9, true);
+                p
+            }),
         }
     }
 
@@ -812,6 +855,7 @@ mod tests {
         assert_eq!(d.stats, s.stats);
         assert_eq!(d.devices, s.devices);
         assert_eq!(d.clocks, s.clocks);
+        assert_eq!(d.pic, s.pic);
         assert_eq!(d.console.scenarios, s.console.scenarios);
         assert_eq!(d.console.tail, s.console.tail);
         assert_eq!(d.vcpus.len(), 2);
@@ -820,6 +864,35 @@ mod tests {
         assert_eq!(d.vcpus[1].run, RunState::WaitForSipi);
         assert_eq!(d.vcpus[0].kvm.tsc(), Some(1234));
         assert_eq!(d.encode(), bytes, "re-encoding is identical");
+    }
+
+    #[test]
+    fn version_1_files_without_hpet_and_rtc_are_still_read() {
+        // A file from before the HPET/RTC sections: version 1, no such sections;
+        // read with `clocks: None` (the restored VM gets them at power-on), and
+        // re-encoded as it was. Version 2 without the sections is an error.
+        let mut s = sample();
+        s.clocks = None;
+        // A version-1 file this build writes (a VM restored from one) has PIC8.
+        let with_pic = s.encode();
+        assert_eq!(with_pic[8..12], 1u32.to_le_bytes());
+        let d = SaveFile::decode(&with_pic).expect("version 1 with PIC8");
+        assert!(d.clocks.is_none() && d.pic.is_some());
+        assert_eq!(d.encode(), with_pic);
+        // As builds before the HPET/RTC wrote it: no PIC8 either.
+        s.pic = None;
+        let bytes = s.encode();
+        let d = SaveFile::decode(&bytes).expect("a version-1 file decodes");
+        assert!(d.clocks.is_none() && d.pic.is_none());
+        assert_eq!(d.encode(), bytes);
+        let mut v2 = bytes.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        reseal(&mut v2);
+        assert!(SaveFile::decode(&v2).unwrap_err().contains("HPET missing"));
+        // And a version-2 file carries both devices.
+        let full = sample().encode();
+        assert_eq!(full[8..12], VERSION.to_le_bytes());
+        assert!(SaveFile::decode(&full).expect("decodes").clocks.is_some());
     }
 
     #[test]
@@ -853,17 +926,48 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample().encode();
+        // Cut right before the optional PIC8 section (tag, length, 32 bytes) and
+        // resealed, the file is a valid one without it.
+        let without_pic = bytes.len() - (4 + 8 + 32);
         for n in 0..bytes.len() {
             assert!(SaveFile::decode(&bytes[..n]).is_err(), "{n} bytes accepted");
             let mut f = bytes[..n.max(28)].to_vec();
             if f.len() >= 28 && f.len() < bytes.len() {
                 reseal(&mut f);
-                assert!(SaveFile::decode(&f).is_err(), "resealed {n} bytes accepted");
+                match SaveFile::decode(&f) {
+                    Ok(d) if n == without_pic && d.pic.is_none() => {}
+                    Ok(_) => panic!("resealed {n} bytes accepted"),
+                    Err(_) => {}
+                }
             }
         }
         let mut long = bytes.clone();
         long.extend_from_slice(&[0; 8]);
         assert!(SaveFile::decode(&long).unwrap_err().contains("trailing"));
+    }
+
+    /// The optional PIC8 section: absent → no 8259 state (power-on); present →
+    /// validated like KVM's `kvm_pic_state` (`PicPair::from_bytes`); any other tag
+    /// after DEVS is refused.
+    #[test]
+    fn the_optional_pic_section() {
+        let mut s = sample();
+        s.pic = None;
+        let d = SaveFile::decode(&s.encode()).expect("without PIC8");
+        assert_eq!(d.pic, None);
+        let bytes = sample().encode();
+        let at = bytes.len() - 4 - 32;
+        assert_eq!(&bytes[at - 12..at - 8], b"PIC8");
+        let mut f = bytes.clone();
+        f[at + 4] = 9; // master priority_add
+        reseal(&mut f);
+        let e = SaveFile::decode(&f).unwrap_err();
+        assert!(e.contains("PIC8") && e.contains("priority_add"), "{e}");
+        let mut f = bytes.clone();
+        f[at - 12..at - 8].copy_from_slice(b"HPET");
+        reseal(&mut f);
+        let e = SaveFile::decode(&f).unwrap_err();
+        assert!(e.contains("PIC8 or the end"), "{e}");
     }
 
     #[test]

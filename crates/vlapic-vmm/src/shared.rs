@@ -52,6 +52,9 @@ pub struct Shared {
     /// `--irqchip kernel`: KVM's own LAPICs/IOAPIC (the VM, for KVM_IRQ_LINE); the
     /// runtime's fabric is then unused.
     pub kernel_irqchip: Option<Arc<VmFd>>,
+    /// `--trace`: the recorder (feature `trace`).
+    #[cfg(feature = "trace")]
+    pub trace: Option<Arc<crate::trace::Recorder>>,
 }
 
 impl Shared {

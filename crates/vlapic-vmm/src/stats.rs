@@ -27,7 +27,8 @@ pub enum ExitReason {
     SetTpr,
     /// KVM_RUN interrupted by a kick (EINTR) or KVM_EXIT_INTR.
     Kick,
-    /// Anything else (fatal).
+    /// Anything else: fatal, except the emulation failures on `int3` / `int n` that
+    /// the VMM delivered (also counted as software interrupts in the summary).
     Other,
 }
 

@@ -148,6 +148,46 @@ impl Listener {
         };
         Ok(Conn::new(c))
     }
+
+    /// Waits for one connection, at most `limit` (`None`: for ever); `Ok(None)` when
+    /// nobody connected in time. Polls a non-blocking listener every few ms.
+    pub fn accept_within(&self, limit: Option<Duration>) -> Result<Option<Conn>, String> {
+        let Some(limit) = limit else {
+            return self.accept().map(Some);
+        };
+        let nonblocking = |on: bool| match self {
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Tcp(l) => l.set_nonblocking(on),
+        };
+        nonblocking(true).map_err(|e| format!("accept: {e}"))?;
+        let t0 = std::time::Instant::now();
+        let got = loop {
+            let r: std::io::Result<Box<dyn Duplex>> = match self {
+                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(Box::new(s) as Box<dyn Duplex>)
+                }),
+                Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as Box<dyn Duplex>)
+                }),
+            };
+            match r {
+                Ok(c) => break Ok(Some(Conn::new(c))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if t0.elapsed() >= limit {
+                        break Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(format!("accept: {e}")),
+            }
+        };
+        let _ = nonblocking(false);
+        got
+    }
 }
 
 impl Drop for Listener {

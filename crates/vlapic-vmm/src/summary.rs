@@ -25,6 +25,8 @@ pub struct VcpuReport {
     pub exits: ExitCounts,
     /// Interrupts injected with KVM_INTERRUPT.
     pub interrupts: u64,
+    /// Of `interrupts`, those from the 8259 (ExtINT; not counted across a restore).
+    pub extints: u64,
     /// NMIs injected.
     pub nmis: u64,
     /// SIPIs that started this vCPU.
@@ -66,6 +68,10 @@ pub struct RunReport {
     pub soft_interrupts: u64,
     /// The first unknown port, wild MMIO address and #GP MSR seen.
     pub first_odd: [u64; 3],
+    /// The guest left the CMOS index port's NMI-mask bit (0x70 bit 7) set.
+    pub nmi_masked: bool,
+    /// HPET expiries that coalesced into an earlier interrupt (handled late).
+    pub hpet_coalesced: u64,
     /// Wall-clock run time.
     pub elapsed: Duration,
     /// Guest TSC frequency used for VM time.
@@ -282,6 +288,14 @@ impl RunReport {
                 self.soft_interrupts
             );
         }
+        if self.nmi_masked || self.hpet_coalesced > 0 {
+            let _ = writeln!(
+                s,
+                "platform:     CMOS NMI mask {}, {} HPET expiries coalesced",
+                if self.nmi_masked { "set" } else { "clear" },
+                self.hpet_coalesced
+            );
+        }
         for ((n, what), first) in [
             (self.unknown_ports, "unknown port"),
             (self.wild_mmio, "wild MMIO address"),
@@ -370,7 +384,7 @@ impl RunReport {
                     .collect();
                 serde_json::json!({
                     "index": v.index, "state": v.state, "rip": v.rip,
-                    "interrupts": v.interrupts, "nmis": v.nmis, "sipis": v.sipis,
+                    "interrupts": v.interrupts, "extints": v.extints, "nmis": v.nmis, "sipis": v.sipis,
                     "apic": v.apic, "exits": ex,
                 })
             })
@@ -535,6 +549,7 @@ mod tests {
                 rip: 0x10_0000,
                 exits: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0],
                 interrupts: 42,
+                extints: 0,
                 nmis: 1,
                 sipis: 0,
                 apic: "xapic".into(),
@@ -550,6 +565,8 @@ mod tests {
             msr_gp: 0,
             soft_interrupts: 0,
             first_odd: [0; 3],
+            nmi_masked: false,
+            hpet_coalesced: 0,
             elapsed: Duration::from_millis(1500),
             tsc_hz: 2_000_000_000,
             live_in: None,
@@ -706,6 +723,21 @@ mod tests {
         assert_eq!(v["first_unknown_port"], 0);
         assert_eq!(v["first_wild_mmio"], 0xFED0_0000u64);
         assert_eq!(v["first_gp_msr"], 0);
+    }
+
+    // Software interrupts delivered by the VMM: a text line only when there were any,
+    // always the JSON integer.
+    #[test]
+    fn soft_interrupts_in_text_and_json() {
+        let r = report(Outcome::DebugExit(0));
+        assert!(!r.text().contains("soft ints:"));
+        assert_eq!(r.json()["soft_interrupts"], 0);
+        let mut r = report(Outcome::DebugExit(0));
+        r.soft_interrupts = 7;
+        assert!(r
+            .text()
+            .contains("soft ints:    7 software interrupts delivered by the VMM"));
+        assert_eq!(r.json()["soft_interrupts"], 7);
     }
 }
 

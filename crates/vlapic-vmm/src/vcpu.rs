@@ -29,8 +29,8 @@ pub struct Vcpu {
     pub start: RunState,
     /// Events already taken from the APIC, to act on first (a restored vCPU's).
     pub carried: Events,
-    /// Counters to continue from (interrupts, NMIs, SIPIs; a restored vCPU's).
-    pub counters: [u64; 3],
+    /// Counters to continue from (interrupts, NMIs, SIPIs, ExtINTs; a restored vCPU's).
+    pub counters: [u64; 4],
 }
 
 /// Where a vCPU was when its thread ended (the report is built from it).
@@ -150,6 +150,7 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
         interrupts: v.counters[0],
         nmis: v.counters[1],
         sipis: v.counters[2],
+        extints: v.counters[3],
         ..VcpuCounters::default()
     });
     vcpu_loop(&mut vcpu, &sh);
@@ -166,6 +167,10 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
 
 fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
     let me = vcpu.index();
+    // `--trace`: the fabric this vCPU drains, re-read only after a migration (the
+    // only time it is replaced, with this vCPU parked in `migrate_here`).
+    #[cfg(feature = "trace")]
+    let mut chip = sh.trace.as_ref().map(|_| sh.chip());
     while !sh.stopped() {
         if sh
             .migration
@@ -173,7 +178,13 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             match migrate_here(vcpu, sh) {
-                Ok(true) => continue,
+                Ok(true) => {
+                    #[cfg(feature = "trace")]
+                    if chip.is_some() {
+                        chip = Some(sh.chip());
+                    }
+                    continue;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     sh.finish(Outcome::VmmError(format!("vcpu{me}: migration: {e}")));
@@ -181,6 +192,7 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
                 }
             }
         }
+        drive_lint0(sh);
         let end = match vcpu.run() {
             Ok(Exit::InternalError(..)) => {
                 sh.exits.count(me, ExitReason::Other);
@@ -189,6 +201,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
         };
+        #[cfg(feature = "trace")]
+        if let (Some(t), Some(chip)) = (&sh.trace, &chip) {
+            t.drain(me, chip);
+        }
         if let Some(mut o) = end {
             if let Outcome::GuestCrash(m) = &mut o {
                 let internal = vcpu.internal_error();
@@ -213,12 +229,31 @@ fn soft_int(
             None
         }
         Ok(S::NotSoftInt) => Some(Outcome::GuestCrash("KVM internal error".into())),
+        Ok(S::Shutdown(v)) => {
+            sh.soft_ints.hit(u64::from(v));
+            Some(Outcome::GuestCrash(format!(
+                "triple fault delivering `int {v:#x}` (the VMM delivered it; #DF faulted)"
+            )))
+        }
         Ok(S::Unsupported(v, why)) => Some(Outcome::GuestCrash(format!(
             "KVM internal error: `int {v:#x}` not delivered by the VMM ({why})"
+        ))),
+        Ok(other) => Some(Outcome::GuestCrash(format!(
+            "KVM internal error ({other:?})"
         ))),
         Err(e) => Some(Outcome::VmmError(format!(
             "delivering a software interrupt: {e}"
         ))),
+    }
+}
+
+/// Drives the BSP's LINT0 to the 8259 pair's INT output if it changed (a port
+/// access, an IRQ line or an INTA on any vCPU), waking whoever must act.
+fn drive_lint0(sh: &Shared) {
+    for level in sh.io.pic.take_lint0() {
+        let rt = &sh.rt;
+        let w = rt.fabric().set_lint(0, 0, level, rt.now_ns());
+        rt.wake(&w);
     }
 }
 
@@ -269,7 +304,7 @@ fn migrate_here(vcpu: &mut ApicVcpu, sh: &Shared) -> Result<bool, String> {
         kvm: VcpuState::save(vcpu.fd(), &sh.msr_list)?,
         run: vcpu.state(),
         events: vcpu.take_carried(),
-        counters: [c.interrupts, c.nmis, c.sipis],
+        counters: [c.interrupts, c.nmis, c.sipis, c.extints],
         kernel_apic: None,
     };
     let Some((fd, st, events)) = sh.migration.pause(me, saved, &sh.rt) else {
@@ -342,12 +377,12 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
             "the last instruction needed over {MAX_FINISH_EXITS} exits"
         ));
     }
-    let apic = crate::kernel_chip::save_apic(fd)?;
+    let apic = save_kernel_apic(fd)?;
     let saved = PausedVcpu {
         kvm: VcpuState::save(fd, &sh.msr_list)?,
         run: apic.run,
         events: Events::default(),
-        counters: [0; 3],
+        counters: [0; 4],
         kernel_apic: Some(apic),
     };
     match sh.migration.pause(me, saved, &sh.rt) {
@@ -355,6 +390,26 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
         Some((None, _, _)) => Ok(true),
         Some((Some(_), _, _)) => Err("the in-kernel irqchip cannot move into a new VM here".into()),
     }
+}
+
+/// Saves a paused vCPU's in-kernel APIC with no timer interrupt left counted inside
+/// KVM only (`kernel_timer`): a flush run, the save, and, if the save shows an expired
+/// one-shot timer, a second flush and save. A one-shot timer expires once and the
+/// guest runs no instruction meanwhile, so when the first save shows it expired it
+/// expired before the second flush, which put its interrupt in IRR (if KVM had not
+/// already); when it shows it counting, it had not expired, so KVM counted nothing.
+/// A TSC-deadline expiry KVM has not injected stays visible (KVM clears
+/// IA32_TSC_DEADLINE only when it injects), and a periodic tick counted after the
+/// flush is lost as if coalesced with the next one (as ticks are while IRR holds one).
+fn save_kernel_apic(fd: &mut VcpuFd) -> Result<crate::kernel_chip::KernelApic, String> {
+    let sig = vlapic_kvm::kick::kick_signal()?;
+    crate::kernel_timer::flush_pending_timers(fd, sig)?;
+    let apic = crate::kernel_chip::save_apic(fd)?;
+    if !crate::kernel_timer::oneshot_expired(&apic.page) {
+        return Ok(apic);
+    }
+    crate::kernel_timer::flush_pending_timers(fd, sig)?;
+    crate::kernel_chip::save_apic(fd)
 }
 
 /// The loop for `--irqchip kernel`: KVM's LAPIC handles APIC accesses, HLT,

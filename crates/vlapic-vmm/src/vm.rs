@@ -63,11 +63,16 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// `--incoming ADDR`: wait for a VM from another process instead of booting.
     pub incoming: Option<Addr>,
+    /// `--incoming-timeout`: how long `--incoming` waits for a source to connect
+    /// (`None`: for ever).
+    pub incoming_timeout: Option<Duration>,
     /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
     pub migrate_to: Option<MigrateTo>,
     /// Deliver `int3` / `int n` that KVM's instruction emulator fails on (hosts
     /// whose emulator performs them only in real mode; `vlapic_kvm::softint`).
     pub soft_interrupts: bool,
+    /// `--trace FILE`: record the interrupts (feature `trace`) as Chrome trace JSON.
+    pub trace: Option<PathBuf>,
 }
 
 /// Where and when `--migrate-to` sends the VM.
@@ -107,8 +112,10 @@ impl Default for VmConfig {
             save: None,
             restore: None,
             incoming: None,
+            incoming_timeout: None,
             migrate_to: None,
             soft_interrupts: true,
+            trace: None,
         }
     }
 }
@@ -178,6 +185,15 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             "--incoming/--migrate-to cannot be combined with --migrate-every or --save".into(),
         ));
     }
+    #[cfg(not(feature = "trace"))]
+    if cfg.trace.is_some() {
+        return Err(VmmError::Setup(
+            "--trace: this build has no recorder (vlapic-vmm feature `trace`)".into(),
+        ));
+    }
+    #[cfg(feature = "trace")]
+    let mut tracer =
+        crate::trace_json::TraceFile::create(cfg.trace.as_deref(), cfg.kernel_irqchip)?;
     // `--incoming`: the VM arrives whole (RAM and a save file without memory) first.
     let mut incoming = None;
     let mut ram_in = None;
@@ -190,7 +206,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         (None, Some(addr)) => {
             kvm_usable().map_err(VmmError::Setup)?;
             let l = incoming::listen(addr).map_err(VmmError::Setup)?;
-            let mut inc = incoming::receive(l, addr).map_err(VmmError::Incoming)?;
+            let mut inc =
+                incoming::receive(l, addr, cfg.incoming_timeout).map_err(VmmError::Incoming)?;
             ram_in = inc.ram.take();
             let f = inc.file.take();
             incoming = Some(inc);
@@ -429,7 +446,26 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             (console, io)
         }
     };
-    let rt = ApicRuntime::new(chip, clock.clone()).map_err(|e| VmmError::Setup(e.to_string()))?;
+    // The 8259 pair: its state from the file (PIC8; KVM's own PIC holds it with
+    // `--irqchip kernel`), and its INTA as the BSP's ExtINT source.
+    if let Some(p) = restore.as_ref().and_then(|f| f.pic) {
+        if cfg.kernel_irqchip {
+            crate::kernel_chip::load_pic(&vm, &p)
+                .map_err(|e| bad(format!("KVM's 8259s refused the state: {e}")))?;
+        } else {
+            io.pic.restore(p);
+        }
+    }
+    let pic = io.pic.clone();
+    let extint: vlapic_kvm::runtime::ExtIntSource =
+        Arc::new(move || pic.acknowledge_if_requested());
+    let rt = ApicRuntime::with_options(
+        chip,
+        clock.clone(),
+        vlapic_kvm::PollConfig::default(),
+        Some(extint),
+    )
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
     // The xAPIC page may not be moved over guest RAM (see ApicRuntime::refuse_apic_page_in).
     let ram_range = 0..ram.size();
     rt.refuse_apic_page_in(vec![ram_range]);
@@ -437,8 +473,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let io = io.with_ram(ram.host_base().map_err(VmmError::Setup)?, ram.size());
     // The HPET and the RTC: as saved, or at power-on with the RTC showing the host's
     // wall clock (UTC), read this once.
-    let clock_devices = match restore.as_ref().and_then(|f| f.clocks.clone()) {
-        Some(d) => d,
+    let clock_devices = match restore
+        .as_ref()
+        .and_then(|f| f.clocks.clone().map(|d| (f, d)))
+    {
+        Some((f, mut d)) => {
+            d.rebase(f.header.vm_ns, clock.now_ns());
+            d
+        }
         None => {
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -475,7 +517,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         migration: MigrationGate::new(n),
         msr_list,
         kernel_irqchip: cfg.kernel_irqchip.then(|| vm.clone()),
+        #[cfg(feature = "trace")]
+        trace: tracer.as_mut().map(|t| t.recorder(n)),
     });
+    #[cfg(feature = "trace")]
+    if let Some(t) = &sh.trace {
+        t.enable(&sh.chip());
+        if restore.is_some() && incoming.is_none() {
+            let now = clock.now_ns();
+            t.pause_from("restore", (now, now), 0, &sh.chip());
+        }
+    }
     let prior = restore.as_ref().map_or(Duration::ZERO, |f| {
         Duration::from_nanos(f.header.elapsed_ns)
     });
@@ -498,6 +550,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         inc.take_over().map_err(VmmError::Incoming)?;
         let d = inc.stats.downtime_us.unwrap_or(0);
         sh.migration.max_downtime_us.fetch_max(d, Ordering::Relaxed);
+        #[cfg(feature = "trace")]
+        if let Some(t) = &sh.trace {
+            let now = clock.now_ns();
+            t.pause_from("incoming", (now, now), d, &sh.chip());
+        }
         live_in = Some(inc.stats.clone());
     }
     drop(incoming);
@@ -523,7 +580,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 None => RunState::WaitForSipi,
             },
             carried: saved.map(|s| s.events).unwrap_or_default(),
-            counters: saved.map_or([0; 3], |s| [s.interrupts, s.nmis, s.sipis]),
+            counters: saved.map_or([0; 4], |s| [s.interrupts, s.nmis, s.sipis, 0]),
         };
         let s = sh.clone();
         match std::thread::Builder::new()
@@ -574,8 +631,16 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                         migrate_every
                             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     );
+                    let _t0 = (sh.rt.now_ns(), Instant::now());
                     match save_now(&sh, &ram, &console, header, &path, start) {
-                        Ok(Some(line)) => sh.finish(Outcome::Saved(line)),
+                        Ok(Some(line)) => {
+                            #[cfg(feature = "trace")]
+                            if let Some(t) = &sh.trace {
+                                let down = u64::try_from(_t0.1.elapsed().as_micros()).unwrap_or(0);
+                                t.pause_from("save", (_t0.0, sh.rt.now_ns()), down, &sh.chip());
+                            }
+                            sh.finish(Outcome::Saved(line))
+                        }
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("save: {e}"))),
                     }
@@ -590,6 +655,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                     let header = header_now(0);
                     match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
                         Ok(Sent::Moved(st)) => {
+                            #[cfg(feature = "trace")]
+                            if let Some(t) = &sh.trace {
+                                let d = st.downtime_us.unwrap_or(0);
+                                let now = sh.rt.now_ns();
+                                t.pause_from("migrate-to", (now, now), d, &sh.chip());
+                            }
                             live_out = Some(st);
                             sh.finish(Outcome::Migrated(to.addr.to_string()));
                         }
@@ -661,6 +732,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 interrupts: end.counters.interrupts,
                 nmis: end.counters.nmis,
                 sipis: end.counters.sipis,
+                extints: end.counters.extints,
                 ..VcpuReport::default()
             }),
             Err(_) => reports.push(VcpuReport {
@@ -712,6 +784,20 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         }
     }
     let outcome = lock(&sh.outcome).clone().unwrap_or(Outcome::Timeout);
+    #[cfg(feature = "trace")]
+    if let Some(t) = tracer {
+        let meta = crate::trace_json::TraceMeta {
+            vcpus: n,
+            migrations: sh.migration.done.load(Ordering::Relaxed),
+            max_nesting,
+            violations,
+            outcome: format!("{outcome:?}"),
+            ..Default::default()
+        };
+        if let Err(e) = t.finish(&chip, meta) {
+            eprintln!("vlapic run: {e}");
+        }
+    }
     Ok(RunReport {
         outcome,
         console: console.log(),
@@ -731,6 +817,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             sh.wild_mmio.get().1,
             sh.msr_gp.get().1,
         ],
+        nmi_masked: sh.clocks.nmi_masked(),
+        hpet_coalesced: sh.clocks.hpet_missed(),
         elapsed,
         tsc_hz,
         live_in,

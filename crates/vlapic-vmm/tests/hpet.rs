@@ -300,3 +300,110 @@ fn saved_state_round_trips_and_bad_state_is_refused() {
         }
     }
 }
+
+#[test]
+fn rebase_keeps_the_count_and_the_distance_to_each_expiry() {
+    // A restore into a VM whose clock reads less (or more) than at the save: the
+    // counter continues from its saved value and an armed comparator stays the same
+    // number of ticks ahead.
+    let mut h = Hpet::new();
+    wr(&mut h, GEN, 1, 0);
+    wr(&mut h, conf(2), ENB | PERIODIC | VAL_SET | route(16), 0);
+    wr(&mut h, cmp(2), 100_000, 0);
+    wr(&mut h, cmp(2), 100_000, 0);
+    let _ = h.tick(1_000_000);
+    let saved_at = 1_500_000;
+    let count = rd(&h, CNT, saved_at);
+    let ahead = h.next_deadline().unwrap() - saved_at;
+    for to in [7u64, 1 << 40] {
+        let mut r = h.clone();
+        r.rebase(saved_at, to);
+        assert_eq!(rd(&r, CNT, to), count);
+        assert_eq!(rd(&r, CNT, to + 10_000), count + 1_000);
+        assert_eq!(r.next_deadline(), Some(to + ahead));
+        assert_eq!(r.tick(to + ahead), vec![Line::Pulse(16)]);
+        assert_eq!(rd(&r, cmp(2), to + ahead), 300_000);
+    }
+}
+
+#[test]
+fn state_from_a_file_with_extreme_values_never_panics() {
+    // A decoded state can hold anything the checks let through: a periodic timer
+    // of period 1 whose comparator is just ahead of the counter and whose expiry
+    // is already due, and a counter at the top of its range.
+    use vlapic_vmm::hpet::{HpetState, HpetTimer};
+    let t = HpetTimer {
+        config: ENB | PERIODIC | route(16),
+        comparator: u64::MAX,
+        period: 1,
+        due_ns: Some(0),
+        last_fire_ns: u64::MAX,
+    };
+    let mut h = Hpet::from_state(HpetState {
+        config: 3,
+        counter: u64::MAX - 1,
+        anchor_ns: u64::MAX,
+        timers: [t; 3],
+        ..HpetState::default()
+    });
+    for now in [0, 1, u64::MAX / 2, u64::MAX] {
+        let _ = h.tick(now);
+        let _ = h.next_deadline();
+        let _ = rd(&h, CNT, now);
+        h.rebase(now, u64::MAX - now);
+    }
+}
+
+#[test]
+fn zephyr_2_6_driver_sequence_ticks_on_irq0() {
+    // The register sequence of Zephyr 2.6's `drivers/timer/hpet.c` (read for facts):
+    // the period from the high dword of GCAP_ID, GEN_CONF |= LEG_RT | ENABLE (32-bit
+    // read-modify-write), timer 0: periodic off, 32-bit mode, route 2, INT_ENB, then
+    // one-shot comparator writes of "counter + cycles per tick", rewritten in the
+    // interrupt handler. Legacy replacement puts timer 0 on IOAPIC pin 2 (§2.3.5).
+    let mut h = Hpet::new();
+    let period_fs = u64::from(rd32(&h, 0x04, 0));
+    let hz = 1_000_000_000_000_000 / period_fs;
+    let cyc_per_tick = (hz / 10_000) as u32; // CONFIG_SYS_CLOCK_TICKS_PER_SEC=10000
+    let mut now = 1_000;
+    let g = rd32(&h, GEN, now);
+    wr32(&mut h, GEN, g | 3, now);
+    let c = rd32(&h, conf(0), now);
+    wr32(
+        &mut h,
+        conf(0),
+        (c & !(PERIODIC as u32)) | MODE32 as u32,
+        now,
+    );
+    let c = rd32(&h, conf(0), now);
+    wr32(&mut h, conf(0), (c & !(0x1F << 9)) | (2 << 9), now);
+    let c = rd32(&h, conf(0), now);
+    wr32(&mut h, conf(0), c | ENB as u32, now);
+    let cnt = rd32(&h, CNT, now);
+    wr32(&mut h, cmp(0), cnt.wrapping_add(cyc_per_tick), now);
+    let mut ticks = 0;
+    while ticks < 50 {
+        let due = h.next_deadline().expect("armed");
+        assert_eq!(
+            due - now,
+            u64::from(cyc_per_tick) * 10,
+            "one tick after the write"
+        );
+        now = due;
+        assert_eq!(h.tick(now), vec![Line::Pulse(2)]);
+        ticks += 1;
+        // The handler: read the counter, program the next tick.
+        now += 3_000;
+        let cnt = rd32(&h, CNT, now);
+        wr32(&mut h, cmp(0), cnt.wrapping_add(cyc_per_tick), now);
+    }
+    // The 32-bit counter wraps (after 42.9 s at 100 MHz): comparator writes across
+    // the wrap keep ticking.
+    let mut h2 = h.clone();
+    let near_wrap = now + (u64::from(u32::MAX - rd32(&h2, CNT, now)) - 500) * 10;
+    let cnt = rd32(&h2, CNT, near_wrap);
+    wr32(&mut h2, cmp(0), cnt.wrapping_add(cyc_per_tick), near_wrap);
+    let d = h2.next_deadline().expect("armed");
+    assert_eq!(d - near_wrap, u64::from(cyc_per_tick) * 10);
+    assert_eq!(h2.tick(d), vec![Line::Pulse(2)]);
+}

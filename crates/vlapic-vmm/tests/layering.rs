@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 24] = [
+const LAYERS: [&str; 28] = [
     "files",
     "stats",
     "wire",
@@ -15,14 +15,18 @@ const LAYERS: [&str; 24] = [
     "guest",
     "hpet",
     "rtc",
+    "pic",
     "stream",
     "console",
     "snapshot",
     "kernel_chip",
+    "kernel_timer",
     "loader",
     "devices",
     "clocks",
     "gate",
+    "trace",
+    "trace_json",
     "shared",
     "vcpu",
     "migrate",

@@ -245,3 +245,39 @@ fn saved_state_round_trips_and_continues() {
         }
     }
 }
+
+#[test]
+fn rebase_keeps_the_time_and_the_divider_phase() {
+    // A restore into a VM whose clock reads differently: the same time is shown and
+    // the next update comes as far ahead as it was at the save.
+    let mut r = Rtc::new(LEAP_EVE, 0, 128 << 20);
+    let saved_at = 5 * S + S / 4;
+    let shown = time(&mut r, saved_at);
+    for to in [S / 2, 1 << 45] {
+        let mut b = r.clone();
+        b.rebase(saved_at, to);
+        assert_eq!(time(&mut b, to), shown);
+        assert_eq!(time(&mut b, to + 3 * S / 4 - 1), shown);
+        assert_eq!(b.secs(to + 3 * S / 4), LEAP_EVE + 6);
+    }
+}
+
+#[test]
+fn state_from_a_file_with_extreme_times_never_panics() {
+    // The clock's seconds are a signed 64-bit count from a file: the ends of the
+    // range, with every interrupt enabled and the alarm on "don't care".
+    for secs in [i64::MIN, i64::MIN + 86_400, -1, i64::MAX - 1, i64::MAX] {
+        let mut r = Rtc::new(secs, 0, 1 << 20);
+        write(&mut r, 0x0B, 0x72, 0);
+        for reg in [1u8, 3, 5] {
+            write(&mut r, reg, 0xFF, 0);
+        }
+        for now in [0, 3 * S, 100_000 * S] {
+            let _ = time(&mut r, now);
+            let _ = r.tick(now);
+            let _ = r.next_deadline(now);
+            read(&mut r, 0x0C, now);
+        }
+        r.rebase(5 * S, 1);
+    }
+}

@@ -22,6 +22,11 @@
 //! * `ioapic-edge`: IOAPIC pin 4, edge-triggered, fixed vector 0x31 to APIC 1: the line
 //!   rises (delivery into vCPU 1's IRR and a `Wake`) and falls; one iteration is the pair.
 //!
+//! With the `trace` feature compiled in, the environment variable `ICOUNT_TRACE=1`
+//! turns recording on (every APIC's ring enabled; the cycle drains its APIC's ring
+//! every iteration, the fabric scenarios drain the target's every 32 iterations, as
+//! a VMM draining after each exit would); unset, the feature is compiled in but off.
+//!
 //! Every input goes through `black_box` so the loop cannot be folded.
 
 use std::hint::black_box;
@@ -45,8 +50,34 @@ fn nested(depth: u8, verify: bool) -> LocalApic {
     a
 }
 
+/// Whether this run records trace events (`ICOUNT_TRACE=1`, feature `trace`).
+fn tracing() -> bool {
+    let on = std::env::var_os("ICOUNT_TRACE").is_some_and(|v| v == "1");
+    assert!(
+        !on || cfg!(feature = "trace"),
+        "ICOUNT_TRACE=1 needs the trace feature"
+    );
+    on
+}
+
+/// Drains `vcpu`'s trace ring (feature `trace`; nothing otherwise).
+fn drain(_f: &SharedFabric, _vcpu: usize, _i: u64, _trace: bool) {
+    #[cfg(feature = "trace")]
+    if _trace && _i % 32 == 0 {
+        _f.with_apic(_vcpu, 0, |a| {
+            a.drain_trace(|e| {
+                black_box(e);
+            });
+            ((), vlapic::Effects::default())
+        });
+    }
+}
+
 fn cycle(depth: u8, verify: bool, n: u64) {
     let mut a = nested(depth, verify);
+    let trace = tracing();
+    #[cfg(feature = "trace")]
+    a.set_trace_enabled(trace);
     for _ in 0..n {
         // The inputs, opaque to the optimiser: vector, VM time, EOI offset.
         let (vector, now, eoi) = black_box((0xF3u8, 0u64, EOI));
@@ -57,7 +88,14 @@ fn cycle(depth: u8, verify: bool, n: u64) {
         // What varies, kept once per iteration (the whole Effects would be copied
         // byte by byte; the other fields are constants of this scenario).
         black_box((v, acked, fx.eoi));
+        #[cfg(feature = "trace")]
+        if trace {
+            a.drain_trace(|e| {
+                black_box(e);
+            });
+        }
     }
+    let _ = trace;
     #[cfg(feature = "verify")]
     assert_eq!(a.verifier().violations(), 0);
     assert!(a.isr().len() == u32::from(depth) - 1);
@@ -76,7 +114,13 @@ fn fabric(n_vcpus: usize, x2apic: bool) -> SharedFabric {
     let mut cfg = FabricConfig::with_vcpus(n_vcpus);
     cfg.apics = apics;
     let f = SharedFabric::new(cfg);
+    let _trace = tracing();
     for i in 0..n_vcpus {
+        #[cfg(feature = "trace")]
+        f.with_apic(i, 0, |a| {
+            a.set_trace_enabled(_trace);
+            ((), vlapic::Effects::default())
+        });
         if x2apic {
             f.lapic_msr_write(i, 0x80F, 0x1FF, 0).unwrap();
         } else {
@@ -88,9 +132,11 @@ fn fabric(n_vcpus: usize, x2apic: bool) -> SharedFabric {
 
 fn ipi_xapic(n: u64) {
     let f = fabric(2, false);
+    let trace = tracing();
     f.lapic_mmio_write(0, 0x310, &(1u32 << 24).to_le_bytes(), 0);
     let low = 0x41u32.to_le_bytes();
-    for _ in 0..n {
+    for i in 0..n {
+        drain(&f, 1, i, trace);
         let w = f.lapic_mmio_write(
             black_box(0),
             black_box(0x300),
@@ -104,8 +150,10 @@ fn ipi_xapic(n: u64) {
 
 fn ipi_x2apic(n: u64) {
     let f = fabric(2, true);
+    let trace = tracing();
     let icr = (1u64 << 32) | 0x41;
-    for _ in 0..n {
+    for i in 0..n {
+        drain(&f, 1, i, trace);
         let w = f
             .lapic_msr_write(black_box(0), black_box(0x830), black_box(icr), black_box(0))
             .unwrap();
@@ -116,6 +164,7 @@ fn ipi_x2apic(n: u64) {
 
 fn ioapic_edge(n: u64) {
     let f = fabric(2, false);
+    let trace = tracing();
     // IOREDTBL pin 4: high half = destination APIC 1, low half = fixed edge 0x31.
     let sel = |i: u32| drop(f.ioapic_mmio_write(0x00, &i.to_le_bytes(), 0));
     let win = |v: u32| drop(f.ioapic_mmio_write(0x10, &v.to_le_bytes(), 0));
@@ -123,7 +172,8 @@ fn ioapic_edge(n: u64) {
     win(1 << 24);
     sel(0x10 + 2 * 4);
     win(0x31);
-    for _ in 0..n {
+    for i in 0..n {
+        drain(&f, 1, i, trace);
         let w = f.set_irq_line(black_box(4), black_box(true), black_box(0));
         assert!(w.contains(1));
         black_box(w);

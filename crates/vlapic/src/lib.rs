@@ -46,6 +46,11 @@
 //! * **`verify`** (default): the nesting verifier — the `verifier` module and
 //!   `LocalApic::{verifier, set_verifier_enabled, clear_verifier_counters}`. Without
 //!   it [`LapicConfig::verify`] is accepted and ignored, and nothing is checked.
+//! * **`trace`** (off): interrupt trace events — each fixed interrupt's acceptance
+//!   with its origin (IPI sender, IOAPIC pin, MSI, LVT, self), its acknowledge and
+//!   EOI, NMI/SMI/INIT/SIPI/ExtINT, TPR changes — in a fixed ring per APIC that the
+//!   embedder drains ([`trace`] module). Stamped with the VM time the caller passed
+//!   in; no clock, no I/O, no allocation. Without it nothing is compiled in.
 //! * **`serde`** (off): `Serialize`/`Deserialize` for the state types
 //!   ([`state::LapicState`], [`state::fabric::IoApicState`],
 //!   [`state::fabric::FabricState`]). The native binary format needs no dependency.
@@ -93,6 +98,28 @@
 
 extern crate alloc;
 
+// Trace hooks (feature `trace`): defined before the modules so every one sees them.
+/// Records `kind` on `$apic`'s ring at its current time; nothing without the feature.
+macro_rules! trace_event {
+    ($apic:expr, $kind:expr) => {
+        #[cfg(feature = "trace")]
+        if $apic.trace.enabled() {
+            // Off: one test of a flag; the event (and the origin it takes) is
+            // built only when recording.
+            let now = $apic.now;
+            let kind = $kind;
+            $apic.trace.record(now, kind);
+        }
+    };
+}
+
+/// Notes the origin of the next delivery on `$apic`; nothing without the feature.
+macro_rules! trace_source {
+    ($apic:expr, $source:expr) => {
+        #[cfg(feature = "trace")]
+        $apic.trace.set_source($source);
+    };
+}
 pub mod delivery;
 pub mod entry;
 pub mod fabric;
@@ -107,6 +134,9 @@ pub mod regs;
 pub mod routing;
 pub mod state;
 pub mod timer;
+#[cfg(feature = "trace")]
+#[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+pub mod trace;
 pub mod vector_set;
 #[cfg(feature = "verify")]
 #[cfg_attr(docsrs, doc(cfg(feature = "verify")))]

@@ -1,7 +1,8 @@
 //! Whole-VM state: a fabric (APICs + IOAPIC) exported mid-handler and imported into a
 //! brand-new fabric behaves identically — the seed change's migration claim, across
 //! objects: a level-triggered IOAPIC interrupt in service still clears remote IRR on
-//! EOI after import, and an asserted line re-delivers.
+//! EOI after import, an asserted line re-delivers, and an import delivers nothing of
+//! its own (export → import → export is the identity).
 
 use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::ioapic::RTE_REMOTE_IRR;
@@ -86,6 +87,43 @@ fn level_interrupt_in_service_survives_migration() {
         .unwrap()
         .0;
     assert_eq!(violations, 0);
+}
+
+/// A level pin asserted while its destination APIC is software-disabled: no APIC
+/// accepts it, so remote IRR stays clear and the pin waits for its next trigger
+/// (82093AA datasheet §3.2.4: remote IRR is set when a local APIC accepts the level
+/// interrupt; KVM's `ioapic_service` likewise sets it only when delivery succeeded).
+/// The import installs that state exactly and delivers nothing: export → import →
+/// export is the identity, and the first trigger afterwards (a rewrite of the entry)
+/// fires the pin on the destination as it would have on the source. Found by the
+/// `fabric_traffic` fuzz target (the import used to fire such pins at once).
+#[test]
+fn unaccepted_level_pin_waits_for_its_trigger_across_migration() {
+    let src = vm();
+    // vCPU 1 software-disabled (SVR bit 8 clear): it accepts no fixed interrupt.
+    let _ = src.lapic_mmio_write(1, 0xF0, &0xFFu32.to_le_bytes(), 0);
+    ioapic_write(&src, 0x10 + 2 * PIN, 0x8000 | 0x59);
+    ioapic_write(&src, 0x11 + 2 * PIN, 1 << 24);
+    let wake = src.set_irq_line(u32::from(PIN), true, 0);
+    assert!(wake.is_empty(), "nobody accepted the level interrupt");
+    assert_eq!(rte(&src) & RTE_REMOTE_IRR, 0);
+    // Enabling the APIC again is not a trigger for the IOAPIC: the pin still waits.
+    let _ = src.lapic_mmio_write(1, 0xF0, &0x1FFu32.to_le_bytes(), 0);
+    assert_eq!(ack(&src, 1), None);
+
+    let state = src.export();
+    let dst = vm();
+    let wake = dst.import(&state, 0).expect("imports");
+    assert!(wake.is_empty(), "the import itself delivers nothing");
+    assert_eq!(dst.export(), state, "export after import is the identity");
+
+    // The same trigger on both sides: the entry rewritten.
+    for f in [&src, &dst] {
+        ioapic_write(f, 0x10 + 2 * PIN, 0x8000 | 0x59);
+        assert_ne!(rte(f) & RTE_REMOTE_IRR, 0, "the rewrite fired the pin");
+        assert_eq!(ack(f, 1), Some(0x59));
+    }
+    assert_eq!(src.export(), dst.export());
 }
 
 #[test]

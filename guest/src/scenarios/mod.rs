@@ -26,8 +26,11 @@ use crate::{idt, ioapic, smp, time, BootInfo};
 mod clocks;
 mod io;
 mod ipi;
+mod pic;
 mod priority;
 mod softint;
+
+pub use softint::int3_round_trip;
 mod state;
 mod timer;
 
@@ -91,15 +94,19 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("ioapic-level-retrigger", 1, Any, io::level_retrigger),
     sc("ioapic-mask", 1, Any, io::mask),
     sc("ioapic-eoi-register", 1, Any, io::eoi_register),
+    sc("pic-extint", 1, Any, pic::extint),
     sc("hpet-oneshot", 1, Any, clocks::hpet_oneshot),
     sc("hpet-periodic", 1, Any, clocks::hpet_periodic),
     sc("hpet-level", 1, Any, clocks::hpet_level),
+    sc("hpet-level-masked", 1, Any, clocks::hpet_level_masked),
     sc("hpet-legacy", 1, Any, clocks::hpet_legacy),
     sc("rtc-time", 1, Any, clocks::rtc_time_read),
     sc("rtc-periodic", 1, Any, clocks::rtc_periodic),
+    sc("rtc-status-c", 1, Any, clocks::rtc_status_c),
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
     sc("soft-int", 1, Any, softint::soft_int),
+    sc("soft-int-smp", 2, Any, softint::soft_int_smp),
     // ---- x2APIC phase ----
     sc("x2apic-switch", 1, Any, state::x2apic_switch),
     sc("self-ipi-x2apic", 1, X2apic, ipi::self_ipi_x2apic),

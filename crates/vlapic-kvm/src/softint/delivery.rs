@@ -6,45 +6,15 @@
 //! pseudocode of SDM Vol. 2A, for IA-32e mode (64-bit and compatibility mode) and
 //! 32-bit protected mode (same privilege level only). Guest memory is reached
 //! through [`LinearMemory`]; every value read from it is checked, nothing here can
-//! panic on hostile IDT, GDT or TSS contents.
+//! panic on hostile IDT, GDT or TSS contents. A fault the delivery raises is
+//! delivered the same way (error code pushed, RIP on the instruction), a fault during
+//! that one as SDM Vol. 3A Table 6-5 says (serially, or #DF), and a fault while
+//! delivering #DF is a shutdown.
 
-/// A segment register with its hidden part (the fields of KVM's `kvm_segment`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
-    /// Base address.
-    pub base: u64,
-    /// Limit in bytes (already scaled by the granularity).
-    pub limit: u32,
-    /// Selector.
-    pub selector: u16,
-    /// Type field (4 bits).
-    pub type_: u8,
-    /// Present.
-    pub present: bool,
-    /// Descriptor privilege level.
-    pub dpl: u8,
-    /// Default operation size (D/B).
-    pub db: bool,
-    /// Code or data segment (S = 1) rather than a system segment.
-    pub s: bool,
-    /// 64-bit code segment (L).
-    pub l: bool,
-    /// Granularity.
-    pub g: bool,
-    /// Available bit.
-    pub avl: bool,
-    /// Not usable (a null selector was loaded).
-    pub unusable: bool,
-}
-
-/// A descriptor-table register (GDTR, IDTR).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TableReg {
-    /// Linear base address.
-    pub base: u64,
-    /// Limit (last valid byte offset).
-    pub limit: u16,
-}
+pub use super::fault::Fault;
+pub use super::tables::{
+    canonical, gate32, gate64, segment_from_descriptor, Gate, Segment, TableReg,
+};
 
 /// The vCPU state a delivery reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,48 +83,6 @@ pub fn decode(bytes: &[u8]) -> Option<SoftInt> {
     }
 }
 
-/// An exception the delivery raises instead (the `int` instruction then faults: RIP
-/// stays on it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// #GP with this error code.
-    Gp(u16),
-    /// #NP with this error code.
-    Np(u16),
-    /// #SS with this error code.
-    Ss(u16),
-    /// #TS with this error code.
-    Ts(u16),
-    /// #PF at this linear address with this error code.
-    Pf {
-        /// CR2.
-        addr: u64,
-        /// Error code (P, W/R, U/S, ...).
-        code: u32,
-    },
-}
-
-impl Fault {
-    /// The exception vector.
-    pub fn vector(self) -> u8 {
-        match self {
-            Fault::Ts(_) => 10,
-            Fault::Np(_) => 11,
-            Fault::Ss(_) => 12,
-            Fault::Gp(_) => 13,
-            Fault::Pf { .. } => 14,
-        }
-    }
-
-    /// The error code pushed with it.
-    pub fn error_code(self) -> u32 {
-        match self {
-            Fault::Gp(c) | Fault::Np(c) | Fault::Ss(c) | Fault::Ts(c) => u32::from(c),
-            Fault::Pf { code, .. } => code,
-        }
-    }
-}
-
 /// The registers after a successful delivery (the frame is already in memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -168,20 +96,28 @@ pub struct Entry {
     pub cs: Segment,
     /// SS when it changes (a privilege change), else `None`.
     pub ss: Option<Segment>,
+    /// CR2 when a #PF was raised on the way.
+    pub cr2: Option<u64>,
 }
 
 /// What the delivery came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// The handler is entered with these registers.
+    /// The interrupt's handler is entered with these registers.
     Entered(Entry),
-    /// The instruction faults with this exception instead.
-    Faulted(Fault),
+    /// The delivery faulted; the handler of this exception (the last one raised,
+    /// possibly #DF) is entered instead, RIP pushed = the `int` instruction.
+    Faulted(Fault, Entry),
+    /// A fault while delivering #DF: the CPU shuts down (triple fault).
+    Shutdown,
 }
 
 /// Why a delivery was not attempted (the caller keeps its crash report).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Unsupported {
+    /// CR4.FRED is set: events are delivered the FRED way, which this does not do.
+    Fred,
     /// Real mode or virtual-8086 mode (KVM's emulator handles real mode itself).
     NotProtectedMode,
     /// 32-bit protected mode through a task gate, a 16-bit gate or to another
@@ -198,6 +134,7 @@ const RFLAGS_RF: u64 = 1 << 16;
 const RFLAGS_VM: u64 = 1 << 17;
 const CR0_PE: u64 = 1;
 const CR4_LA57: u64 = 1 << 12;
+const CR4_FRED: u64 = 1 << 32;
 const EFER_LMA: u64 = 1 << 10;
 /// #PF error code bit: write access.
 pub const PF_WRITE: u32 = 1 << 1;
@@ -206,21 +143,62 @@ pub const PF_WRITE: u32 = 1 << 1;
 const GATE_INT32: u8 = 0xE;
 const GATE_TRAP32: u8 = 0xF;
 
-/// Whether `addr` is canonical for 48-bit (or 57-bit with CR4.LA57) linear addresses.
-pub fn canonical(addr: u64, la57: bool) -> bool {
-    let bits = if la57 { 57 } else { 48 };
-    let top = (addr as i64) >> (bits - 1);
-    top == 0 || top == -1
+/// One event to deliver: the software interrupt, or an exception raised on the way.
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    vector: u8,
+    /// `int n` / `int3`: the gate DPL is checked, RIP pushed is after the
+    /// instruction (`len` bytes), and error codes carry EXT = 0.
+    soft: bool,
+    len: u8,
+    error: Option<u32>,
 }
 
-/// A descriptor's error-code form: selector with RPL cleared (EXT = 0, IDT = 0).
-fn sel_err(sel: u16) -> u16 {
-    sel & 0xFFFC
+impl Event {
+    fn soft(si: SoftInt) -> Self {
+        Event {
+            vector: si.vector,
+            soft: true,
+            len: si.len,
+            error: None,
+        }
+    }
+
+    fn fault(f: Fault) -> Self {
+        Event {
+            vector: f.vector(),
+            soft: false,
+            len: 0,
+            error: Some(f.error_code()),
+        }
+    }
+
+    /// The EXT bit of error codes raised while delivering this event (SDM Vol. 3A
+    /// §6.13): set for an exception, clear for a software interrupt.
+    fn ext(self) -> u16 {
+        u16::from(!self.soft)
+    }
+
+    /// RFLAGS as pushed: a fault-class exception pushes RF = 1 (SDM Vol. 3B
+    /// §17.3.1.1; KVM does the same when it injects a fault); #DF is an abort and
+    /// the software interrupt a trap, both push RFLAGS as they are.
+    fn pushed_rflags(self, rflags: u64) -> u64 {
+        if self.soft || self.vector == 8 {
+            rflags
+        } else {
+            rflags | RFLAGS_RF
+        }
+    }
 }
 
-/// The IDT error code of `vector` (IDT bit set, SDM Vol. 3A §6.13).
-fn idt_err(vector: u8) -> u16 {
-    (u16::from(vector) << 3) | 2
+/// A descriptor's error-code form: selector with RPL cleared, plus EXT.
+fn sel_err(sel: u16, ext: u16) -> u16 {
+    (sel & 0xFFFC) | ext
+}
+
+/// The IDT error code of `vector` (IDT bit set, SDM Vol. 3A §6.13), plus EXT.
+fn idt_err(vector: u8, ext: u16) -> u16 {
+    (u16::from(vector) << 3) | 2 | ext
 }
 
 /// A read fault: a page fault becomes #PF (supervisor read of a not-present page),
@@ -228,16 +206,6 @@ fn idt_err(vector: u8) -> u16 {
 fn read_fault(e: AccessError) -> Result<Fault, Unsupported> {
     match e {
         AccessError::NotMapped(addr) => Ok(Fault::Pf { addr, code: 0 }),
-        AccessError::NotRam(a) => Err(Unsupported::NotRam(a)),
-    }
-}
-
-fn write_fault(e: AccessError) -> Result<Fault, Unsupported> {
-    match e {
-        AccessError::NotMapped(addr) => Ok(Fault::Pf {
-            addr,
-            code: PF_WRITE,
-        }),
         AccessError::NotRam(a) => Err(Unsupported::NotRam(a)),
     }
 }
@@ -254,92 +222,23 @@ fn read<M: LinearMemory, const N: usize>(mem: &mut M, addr: u64) -> Step<[u8; N]
 /// Pushes `words` (lowest address first) onto the stack whose new top is `at`, in
 /// the CPU's order: the highest first. A push that faults stops the delivery with
 /// #PF at that push's address; the pushes above it stay written, as on hardware.
-fn push<M: LinearMemory, const W: usize, const N: usize>(
-    mem: &mut M,
-    at: u64,
-    words: &[[u8; W]; N],
-) -> Step<()> {
+fn push<M: LinearMemory, const W: usize>(mem: &mut M, at: u64, words: &[[u8; W]]) -> Step<()> {
     for (i, w) in words.iter().enumerate().rev() {
         let addr = at.wrapping_add((i * W) as u64);
         mem.write(addr, w).map_err(|e| match e {
-            AccessError::NotMapped(_) => write_fault(AccessError::NotMapped(addr)),
-            other => write_fault(other),
+            AccessError::NotMapped(_) => Ok(Fault::Pf {
+                addr,
+                code: PF_WRITE,
+            }),
+            AccessError::NotRam(a) => Err(Unsupported::NotRam(a)),
         })?;
     }
     Ok(())
 }
 
-/// Decodes an 8-byte code/data segment descriptor into a [`Segment`] for `selector`.
-pub fn segment_from_descriptor(desc: u64, selector: u16) -> Segment {
-    let raw_limit = (desc & 0xFFFF) | ((desc >> 32) & 0xF_0000);
-    let g = desc & (1 << 55) != 0;
-    let limit = if g {
-        (raw_limit << 12) | 0xFFF
-    } else {
-        raw_limit
-    };
-    Segment {
-        base: ((desc >> 16) & 0xFF_FFFF) | ((desc >> 32) & 0xFF00_0000),
-        limit: u32::try_from(limit).unwrap_or(u32::MAX),
-        selector,
-        type_: ((desc >> 40) & 0xF) as u8,
-        present: desc & (1 << 47) != 0,
-        dpl: ((desc >> 45) & 3) as u8,
-        db: desc & (1 << 54) != 0,
-        s: desc & (1 << 44) != 0,
-        l: desc & (1 << 53) != 0,
-        g,
-        avl: desc & (1 << 52) != 0,
-        unusable: false,
-    }
-}
-
-/// An IDT gate (either format), decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gate {
-    /// Handler offset.
-    pub offset: u64,
-    /// Code-segment selector.
-    pub selector: u16,
-    /// IST index (IA-32e mode; 0 = none).
-    pub ist: u8,
-    /// Type (4 bits).
-    pub type_: u8,
-    /// DPL.
-    pub dpl: u8,
-    /// Present.
-    pub present: bool,
-}
-
-/// Decodes a 16-byte IA-32e mode gate (SDM Vol. 3A Figure 6-8).
-pub fn gate64(b: &[u8; 16]) -> Gate {
-    let lo = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-    let hi = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    Gate {
-        offset: (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000) | (u64::from(hi) << 32),
-        selector: ((lo >> 16) & 0xFFFF) as u16,
-        ist: (b[4] & 7),
-        type_: b[5] & 0xF,
-        dpl: (b[5] >> 5) & 3,
-        present: b[5] & 0x80 != 0,
-    }
-}
-
-/// Decodes an 8-byte protected-mode gate (SDM Vol. 3A Figure 6-2).
-pub fn gate32(b: &[u8; 8]) -> Gate {
-    let lo = u64::from_le_bytes(*b);
-    Gate {
-        offset: (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000),
-        selector: ((lo >> 16) & 0xFFFF) as u16,
-        ist: 0,
-        type_: b[5] & 0xF,
-        dpl: (b[5] >> 5) & 3,
-        present: b[5] & 0x80 != 0,
-    }
-}
-
 /// Delivers software interrupt `si` found at `cpu.rip`: checks, pushes the frame
-/// through `mem` and returns the handler's registers, or the fault to raise.
+/// through `mem` and returns the handler's registers; a fault on the way is
+/// delivered in turn (Table 6-5), up to a shutdown.
 pub fn deliver<M: LinearMemory>(
     cpu: &CpuState,
     si: SoftInt,
@@ -348,15 +247,40 @@ pub fn deliver<M: LinearMemory>(
     if cpu.cr0 & CR0_PE == 0 || cpu.rflags & RFLAGS_VM != 0 {
         return Err(Unsupported::NotProtectedMode);
     }
-    let res = if cpu.efer & EFER_LMA != 0 {
-        deliver_ia32e(cpu, si, mem)
-    } else {
-        deliver_legacy(cpu, si, mem)
+    if cpu.cr4 & CR4_FRED != 0 {
+        return Err(Unsupported::Fred);
+    }
+    let mut fault = match deliver_one(cpu, Event::soft(si), mem) {
+        Ok(e) => return Ok(Outcome::Entered(e)),
+        Err(Ok(f)) => f,
+        Err(Err(u)) => return Err(u),
     };
-    match res {
-        Ok(e) => Ok(Outcome::Entered(e)),
-        Err(Ok(f)) => Ok(Outcome::Faulted(f)),
-        Err(Err(u)) => Err(u),
+    let mut cr2 = None;
+    // At most: the first fault, a serial #PF, #DF, then shutdown.
+    for _ in 0..4 {
+        if let Fault::Pf { addr, .. } = fault {
+            cr2 = Some(addr);
+        }
+        match deliver_one(cpu, Event::fault(fault), mem) {
+            Ok(mut e) => {
+                e.cr2 = cr2;
+                return Ok(Outcome::Faulted(fault, e));
+            }
+            Err(Ok(next)) => match fault.then(next) {
+                Some(f) => fault = f,
+                None => return Ok(Outcome::Shutdown),
+            },
+            Err(Err(u)) => return Err(u),
+        }
+    }
+    Ok(Outcome::Shutdown)
+}
+
+fn deliver_one<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M) -> Step<Entry> {
+    if cpu.efer & EFER_LMA != 0 {
+        deliver_ia32e(cpu, ev, mem)
+    } else {
+        deliver_legacy(cpu, ev, mem)
     }
 }
 
@@ -365,14 +289,15 @@ fn cpl(cpu: &CpuState) -> u8 {
     (cpu.cs.selector & 3) as u8
 }
 
-/// Reads the gate of `vector` and applies the checks common to both modes:
-/// IDT limit, gate type, DPL against CPL for software interrupts, present (SDM
-/// Vol. 2A `INT n` pseudocode, in that order).
-fn read_gate<M: LinearMemory>(cpu: &CpuState, vector: u8, mem: &mut M, wide: bool) -> Step<Gate> {
+/// Reads the gate of `ev` and applies the checks common to both modes: IDT limit,
+/// gate type, DPL against CPL for software interrupts only, present (SDM Vol. 2A
+/// `INT n` pseudocode, in that order).
+fn read_gate<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M, wide: bool) -> Step<Gate> {
     let size: u64 = if wide { 16 } else { 8 };
-    let off = u64::from(vector) * size;
+    let off = u64::from(ev.vector) * size;
+    let err = idt_err(ev.vector, ev.ext());
     if off + size - 1 > u64::from(cpu.idt.limit) {
-        return Err(Ok(Fault::Gp(idt_err(vector))));
+        return Err(Ok(Fault::Gp(err)));
     }
     let addr = cpu.idt.base.wrapping_add(off);
     let gate = if wide {
@@ -383,31 +308,28 @@ fn read_gate<M: LinearMemory>(cpu: &CpuState, vector: u8, mem: &mut M, wide: boo
     let ok_type = if wide {
         matches!(gate.type_, GATE_INT32 | GATE_TRAP32)
     } else {
-        // 16- and 32-bit interrupt and trap gates, and task gates (refused below).
+        // 16- and 32-bit interrupt and trap gates, and task gates (refused later).
         matches!(gate.type_, 0x5 | 0x6 | 0x7 | GATE_INT32 | GATE_TRAP32)
     };
-    if !ok_type {
-        return Err(Ok(Fault::Gp(idt_err(vector))));
-    }
-    if gate.dpl < cpl(cpu) {
-        return Err(Ok(Fault::Gp(idt_err(vector))));
+    if !ok_type || (ev.soft && gate.dpl < cpl(cpu)) {
+        return Err(Ok(Fault::Gp(err)));
     }
     if !gate.present {
-        return Err(Ok(Fault::Np(idt_err(vector))));
+        return Err(Ok(Fault::Np(err)));
     }
     Ok(gate)
 }
 
 /// Reads and checks the gate's target code segment (SDM Vol. 2A `INT n`,
-/// TRAP-OR-INTERRUPT-GATE): null → #GP(0), outside its table → #GP(sel), not code or
-/// DPL > CPL → #GP(sel), not present → #NP(sel).
-fn target_cs<M: LinearMemory>(cpu: &CpuState, sel: u16, mem: &mut M) -> Step<Segment> {
+/// TRAP-OR-INTERRUPT-GATE): null → #GP(EXT), outside its table → #GP(sel), not code
+/// or DPL > CPL → #GP(sel), not present → #NP(sel).
+fn target_cs<M: LinearMemory>(cpu: &CpuState, sel: u16, ext: u16, mem: &mut M) -> Step<Segment> {
     if sel & 0xFFFC == 0 {
-        return Err(Ok(Fault::Gp(0)));
+        return Err(Ok(Fault::Gp(ext)));
     }
     let (base, limit) = if sel & 4 != 0 {
         if cpu.ldt.unusable || !cpu.ldt.present {
-            return Err(Ok(Fault::Gp(sel_err(sel))));
+            return Err(Ok(Fault::Gp(sel_err(sel, ext))));
         }
         (cpu.ldt.base, u64::from(cpu.ldt.limit))
     } else {
@@ -415,15 +337,15 @@ fn target_cs<M: LinearMemory>(cpu: &CpuState, sel: u16, mem: &mut M) -> Step<Seg
     };
     let off = u64::from(sel & 0xFFF8);
     if off + 7 > limit {
-        return Err(Ok(Fault::Gp(sel_err(sel))));
+        return Err(Ok(Fault::Gp(sel_err(sel, ext))));
     }
     let desc = u64::from_le_bytes(read::<M, 8>(mem, base.wrapping_add(off))?);
     let seg = segment_from_descriptor(desc, sel);
     if !seg.s || seg.type_ & 8 == 0 || seg.dpl > cpl(cpu) {
-        return Err(Ok(Fault::Gp(sel_err(sel))));
+        return Err(Ok(Fault::Gp(sel_err(sel, ext))));
     }
     if !seg.present {
-        return Err(Ok(Fault::Np(sel_err(sel))));
+        return Err(Ok(Fault::Np(sel_err(sel, ext))));
     }
     Ok(seg)
 }
@@ -438,9 +360,10 @@ fn handler_rflags(rflags: u64, gate_type: u8) -> u64 {
     f
 }
 
-/// The address after the instruction, wrapped to the code segment's operand size.
-fn return_ip(cpu: &CpuState, si: SoftInt, long: bool) -> u64 {
-    let next = cpu.rip.wrapping_add(u64::from(si.len));
+/// The RIP pushed: after the instruction for the software interrupt, on it for a
+/// fault; wrapped to the code segment's operand size outside 64-bit mode.
+fn return_ip(cpu: &CpuState, len: u8, long: bool) -> u64 {
+    let next = cpu.rip.wrapping_add(u64::from(len));
     if long {
         next
     } else if cpu.cs.db {
@@ -451,14 +374,15 @@ fn return_ip(cpu: &CpuState, si: SoftInt, long: bool) -> u64 {
 }
 
 /// IA-32e mode (64-bit and compatibility mode): SDM Vol. 3A §6.14.
-fn deliver_ia32e<M: LinearMemory>(cpu: &CpuState, si: SoftInt, mem: &mut M) -> Step<Entry> {
+fn deliver_ia32e<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M) -> Step<Entry> {
     let la57 = cpu.cr4 & CR4_LA57 != 0;
-    let gate = read_gate(cpu, si.vector, mem, true)?;
-    let target = target_cs(cpu, gate.selector, mem)?;
+    let ext = ev.ext();
+    let gate = read_gate(cpu, ev, mem, true)?;
+    let target = target_cs(cpu, gate.selector, ext, mem)?;
     // §6.14.1: the target must be a 64-bit code segment (L = 1, D = 0); the error
     // code used is the selector's, as for the other checks on the target segment.
     if !target.l || target.db {
-        return Err(Ok(Fault::Gp(sel_err(gate.selector))));
+        return Err(Ok(Fault::Gp(sel_err(gate.selector, ext))));
     }
     let cur = cpl(cpu);
     let conforming = target.type_ & 4 != 0;
@@ -475,32 +399,45 @@ fn deliver_ia32e<M: LinearMemory>(cpu: &CpuState, si: SoftInt, mem: &mut M) -> S
     let new_rsp = match tss_slot {
         Some(off) => {
             if off + 7 > u64::from(cpu.tr.limit) || cpu.tr.unusable {
-                return Err(Ok(Fault::Ts(sel_err(cpu.tr.selector))));
+                return Err(Ok(Fault::Ts(sel_err(cpu.tr.selector, ext))));
             }
             u64::from_le_bytes(read::<M, 8>(mem, cpu.tr.base.wrapping_add(off))?)
         }
         None => cpu.rsp,
     };
     if !canonical(new_rsp, la57) {
-        return Err(Ok(Fault::Ss(0)));
+        return Err(Ok(Fault::Ss(ext)));
     }
     if !canonical(gate.offset, la57) {
-        return Err(Ok(Fault::Gp(0)));
+        return Err(Ok(Fault::Gp(ext)));
     }
-    // §6.14.2: the new stack is 16-byte aligned, then SS, RSP, RFLAGS, CS, RIP.
-    let frame_rsp = (new_rsp & !0xF).wrapping_sub(40);
-    if !canonical(frame_rsp, la57) {
-        return Err(Ok(Fault::Ss(0)));
-    }
-    let long = cpu.cs.l;
-    let words = [
-        return_ip(cpu, si, long),
+    // §6.14.2: the new stack is 16-byte aligned, then SS, RSP, RFLAGS, CS, RIP and
+    // the error code if any.
+    let mut words = [0u64; 6];
+    let body = [
+        return_ip(cpu, ev.len, cpu.cs.l),
         u64::from(cpu.cs.selector),
-        cpu.rflags,
+        ev.pushed_rflags(cpu.rflags),
         cpu.rsp,
         u64::from(cpu.ss.selector),
     ];
-    push(mem, frame_rsp, &words.map(u64::to_le_bytes))?;
+    let words = match ev.error {
+        Some(e) => {
+            words[0] = u64::from(e);
+            words[1..].copy_from_slice(&body);
+            &words[..]
+        }
+        None => {
+            words[..5].copy_from_slice(&body);
+            &words[..5]
+        }
+    };
+    let frame_rsp = (new_rsp & !0xF).wrapping_sub(8 * words.len() as u64);
+    if !canonical(frame_rsp, la57) {
+        return Err(Ok(Fault::Ss(ext)));
+    }
+    let bytes: Vec<[u8; 8]> = words.iter().map(|w| w.to_le_bytes()).collect();
+    push(mem, frame_rsp, &bytes)?;
     let mut cs = target;
     cs.selector = (gate.selector & 0xFFFC) | u16::from(new_cpl);
     cs.type_ |= 1; // accessed
@@ -511,6 +448,7 @@ fn deliver_ia32e<M: LinearMemory>(cpu: &CpuState, si: SoftInt, mem: &mut M) -> S
         rflags: handler_rflags(cpu.rflags, gate.type_),
         cs,
         ss,
+        cr2: None,
     })
 }
 
@@ -536,38 +474,53 @@ fn null_ss(cpl: u8) -> Segment {
 
 /// 32-bit protected mode, same privilege level, 32-bit interrupt or trap gate
 /// (SDM Vol. 3A §6.12.1, Figure 6-4 "no privilege-level change"): EFLAGS, CS, EIP
-/// pushed on SS:ESP.
-fn deliver_legacy<M: LinearMemory>(cpu: &CpuState, si: SoftInt, mem: &mut M) -> Step<Entry> {
-    let gate = read_gate(cpu, si.vector, mem, false)?;
+/// and the error code if any pushed on SS:ESP.
+fn deliver_legacy<M: LinearMemory>(cpu: &CpuState, ev: Event, mem: &mut M) -> Step<Entry> {
+    let ext = ev.ext();
+    let gate = read_gate(cpu, ev, mem, false)?;
     if !matches!(gate.type_, GATE_INT32 | GATE_TRAP32) {
         return Err(Err(Unsupported::Legacy32));
     }
-    let target = target_cs(cpu, gate.selector, mem)?;
+    let target = target_cs(cpu, gate.selector, ext, mem)?;
     let cur = cpl(cpu);
     let conforming = target.type_ & 4 != 0;
     if !conforming && target.dpl < cur {
         return Err(Err(Unsupported::Legacy32));
     }
     if gate.offset > u64::from(target.limit) {
-        return Err(Ok(Fault::Gp(0)));
+        return Err(Ok(Fault::Gp(ext)));
     }
     if !cpu.ss.db || cpu.ss.type_ & 4 != 0 {
         // 16-bit or expand-down stack segment.
         return Err(Err(Unsupported::Legacy32));
     }
-    let esp = cpu.rsp & 0xFFFF_FFFF;
-    let new_esp = esp.wrapping_sub(12) & 0xFFFF_FFFF;
-    // The three pushes must lie inside the (expand-up) stack segment.
-    if esp < 12 || new_esp + 11 > u64::from(cpu.ss.limit) {
-        return Err(Ok(Fault::Ss(0)));
-    }
-    let words = [
-        return_ip(cpu, si, false) as u32,
+    let body = [
+        return_ip(cpu, ev.len, false) as u32,
         u32::from(cpu.cs.selector),
-        cpu.rflags as u32,
+        ev.pushed_rflags(cpu.rflags) as u32,
     ];
+    let mut words = [0u32; 4];
+    let words = match ev.error {
+        Some(e) => {
+            words[0] = e;
+            words[1..].copy_from_slice(&body);
+            &words[..]
+        }
+        None => {
+            words[..3].copy_from_slice(&body);
+            &words[..3]
+        }
+    };
+    let size = 4 * words.len() as u64;
+    let esp = cpu.rsp & 0xFFFF_FFFF;
+    // The pushes must lie inside the (expand-up) stack segment.
+    if esp < size || esp - 1 > u64::from(cpu.ss.limit) {
+        return Err(Ok(Fault::Ss(ext)));
+    }
+    let new_esp = esp - size;
     let linear = cpu.ss.base.wrapping_add(new_esp) & 0xFFFF_FFFF;
-    push(mem, linear, &words.map(u32::to_le_bytes))?;
+    let bytes: Vec<[u8; 4]> = words.iter().map(|w| w.to_le_bytes()).collect();
+    push(mem, linear, &bytes)?;
     let mut cs = target;
     cs.selector = (gate.selector & 0xFFFC) | u16::from(cur);
     cs.type_ |= 1;
@@ -577,6 +530,7 @@ fn deliver_legacy<M: LinearMemory>(cpu: &CpuState, si: SoftInt, mem: &mut M) -> 
         rflags: handler_rflags(cpu.rflags, gate.type_),
         cs,
         ss: None,
+        cr2: None,
     })
 }
 

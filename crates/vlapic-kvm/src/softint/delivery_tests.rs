@@ -13,6 +13,8 @@ const STACK: u64 = 0x8000;
 const IST1: u64 = 0xA000;
 const RSP0: u64 = 0xC000;
 const HANDLER: u64 = 0xFFFF_FFFF_8000_1234;
+/// Exception handlers: this plus the vector.
+const EXC: u64 = 0xFFFF_FFFF_8000_2000;
 
 /// 64 KiB at linear 0; pages listed in `holes` are not mapped; the rest is not mapped.
 struct Flat {
@@ -81,6 +83,12 @@ fn machine() -> (Flat, CpuState) {
     let t = TSS as usize;
     m.mem[t + 4..t + 12].copy_from_slice(&RSP0.to_le_bytes());
     m.mem[t + 36..t + 44].copy_from_slice(&IST1.to_le_bytes());
+    // #DF, #TS, #NP, #SS, #GP, #PF: present DPL0 interrupt gates, no IST.
+    for v in [8u8, 10, 11, 12, 13, 14] {
+        let a = (IDT + 16 * u64::from(v)) as usize;
+        let g = gate_bytes(EXC + u64::from(v), 0x08, 0, 0xE, 0, true);
+        m.mem[a..a + 16].copy_from_slice(&g);
+    }
     let cpu = CpuState {
         rip: 0xFFFF_FFFF_8000_0100,
         rsp: STACK - 0x13, // misaligned on purpose
@@ -126,11 +134,30 @@ fn entered(o: Result<Outcome, Unsupported>) -> Entry {
     }
 }
 
-fn faulted(o: Result<Outcome, Unsupported>) -> Fault {
+fn faulted(o: Result<Outcome, Unsupported>) -> (Fault, Entry) {
     match o {
-        Ok(Outcome::Faulted(f)) => f,
+        Ok(Outcome::Faulted(f, e)) => (f, e),
         other => panic!("expected a fault, got {other:?}"),
     }
+}
+
+/// `int n` (2 bytes) at `cpu.rip`.
+fn int(cpu: &CpuState, vector: u8, m: &mut Flat) -> Result<Outcome, Unsupported> {
+    deliver(cpu, SoftInt { vector, len: 2 }, m)
+}
+
+/// The exception frame at `e.rsp`: error code, then RIP on the `int` instruction.
+fn fault_frame(m: &Flat, cpu: &CpuState, e: &Entry, f: Fault) {
+    assert_eq!(e.rip, EXC + u64::from(f.vector()));
+    assert_eq!(m.u64_at(e.rsp), u64::from(f.error_code()), "error code");
+    assert_eq!(
+        m.u64_at(e.rsp + 8),
+        cpu.rip,
+        "RIP on the faulting instruction"
+    );
+    // SDM Vol. 3B §17.3.1.1: a fault pushes RF = 1; #DF (an abort) pushes RFLAGS as is.
+    let rf = if f == Fault::Df { 0 } else { RFLAGS_RF };
+    assert_eq!(m.u64_at(e.rsp + 24), cpu.rflags | rf, "pushed RFLAGS");
 }
 
 #[test]
@@ -235,16 +262,12 @@ fn gate_dpl_below_cpl_is_gp() {
     let (mut m, mut cpu) = machine();
     cpu.cs = segment_from_descriptor(0x00AF_FB00_0000_FFFF, 0x23);
     set_gate(&mut m, 0x81, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, true));
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x81,
-            len: 2,
-        },
-        &mut m,
-    ));
+    let (f, e) = faulted(int(&cpu, 0x81, &mut m));
     assert_eq!(f, Fault::Gp(0x81 * 8 + 2));
     assert_eq!((f.vector(), f.error_code()), (13, 0x81 * 8 + 2));
+    // The #GP handler (DPL0) runs on RSP0, the error code below the frame.
+    assert_eq!(e.rsp, RSP0 - 48);
+    fault_frame(&m, &cpu, &e, f);
 }
 
 /// SDM Vol. 2A `INT n`: not present → #NP(vector·8+2); beyond the IDT limit or a
@@ -252,36 +275,16 @@ fn gate_dpl_below_cpl_is_gp() {
 #[test]
 fn idt_checks() {
     let (mut m, mut cpu) = machine();
+    cpu.rflags &= !RFLAGS_RF; // so that the #NP frame's RF = 1 is the fault's doing
     set_gate(&mut m, 0x42, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, false));
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x42,
-            len: 2,
-        },
-        &mut m,
-    ));
+    let (f, e) = faulted(int(&cpu, 0x42, &mut m));
     assert_eq!((f.vector(), f.error_code()), (11, 0x42 * 8 + 2));
+    assert_eq!(e.rsp, (cpu.rsp & !0xF) - 48);
+    fault_frame(&m, &cpu, &e, f);
     set_gate(&mut m, 0x43, gate_bytes(HANDLER, 0x08, 0, 0xC, 0, true)); // call gate
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x43,
-            len: 2,
-        },
-        &mut m,
-    ));
-    assert_eq!(f, Fault::Gp(0x43 * 8 + 2));
+    assert_eq!(faulted(int(&cpu, 0x43, &mut m)).0, Fault::Gp(0x43 * 8 + 2));
     cpu.idt.limit = 0x43 * 16 + 14; // one byte short of gate 0x43
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x43,
-            len: 2,
-        },
-        &mut m,
-    ));
-    assert_eq!(f, Fault::Gp(0x43 * 8 + 2));
+    assert_eq!(faulted(int(&cpu, 0x43, &mut m)).0, Fault::Gp(0x43 * 8 + 2));
 }
 
 /// SDM Vol. 2A `INT n`, TRAP-OR-INTERRUPT-GATE: null selector → #GP(0); a data
@@ -290,64 +293,48 @@ fn idt_checks() {
 #[test]
 fn target_segment_checks() {
     let (mut m, cpu) = machine();
+    let non_canonical = 0x0000_8000_0000_0000;
     let cases = [
         (gate_bytes(HANDLER, 0x00, 0, 0xE, 0, true), Fault::Gp(0)),
         (gate_bytes(HANDLER, 0x10, 0, 0xE, 0, true), Fault::Gp(0x10)),
         (gate_bytes(HANDLER, 0x18, 0, 0xE, 0, true), Fault::Gp(0x18)),
         (gate_bytes(HANDLER, 0x48, 0, 0xE, 0, true), Fault::Gp(0x48)),
         (
-            gate_bytes(0x0000_8000_0000_0000, 0x08, 0, 0xE, 0, true),
+            gate_bytes(non_canonical, 0x08, 0, 0xE, 0, true),
             Fault::Gp(0),
         ),
     ];
     for (g, want) in cases {
         set_gate(&mut m, 0x44, g);
-        let f = faulted(deliver(
-            &cpu,
-            SoftInt {
-                vector: 0x44,
-                len: 2,
-            },
-            &mut m,
-        ));
+        let (f, e) = faulted(int(&cpu, 0x44, &mut m));
         assert_eq!(f, want);
+        fault_frame(&m, &cpu, &e, f);
     }
 }
 
 /// A stack page that is not mapped → #PF with W set at the address of the push that
 /// faults; pushes go highest first (SS, RSP, RFLAGS, CS, RIP: SDM Vol. 3A §6.14.2), so
-/// those above the hole are written, those below are not.
+/// those above the hole are written, those below are not. The #PF is delivered on
+/// its IST stack with CR2 set.
 #[test]
 fn unmapped_stack_is_page_fault_at_the_faulting_push() {
     let (mut m, mut cpu) = machine();
     set_gate(&mut m, 0x45, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, true));
+    set_gate(&mut m, 14, gate_bytes(EXC + 14, 0x08, 1, 0xE, 0, true));
     // The frame spans 0x7FB8..0x7FE0, all in page 7: the first push (SS) faults.
     m.holes.push(7);
-    let before = m.mem.clone();
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x45,
-            len: 2,
-        },
-        &mut m,
-    ));
+    let (f, e) = faulted(int(&cpu, 0x45, &mut m));
     let want = Fault::Pf {
         addr: 0x7FD8,
         code: PF_WRITE,
     };
     assert_eq!(f, want);
-    assert_eq!(m.mem, before);
+    assert_eq!(e.cr2, Some(0x7FD8));
+    assert_eq!(e.rsp, IST1 - 48);
+    fault_frame(&m, &cpu, &e, f);
     // RSP 0x8010: SS and RSP land in page 8, RFLAGS at 0x7FF8 faults.
     cpu.rsp = 0x8010;
-    let f = faulted(deliver(
-        &cpu,
-        SoftInt {
-            vector: 0x45,
-            len: 2,
-        },
-        &mut m,
-    ));
+    let (f, _) = faulted(int(&cpu, 0x45, &mut m));
     let want = Fault::Pf {
         addr: 0x7FF8,
         code: PF_WRITE,
@@ -355,6 +342,43 @@ fn unmapped_stack_is_page_fault_at_the_faulting_push() {
     assert_eq!(f, want);
     assert_eq!(m.u64_at(0x8008), 0x10, "SS pushed");
     assert_eq!(m.u64_at(0x8000), 0x8010, "RSP pushed");
+}
+
+/// SDM Vol. 3A Table 6-5: #NP (contributory) whose delivery page-faults is followed
+/// serially by the #PF (kvm-unit-tests eventinj "NP PF exceptions" does this).
+#[test]
+fn not_present_then_page_fault_is_serial() {
+    let (mut m, cpu) = machine();
+    set_gate(&mut m, 0x47, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, false));
+    set_gate(&mut m, 14, gate_bytes(EXC + 14, 0x08, 1, 0xE, 0, true));
+    m.holes.push(7);
+    let (f, e) = faulted(int(&cpu, 0x47, &mut m));
+    // The #NP frame (6 words below 0x7FE0) faults at its first push, 0x7FD8.
+    let want = Fault::Pf {
+        addr: 0x7FD8,
+        code: PF_WRITE,
+    };
+    assert_eq!(f, want);
+    assert_eq!(e.rsp, IST1 - 48);
+    fault_frame(&m, &cpu, &e, f);
+}
+
+/// SDM Vol. 3A Table 6-5: contributory then contributory → #DF (error 0); a fault
+/// while delivering #DF → shutdown. The #NP raised while delivering #NP has EXT set.
+#[test]
+fn double_fault_then_shutdown() {
+    let (mut m, cpu) = machine();
+    set_gate(&mut m, 0x48, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, false));
+    set_gate(&mut m, 11, gate_bytes(EXC + 11, 0x08, 0, 0xE, 0, false));
+    let (f, e) = faulted(int(&cpu, 0x48, &mut m));
+    assert_eq!(f, Fault::Df);
+    fault_frame(&m, &cpu, &e, f);
+    assert_eq!(
+        Fault::Np(0x48 * 8 + 2).then(Fault::Np(11 * 8 + 3)),
+        Some(Fault::Df)
+    );
+    set_gate(&mut m, 8, gate_bytes(EXC + 8, 0x08, 0, 0xE, 0, false));
+    assert_eq!(int(&cpu, 0x48, &mut m), Ok(Outcome::Shutdown));
 }
 
 /// Compatibility mode: the pushed RIP is the 32-bit EIP after the instruction.
@@ -408,6 +432,21 @@ fn legacy_32bit_same_level() {
     assert_eq!(e.rflags & RFLAGS_IF, 0);
 }
 
+/// With CR4.FRED (bit 32) events use FRED's stack frames and entry points, not the
+/// IDT (Intel FRED specification): refused, never delivered the IDT way.
+#[test]
+fn fred_is_refused() {
+    let (mut m, mut cpu) = machine();
+    set_gate(&mut m, 3, gate_bytes(HANDLER, 0x08, 0, 0xE, 0, true));
+    cpu.cr4 |= 1 << 32;
+    let before = m.mem.clone();
+    assert_eq!(
+        deliver(&cpu, SoftInt { vector: 3, len: 1 }, &mut m),
+        Err(Unsupported::Fred)
+    );
+    assert_eq!(m.mem, before);
+}
+
 #[test]
 fn real_mode_is_not_ours() {
     let (mut m, mut cpu) = machine();
@@ -454,12 +493,20 @@ proptest! {
         cpu.tr.limit = tr_limit;
         cpu.efer = efer;
         let si = SoftInt { vector, len };
-        if let Ok(Outcome::Entered(e)) = deliver(&cpu, si, &mut m) {
+        let out = deliver(&cpu, si, &mut m);
+        if let Ok(Outcome::Faulted(_, e)) = out {
+            prop_assert_eq!(e.rflags & (RFLAGS_TF | RFLAGS_NT | RFLAGS_RF), 0);
+            if efer != 0 {
+                prop_assert_eq!(e.rsp % 16, 0, "six words below a 16-byte boundary");
+                prop_assert_eq!(m.u64_at(e.rsp + 8), return_ip(&cpu, 0, l));
+            }
+        }
+        if let Ok(Outcome::Entered(e)) = out {
             prop_assert_eq!(e.rflags & (RFLAGS_TF | RFLAGS_NT | RFLAGS_RF), 0);
             if efer != 0 {
                 prop_assert_eq!(e.rsp % 16, 8);
                 let pushed = m.u64_at(e.rsp);
-                prop_assert_eq!(pushed, return_ip(&cpu, si, l));
+                prop_assert_eq!(pushed, return_ip(&cpu, len, l));
             }
         }
     }

@@ -4,18 +4,21 @@
 //! Some hosts run guest CPL0 code through KVM's instruction emulator (nested KVM
 //! here), and that emulator performs `int3` and `int n` only in real mode: in
 //! protected and long mode it fails with `KVM_EXIT_INTERNAL_ERROR` /
-//! `KVM_INTERNAL_ERROR_EMULATION` and the VM cannot go on. [`deliver_at_rip`] reads
-//! the instruction at CS:RIP (through `KVM_TRANSLATE` and guest RAM, page by page)
-//! and, for `CC` or `CD nn`, performs the delivery as the CPU would
+//! `KVM_INTERNAL_ERROR_EMULATION` and the VM cannot go on. [`deliver_at_rip`] takes
+//! the instruction from the bytes KVM reports with the exit (or reads it at CS:RIP
+//! through `KVM_TRANSLATE` and guest RAM, page by page, on a KVM that does not) and,
+//! for `CC` or `CD nn`, performs the delivery as the CPU would
 //! ([`delivery`]): the IDT gate and its checks, the target code segment, the stack
 //! (IST, RSPn), the frame, RFLAGS, then `KVM_SET_REGS`/`KVM_SET_SREGS`. A fault the
-//! delivery raises instead (#GP, #NP, #SS, #TS, #PF) is injected with
-//! `KVM_SET_VCPU_EVENTS`, RIP left on the instruction.
+//! delivery raises (#GP, #NP, #SS, #TS, #PF) is delivered here too, RIP pushed on
+//! the instruction, and so on to #DF and shutdown (SDM Vol. 3A Table 6-5).
 //!
 //! Why not KVM's own event injection: KVM takes the length of a "soft" event from
 //! its last exit (not this instruction), a delivery fault then reports the wrong RIP,
-//! and a `KVM_INTERRUPT` issued while the injected event is still queued replaces
-//! it. Delivering here has none of these problems and needs no queued state.
+//! a `KVM_INTERRUPT` issued while the injected event is still queued replaces it,
+//! and on this host an injected #NP whose delivery meets a read-only stack ends in a
+//! triple fault instead of a #PF (kvm-unit-tests `eventinj`, "NP PF exceptions").
+//! Delivering here has none of these problems and leaves nothing queued in KVM.
 //!
 //! Deviations (see the crate README): the stack and descriptor tables are written
 //! and read without the guest's page protections (`KVM_TRANSLATE` reports no
@@ -24,6 +27,8 @@
 //! protected mode is handled at the same privilege level through 32-bit gates only.
 
 pub mod delivery;
+pub mod fault;
+pub mod tables;
 
 use kvm_bindings::{kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
@@ -39,14 +44,19 @@ const PAGE: u64 = 4096;
 
 /// What [`deliver_at_rip`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SoftIntOutcome {
     /// The last exit was not an emulation failure on `int3` / `int n` (or the
     /// workaround is off): report it as before.
     NotSoftInt,
     /// The handler of this vector was entered.
     Delivered(u8),
-    /// The delivery of this vector raised this exception instead (injected).
+    /// The delivery of this vector faulted; the handler of this exception (the
+    /// last one raised on the way, possibly #DF) was entered instead.
     Faulted(u8, Fault),
+    /// The delivery of this vector ended in a fault while delivering #DF: the
+    /// guest is shut down (report a triple fault).
+    Shutdown(u8),
     /// An `int3` / `int n` of this vector that this workaround does not deliver.
     Unsupported(u8, Unsupported),
 }
@@ -55,6 +65,7 @@ impl std::fmt::Display for Unsupported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Unsupported::NotProtectedMode => f.write_str("real or virtual-8086 mode"),
+            Unsupported::Fred => f.write_str("FRED event delivery (CR4.FRED) is on"),
             Unsupported::Legacy32 => f.write_str(
                 "32-bit protected mode through a task gate, a 16-bit gate or to another privilege level",
             ),
@@ -185,13 +196,44 @@ fn cpu_state(regs: &kvm_bindings::kvm_regs, s: &kvm_sregs) -> CpuState {
     }
 }
 
-/// Whether `fd`'s last exit was `KVM_EXIT_INTERNAL_ERROR` / emulation failure.
-fn emulation_failure(fd: &mut VcpuFd) -> bool {
-    crate::raw::internal_error(fd).is_some_and(|(sub, _)| sub == EMULATION)
+/// `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`.
+const FLAG_INSN_BYTES: u64 = 1;
+
+/// The instruction bytes KVM's emulator fetched, from an emulation failure's data:
+/// `data[0]` = flags, then one byte of length and 15 bytes of instruction (KVM's
+/// `kvm_run.emulation_failure`). `None` when KVM did not include them.
+pub fn exit_instruction(data: &[u64]) -> Option<Vec<u8>> {
+    let flags = *data.first()?;
+    if flags & FLAG_INSN_BYTES == 0 {
+        return None;
+    }
+    let mut raw = Vec::with_capacity(16);
+    for w in data.get(1..3)? {
+        raw.extend_from_slice(&w.to_le_bytes());
+    }
+    let len = usize::from(*raw.first()?).min(15);
+    let bytes = raw.get(1..1 + len)?.to_vec();
+    (!bytes.is_empty()).then_some(bytes)
+}
+
+/// The data of `fd`'s last exit if it was `KVM_EXIT_INTERNAL_ERROR` / emulation
+/// failure.
+fn emulation_failure(fd: &mut VcpuFd) -> Option<Vec<u64>> {
+    crate::raw::internal_error(fd).and_then(|(sub, data)| (sub == EMULATION).then_some(data))
+}
+
+/// The `int3` / `int n` that failed: from the bytes KVM fetched when it reports them
+/// (what the vCPU executed, even if another vCPU rewrote the code since, as Linux's
+/// `text_poke_bp` does), else read at CS:RIP.
+fn fetch(cpu: &CpuState, data: &[u64], mem: &mut KvmLinear<'_>) -> Option<SoftInt> {
+    match exit_instruction(data) {
+        Some(bytes) => delivery::decode(&bytes),
+        None => read_at_rip(cpu, mem),
+    }
 }
 
 /// The `int3` / `int n` at CS:RIP, if that is what is there.
-fn fetch(cpu: &CpuState, mem: &mut KvmLinear<'_>) -> Option<SoftInt> {
+fn read_at_rip(cpu: &CpuState, mem: &mut KvmLinear<'_>) -> Option<SoftInt> {
     let long = cpu.efer & (1 << 10) != 0 && cpu.cs.l;
     let linear = |i: u64| {
         if long {
@@ -214,50 +256,80 @@ fn fetch(cpu: &CpuState, mem: &mut KvmLinear<'_>) -> Option<SoftInt> {
 /// the vCPU can then be run again. `mem` is the guest's RAM from guest-physical 0.
 /// Any other exit gives [`SoftIntOutcome::NotSoftInt`] and changes nothing.
 pub fn deliver_at_rip(fd: &mut VcpuFd, mem: &GuestMemoryMmap) -> Result<SoftIntOutcome, Error> {
-    if !emulation_failure(fd) {
+    let Some(data) = emulation_failure(fd) else {
         return Ok(SoftIntOutcome::NotSoftInt);
-    }
+    };
     let fd: &VcpuFd = fd;
     let mut regs = fd.get_regs().map_err(|e| Error::kvm("KVM_GET_REGS", e))?;
     let mut sregs = fd.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
     let cpu = cpu_state(&regs, &sregs);
     let mut lin = KvmLinear { fd, mem };
-    let Some(si) = fetch(&cpu, &mut lin) else {
+    let Some(si) = fetch(&cpu, &data, &mut lin) else {
         return Ok(SoftIntOutcome::NotSoftInt);
     };
-    match delivery::deliver(&cpu, si, &mut lin) {
-        Ok(delivery::Outcome::Entered(e)) => {
-            sregs.cs = seg_out(&e.cs);
-            if let Some(ss) = e.ss {
-                sregs.ss = seg_out(&ss);
-            }
-            fd.set_sregs(&sregs)
-                .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-            regs.rip = e.rip;
-            regs.rsp = e.rsp;
-            regs.rflags = e.rflags;
-            fd.set_regs(&regs)
-                .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
-            Ok(SoftIntOutcome::Delivered(si.vector))
-        }
-        Ok(delivery::Outcome::Faulted(f)) => {
-            if let Fault::Pf { addr, .. } = f {
-                sregs.cr2 = addr;
-                fd.set_sregs(&sregs)
-                    .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-            }
-            let mut ev = fd
-                .get_vcpu_events()
-                .map_err(|e| Error::kvm("KVM_GET_VCPU_EVENTS", e))?;
-            ev.exception.injected = 1;
-            ev.exception.nr = f.vector();
-            ev.exception.has_error_code = 1;
-            ev.exception.error_code = f.error_code();
-            ev.flags = 0;
-            fd.set_vcpu_events(&ev)
-                .map_err(|e| Error::kvm("KVM_SET_VCPU_EVENTS", e))?;
-            Ok(SoftIntOutcome::Faulted(si.vector, f))
-        }
-        Err(u) => Ok(SoftIntOutcome::Unsupported(si.vector, u)),
+    let (entry, out) = match delivery::deliver(&cpu, si, &mut lin) {
+        Ok(delivery::Outcome::Entered(e)) => (e, SoftIntOutcome::Delivered(si.vector)),
+        Ok(delivery::Outcome::Faulted(f, e)) => (e, SoftIntOutcome::Faulted(si.vector, f)),
+        Ok(delivery::Outcome::Shutdown) => return Ok(SoftIntOutcome::Shutdown(si.vector)),
+        Err(u) => return Ok(SoftIntOutcome::Unsupported(si.vector, u)),
+    };
+    let old = (sregs.cs, sregs.ss, sregs.cr2);
+    sregs.cs = seg_out(&entry.cs);
+    if let Some(ss) = entry.ss {
+        sregs.ss = seg_out(&ss);
+    }
+    if let Some(cr2) = entry.cr2 {
+        sregs.cr2 = cr2;
+    }
+    // Same CS (the usual kernel-to-kernel case), SS and CR2: one ioctl fewer.
+    if (sregs.cs, sregs.ss, sregs.cr2) != old {
+        fd.set_sregs(&sregs)
+            .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    }
+    regs.rip = entry.rip;
+    regs.rsp = entry.rsp;
+    regs.rflags = entry.rflags;
+    fd.set_regs(&regs)
+        .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The data of an emulation failure at `int3` as KVM reported it on this host
+    /// (kvm_pvm, Linux 6.18): flags 1, length 15, then `cc 48 81 c4 80 00 ...`.
+    #[test]
+    fn instruction_bytes_from_the_exit() {
+        let data = [
+            0x1,
+            0x80c4_8148_cc0f,
+            0x894c_1824_4448_9800,
+            0x1000,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let b = exit_instruction(&data).expect("bytes");
+        assert_eq!(b.len(), 15);
+        assert_eq!(&b[..4], &[0xCC, 0x48, 0x81, 0xC4]);
+        assert_eq!(
+            delivery::decode(&b).map(|s| (s.vector, s.len)),
+            Some((3, 1))
+        );
+        // `int $0x21` then other bytes, length 15 (constructed in the same layout).
+        let data = [0x1, 0x008b_4821_cd0f, 0];
+        let b = exit_instruction(&data).expect("bytes");
+        assert_eq!(
+            delivery::decode(&b).map(|s| (s.vector, s.len)),
+            Some((0x21, 2))
+        );
+        // No flag, short data, zero length: not reported.
+        assert_eq!(exit_instruction(&[0, 0x80c4_8148_cc0f, 0]), None);
+        assert_eq!(exit_instruction(&[1]), None);
+        assert_eq!(exit_instruction(&[1, 0xcc00, 0]), None);
+        assert_eq!(exit_instruction(&[]), None);
     }
 }

@@ -15,6 +15,83 @@ pub(super) trait ApicAccess {
     fn with<R>(&mut self, idx: usize, f: impl FnOnce(&mut LocalApic) -> R) -> Option<R>;
 }
 
+/// Who sent a message: the sending vCPU (which shorthands include or exclude) and,
+/// with feature `trace`, the origin the targets' trace records.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Origin {
+    pub(super) sender: Option<usize>,
+    #[cfg(feature = "trace")]
+    pub(super) source: crate::trace::Source,
+}
+
+impl Origin {
+    /// An IPI from `vcpu`'s ICR.
+    #[inline(always)]
+    pub(super) fn vcpu(vcpu: usize) -> Self {
+        Self {
+            sender: Some(vcpu),
+            #[cfg(feature = "trace")]
+            source: crate::trace::Source::Ipi {
+                from: u32::try_from(vcpu).unwrap_or(u32::MAX),
+            },
+        }
+    }
+
+    /// IOAPIC pin `_pin`.
+    #[inline(always)]
+    pub(super) fn pin(_pin: u8) -> Self {
+        Self {
+            sender: None,
+            #[cfg(feature = "trace")]
+            source: crate::trace::Source::IoApic { pin: _pin },
+        }
+    }
+
+    /// An MSI write.
+    #[inline(always)]
+    pub(super) fn msi() -> Self {
+        Self {
+            sender: None,
+            #[cfg(feature = "trace")]
+            source: crate::trace::Source::Msi,
+        }
+    }
+
+    /// A message the embedder routed itself.
+    #[inline(always)]
+    pub(super) fn host() -> Self {
+        Self {
+            sender: None,
+            #[cfg(feature = "trace")]
+            source: crate::trace::Source::Host,
+        }
+    }
+}
+
+/// The origin handed to each target's trace: the trace's source with feature
+/// `trace`, nothing (a zero-sized value, no register passed) without it.
+#[cfg(feature = "trace")]
+pub(super) type TraceSource = crate::trace::Source;
+/// The origin handed to each target's trace (nothing without feature `trace`).
+#[cfg(not(feature = "trace"))]
+pub(super) type TraceSource = NoSource;
+
+/// Zero-sized: what the targets' traces get without feature `trace`.
+#[cfg(not(feature = "trace"))]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NoSource;
+
+impl Origin {
+    /// What the targets' traces record as the origin.
+    #[inline(always)]
+    pub(super) fn trace_source(&self) -> TraceSource {
+        #[cfg(feature = "trace")]
+        return self.source;
+        #[cfg(not(feature = "trace"))]
+        NoSource
+    }
+}
+
 /// Result of routing one message.
 pub(super) struct Routed {
     /// Targets whose APIC took the message.
@@ -30,17 +107,17 @@ pub(super) fn route_message<A: ApicAccess>(
     map: &RouteMap,
     rotor: usize,
     msg: &Message,
-    sender: Option<usize>,
+    from: Origin,
     now: u64,
     wake: &mut Wake,
 ) -> Routed {
     let d = msg.delivery;
     if d.mode == DeliveryMode::LowestPriority {
-        return route_lowest_priority(apics, map, rotor, msg, sender, now, wake);
+        return route_lowest_priority(apics, map, rotor, msg, from, now, wake);
     }
     let mut accepted = 0usize;
-    map.resolve(&msg.dest, sender, |t| {
-        if deliver_one(apics, t, d, now, wake) {
+    map.resolve(&msg.dest, from.sender, |t| {
+        if deliver_one(apics, t, d, from.trace_source(), now, wake) {
             accepted = accepted.saturating_add(1);
         }
     });
@@ -61,7 +138,7 @@ pub(super) fn route_lowest_priority<A: ApicAccess>(
     map: &RouteMap,
     rotor: usize,
     msg: &Message,
-    sender: Option<usize>,
+    from: Origin,
     now: u64,
     wake: &mut Wake,
 ) -> Routed {
@@ -75,7 +152,7 @@ pub(super) fn route_lowest_priority<A: ApicAccess>(
     loop {
         let mut winner: Option<(u8, usize, usize)> = None; // (ppr, distance, index)
         let mut candidates = 0usize;
-        map.resolve(&msg.dest, sender, |t| {
+        map.resolve(&msg.dest, from.sender, |t| {
             candidates = candidates.saturating_add(1);
             if refused.contains(&t) {
                 return;
@@ -102,7 +179,7 @@ pub(super) fn route_lowest_priority<A: ApicAccess>(
             };
         };
         rotor_out = Some(w.wrapping_add(1).checked_rem(n).unwrap_or(0));
-        match deliver_to(apics, w, d, now, wake) {
+        match deliver_to(apics, w, d, from.trace_source(), now, wake) {
             Outcome::Accepted => {
                 return Routed {
                     accepted: 1,
@@ -134,10 +211,13 @@ pub(super) fn deliver_to<A: ApicAccess>(
     apics: &mut A,
     t: usize,
     d: Delivery,
+    _source: TraceSource,
     now: u64,
     wake: &mut Wake,
 ) -> Outcome {
     let Some((ok, work, enabled)) = apics.with(t, |a| {
+        #[cfg(feature = "trace")]
+        a.set_trace_source(_source);
         let ok = a.deliver(d, now);
         (ok, ok && a.needs_kick(), a.is_enabled())
     }) else {
@@ -158,10 +238,14 @@ pub(super) fn deliver_one<A: ApicAccess>(
     apics: &mut A,
     t: usize,
     d: Delivery,
+    source: TraceSource,
     now: u64,
     wake: &mut Wake,
 ) -> bool {
-    matches!(deliver_to(apics, t, d, now, wake), Outcome::Accepted)
+    matches!(
+        deliver_to(apics, t, d, source, now, wake),
+        Outcome::Accepted
+    )
 }
 
 /// Fires IOAPIC pins through `route` (which returns how many APICs accepted), setting
@@ -169,11 +253,11 @@ pub(super) fn deliver_one<A: ApicAccess>(
 pub(super) fn service_pins(
     io: &mut IoApic,
     pins: PinSet,
-    mut route: impl FnMut(&Message) -> usize,
+    mut route: impl FnMut(&Message, Origin) -> usize,
 ) {
     for pin in pins.iter() {
         let Some(msg) = io.message(pin) else { continue };
-        if route(&msg) > 0 && msg.delivery.level_triggered {
+        if route(&msg, Origin::pin(pin)) > 0 && msg.delivery.level_triggered {
             io.set_remote_irr(pin);
         }
     }

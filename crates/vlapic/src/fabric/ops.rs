@@ -1,7 +1,7 @@
 //! Every fabric operation, written once over [`Backend`]: [`Fabric`](super::Fabric)
 //! and [`SharedFabric`](super::SharedFabric) differ only in how they reach an APIC.
 
-use super::core::{check_fabric_import, one_pin};
+use super::core::{check_fabric_import, one_pin, Origin};
 use super::seam::{apic_page, in_page, PAGE_OFFSET};
 use super::{IoApic, MsiError, Wake};
 use crate::ioapic::PinSet;
@@ -23,7 +23,7 @@ pub(super) trait Backend {
     /// Runs `f` on one APIC, read-only.
     fn read<R>(&self, vcpu: usize, f: impl FnOnce(&LocalApic) -> R) -> Option<R>;
     /// Routes one message; returns how many targets accepted it.
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize;
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize;
     /// Runs `f` on the IOAPIC, then routes the pins it returns with the IOAPIC still
     /// held (so remote IRR is set before any EOI for the interrupt is processed).
     fn ioapic<R>(
@@ -43,7 +43,7 @@ fn effects<B: Backend>(b: &mut B, vcpu: usize, fx: Effects, now: u64) -> Wake {
         ..Wake::default()
     };
     if let Some(ipi) = fx.ipi {
-        b.route(&Message::from(ipi), Some(vcpu), now, &mut wake);
+        b.route(&Message::from(ipi), Origin::vcpu(vcpu), now, &mut wake);
     }
     if let Some(v) = fx.eoi {
         b.ioapic(now, &mut wake, |io| ((), io.eoi(v)));
@@ -66,7 +66,7 @@ pub(super) fn with_apic<B: Backend, R>(
 /// Routes a message no APIC sent.
 pub(super) fn send<B: Backend>(b: &mut B, msg: &Message, now: u64) -> Wake {
     let mut wake = Wake::default();
-    b.route(msg, None, now, &mut wake);
+    b.route(msg, Origin::host(), now, &mut wake);
     wake.normalize();
     wake
 }
@@ -174,7 +174,7 @@ pub(super) fn msi<B: Backend>(
     let msi = Msi::decode(address, data)?;
     let mut wake = Wake::default();
     if let Some(m) = msi.message() {
-        b.route(&m, None, now, &mut wake);
+        b.route(&m, Origin::msi(), now, &mut wake);
     }
     wake.normalize();
     Ok(wake)
@@ -213,10 +213,15 @@ pub(super) fn import<B: Backend>(
             return Err(FabricError::Apic { index: i, error });
         }
     }
-    let mut none = Wake::default();
-    b.ioapic(now, &mut none, |io| (io.import(ioapic), PinSet::EMPTY))
+    // Installed as it was, with no delivery: an asserted, unmasked level pin whose
+    // remote IRR is clear is one whose last delivery no APIC accepted (every other way
+    // into that condition fires the pin at once). The source would fire it again only
+    // at its next trigger (an EOI for its vector, a write to its entry, a line change),
+    // so the destination waits for the same trigger: export → import → export is the
+    // identity, and the VM behaves the same on either side of a migration.
+    let mut wake = Wake::default();
+    b.ioapic(now, &mut wake, |io| (io.import(ioapic), PinSet::EMPTY))
         .map_err(FabricError::IoApic)?;
-    let mut wake = ioapic_service(b, now);
     for i in 0..b.len() {
         if b.apic(i, |a| a.needs_kick()) == Some(true) {
             wake.push(i);

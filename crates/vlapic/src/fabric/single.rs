@@ -70,10 +70,10 @@ impl Core {
         )
     }
 
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
         let rotor = self.rotor;
         let (mut acc, map) = self.access();
-        let r = route_message(&mut acc, map, rotor, msg, sender, now, wake);
+        let r = route_message(&mut acc, map, rotor, msg, from, now, wake);
         if let Some(new) = r.rotor {
             self.rotor = new;
         }
@@ -114,8 +114,8 @@ impl Backend for Fabric {
         self.core.apics.get(vcpu).map(f)
     }
 
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
-        self.core.route(msg, sender, now, wake)
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
+        self.core.route(msg, from, now, wake)
     }
 
     fn ioapic<R>(
@@ -126,7 +126,9 @@ impl Backend for Fabric {
     ) -> R {
         let (r, pins) = f(&mut self.ioapic);
         let core = &mut self.core;
-        service_pins(&mut self.ioapic, pins, |m| core.route(m, None, now, wake));
+        service_pins(&mut self.ioapic, pins, |m, from| {
+            core.route(m, from, now, wake)
+        });
         r
     }
 
@@ -233,8 +235,9 @@ impl Fabric {
         ops::set_irq_line(self, pin, level, now)
     }
 
-    /// Fires every IOAPIC level pin that is asserted, unmasked and not in service
-    /// (after importing IOAPIC state).
+    /// Fires every IOAPIC level pin that is asserted, unmasked and not in service.
+    /// [`Fabric::import`] does not (it installs state exactly); an embedder that
+    /// installs IOAPIC state from a source whose pending lines were never sent calls it.
     pub fn ioapic_service(&mut self, now: u64) -> Wake {
         ops::ioapic_service(self, now)
     }
@@ -261,9 +264,11 @@ impl Fabric {
     }
 
     /// Validates `state` against this VM's APICs and IOAPIC, then installs it; on
-    /// error nothing changes. Afterwards the routing map follows the imported IDs,
-    /// asserted level lines with remote IRR clear are re-delivered, and the returned
-    /// [`Wake`] names every vCPU with something to take.
+    /// error nothing changes. Afterwards the routing map follows the imported IDs and
+    /// the returned [`Wake`] names every vCPU with something to take. Nothing is
+    /// delivered by the import itself: an asserted level pin whose last delivery was
+    /// not accepted (remote IRR clear) fires at its next trigger, as on the source, so
+    /// exporting the imported fabric gives back exactly `state`.
     pub fn import(&mut self, state: &FabricState, now: u64) -> Result<Wake, FabricError> {
         ops::import(self, state, now)
     }

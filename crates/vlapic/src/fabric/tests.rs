@@ -60,7 +60,15 @@ fn lowest_priority_retries_when_the_winner_refuses() {
         victim: 0,
     };
     let mut wake = Wake::default();
-    let r = route_message(&mut acc, &map, 0, &lowest(0x41), None, 5, &mut wake);
+    let r = route_message(
+        &mut acc,
+        &map,
+        0,
+        &lowest(0x41),
+        Origin::host(),
+        5,
+        &mut wake,
+    );
     assert_eq!(r.accepted, 1, "delivered to the APIC still enabled");
     assert_eq!(
         r.rotor,
@@ -88,7 +96,15 @@ fn lowest_priority_retry_is_bounded() {
         victim: 0,
     };
     let mut wake = Wake::default();
-    let r = route_message(&mut acc, &map, 0, &lowest(0x41), None, 5, &mut wake);
+    let r = route_message(
+        &mut acc,
+        &map,
+        0,
+        &lowest(0x41),
+        Origin::host(),
+        5,
+        &mut wake,
+    );
     assert_eq!(r.accepted, 0);
     assert!(wake.is_empty());
     assert!(acc.calls <= 6, "{} accesses", acc.calls);

@@ -18,7 +18,8 @@ impl LocalApic {
     /// and set ESR receive-illegal-vector for vectors 0–15 (SDM §11.5.3, §11.4.7.2).
     /// A hardware-disabled APIC takes nothing. INIT resets the APIC at once,
     /// keeping its mode and ID (SDM §11.4.7.3).
-    #[inline]
+    #[cfg_attr(not(feature = "trace"), inline)]
+    #[cfg_attr(feature = "trace", inline(always))] // keeps the "off" cost to its flag tests
     pub fn deliver(&mut self, d: Delivery, now: u64) -> bool {
         self.advance(now);
         if let DeliveryMode::Fixed | DeliveryMode::LowestPriority = d.mode {
@@ -33,6 +34,26 @@ impl LocalApic {
         if !self.is_hardware_enabled() {
             self.stats.refused_disabled = self.stats.refused_disabled.saturating_add(1);
             return false;
+        }
+        #[cfg(feature = "trace")]
+        if self.trace.enabled()
+            && !matches!(d.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority)
+        {
+            let source = self.trace.take_source();
+            let vector = if d.mode == DeliveryMode::StartUp {
+                d.vector
+            } else {
+                0
+            };
+            let mode = d.mode;
+            trace_event!(
+                self,
+                crate::trace::TraceKind::Event {
+                    mode,
+                    vector,
+                    source
+                }
+            );
         }
         match d.mode {
             DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
@@ -75,7 +96,27 @@ impl LocalApic {
         }
         self.tmr.assign(vector, level);
         self.irr.insert(vector);
+        #[cfg(feature = "trace")]
+        if self.trace.enabled() {
+            self.trace_accepted(vector, level);
+        }
         true
+    }
+
+    /// Records an acceptance (out of line: the accept path stays small when off).
+    #[cfg(feature = "trace")]
+    #[cold]
+    #[inline(never)]
+    fn trace_accepted(&mut self, vector: u8, level: bool) {
+        let source = self.trace.take_source();
+        trace_event!(
+            self,
+            crate::trace::TraceKind::Accepted {
+                vector,
+                level,
+                source
+            }
+        );
     }
 
     #[cold]
@@ -115,6 +156,7 @@ impl LocalApic {
         // One per accepted interrupt: a u64 cannot wrap in any VM's lifetime (584
         // years at 10^9 a second), so the plain increment skips saturation's compare.
         self.stats.accepted = self.stats.accepted.wrapping_add(1);
+        trace_event!(self, crate::trace::TraceKind::Acknowledged { vector: v });
         #[cfg(feature = "verify")]
         self.verifier.on_accept(v, &self.isr);
         Some(v)
@@ -130,6 +172,7 @@ impl LocalApic {
         };
         #[cfg(feature = "verify")]
         self.verifier.on_eoi(v, &self.isr);
+        trace_event!(self, crate::trace::TraceKind::Eoi { vector: v });
         if !self.tmr.contains(v) {
             return None;
         }
@@ -225,6 +268,7 @@ impl LocalApic {
         if lvt::is_masked(value) || value & LVT_REMOTE_IRR != 0 {
             return false;
         }
+        trace_source!(self, crate::trace::Source::Local(entry));
         if self.accept_vector(lvt::vector(value), true) {
             self.set_lvt_bits(entry, LVT_REMOTE_IRR, true);
             return true;
@@ -261,9 +305,18 @@ impl LocalApic {
         if lvt::is_masked(value) {
             return false;
         }
+        trace_source!(self, crate::trace::Source::Local(entry));
         match entry.delivery_mode(value) {
             Some(DeliveryMode::Fixed) => self.accept_vector(lvt::vector(value), false),
             Some(DeliveryMode::Nmi) => {
+                trace_event!(
+                    self,
+                    crate::trace::TraceKind::Event {
+                        mode: DeliveryMode::Nmi,
+                        vector: 0,
+                        source: self.trace.take_source(),
+                    }
+                );
                 self.post_nmi();
                 true
             }
@@ -306,6 +359,7 @@ impl LocalApic {
         match icr::decode(self.icr, x2apic) {
             IcrCommand::Send(msg) => Some(msg),
             IcrCommand::SelfInterrupt(v) => {
+                trace_source!(self, crate::trace::Source::SelfIpi);
                 self.accept_vector(v, false);
                 None
             }
@@ -325,6 +379,7 @@ impl LocalApic {
         if vector < 16 {
             self.signal_error(ESR_SEND_ILLEGAL_VECTOR);
         } else {
+            trace_source!(self, crate::trace::Source::SelfIpi);
             self.accept_vector(vector, false);
         }
     }

@@ -53,6 +53,7 @@ impl LocalApic {
     /// (SDM §11.4.7.1): IRR/ISR/TMR/ICR/LDR/TPR/ESR 0, timer counts 0, DFR all
     /// ones, LVTs masked, SVR 0xFF.
     pub(super) fn reset_registers(&mut self) {
+        trace_event!(self, crate::trace::TraceKind::Reset);
         self.tpr = 0;
         self.apr = 0;
         self.ldr = 0;

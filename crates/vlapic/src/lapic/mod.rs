@@ -73,6 +73,9 @@ pub struct LocalApic {
     pub(crate) stats: Stats,
     #[cfg(feature = "verify")]
     pub(crate) verifier: Verifier,
+    /// Interrupt trace events waiting for the embedder (not architectural state).
+    #[cfg(feature = "trace")]
+    pub(crate) trace: crate::trace::TraceRing,
 }
 
 impl LocalApic {
@@ -102,6 +105,8 @@ impl LocalApic {
             stats: Stats::default(),
             #[cfg(feature = "verify")]
             verifier: Verifier::new(cfg.verify),
+            #[cfg(feature = "trace")]
+            trace: crate::trace::TraceRing::default(),
         };
         apic.reset_registers();
         apic
@@ -199,6 +204,10 @@ impl LocalApic {
     }
 
     pub(crate) fn set_tpr(&mut self, tpr: u8) {
+        #[cfg(feature = "trace")]
+        if tpr != self.tpr {
+            trace_event!(self, crate::trace::TraceKind::Tpr { tpr });
+        }
         self.tpr = tpr;
         #[cfg(feature = "verify")]
         self.verifier.on_tpr_change(&self.isr);
@@ -303,6 +312,37 @@ impl LocalApic {
     fn verify_rebuild(&mut self) {
         #[cfg(feature = "verify")]
         self.verifier.rebuild(&self.isr);
+    }
+
+    // ----- trace (feature `trace`) --------------------------------------------
+
+    /// Starts or stops recording [`trace`](crate::trace) events (off at creation).
+    #[cfg(feature = "trace")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+    pub fn set_trace_enabled(&mut self, on: bool) {
+        self.trace.set_enabled(on);
+    }
+
+    /// The trace ring: whether it records, how many events wait, how many were lost.
+    #[cfg(feature = "trace")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+    pub fn trace(&self) -> &crate::trace::TraceRing {
+        &self.trace
+    }
+
+    /// Hands every recorded trace event to `f`, oldest first, and empties the ring.
+    #[cfg(feature = "trace")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+    pub fn drain_trace(&mut self, f: impl FnMut(crate::trace::TraceEvent)) {
+        self.trace.drain(f);
+    }
+
+    /// Notes where the next delivery to this APIC comes from (the fabric calls this
+    /// under the same lock, just before [`LocalApic::deliver`]).
+    #[cfg(feature = "trace")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+    pub fn set_trace_source(&mut self, source: crate::trace::Source) {
+        self.trace.set_source(source);
     }
 
     // ----- time --------------------------------------------------------------

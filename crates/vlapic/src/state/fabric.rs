@@ -256,8 +256,8 @@ impl crate::ioapic::IoApic {
         out
     }
 
-    /// Installs `state` after validating it; on error nothing changes. Sends nothing:
-    /// the fabric's `ioapic_service` re-delivers asserted level lines afterwards.
+    /// Installs `state` after validating it; on error nothing changes. Sends nothing
+    /// (a pending level pin fires at its next trigger, as it would have on the source).
     pub fn import(&mut self, state: &IoApicState) -> Result<(), IoApicError> {
         if let Some(e) = self.check_import(state).into_iter().next() {
             return Err(e);

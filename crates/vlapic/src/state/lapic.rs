@@ -164,6 +164,8 @@ impl LocalApic {
             stats: _,            // counters, never load-bearing
             #[cfg(feature = "verify")]
                 verifier: _, // derived: rebuilt from ISR on import
+            #[cfg(feature = "trace")]
+                trace: _, // observations for the embedder, not state
         } = self;
         let deadline = timer
             .counting_deadline(*now, self.timer_mode(), &cfg.clock)

@@ -123,10 +123,10 @@ impl SharedFabric {
             .clone()
     }
 
-    fn route(&self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
+    fn route(&self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
         let map = self.map();
         let rotor = self.rotor.load(Ordering::Relaxed);
-        let r = route_message(&mut Locked(self), &map, rotor, msg, sender, now, wake);
+        let r = route_message(&mut Locked(self), &map, rotor, msg, from, now, wake);
         if let Some(new) = r.rotor {
             self.rotor.store(new, Ordering::Relaxed);
         }
@@ -151,8 +151,8 @@ impl Backend for &SharedFabric {
         Some(f(&lock(self.apics.get(vcpu)?).apic))
     }
 
-    fn route(&mut self, msg: &Message, sender: Option<usize>, now: u64, wake: &mut Wake) -> usize {
-        SharedFabric::route(self, msg, sender, now, wake)
+    fn route(&mut self, msg: &Message, from: Origin, now: u64, wake: &mut Wake) -> usize {
+        SharedFabric::route(self, msg, from, now, wake)
     }
 
     fn ioapic<R>(
@@ -163,8 +163,8 @@ impl Backend for &SharedFabric {
     ) -> R {
         let mut io = lock(&self.ioapic);
         let (r, pins) = f(&mut io);
-        service_pins(&mut io, pins, |m| {
-            SharedFabric::route(self, m, None, now, wake)
+        service_pins(&mut io, pins, |m, from| {
+            SharedFabric::route(self, m, from, now, wake)
         });
         r
     }
