@@ -727,6 +727,14 @@ impl ApicVcpu {
     }
 }
 
+/// Details (suberror, data) of the `KVM_EXIT_INTERNAL_ERROR` left in a bare vCPU's
+/// `kvm_run`, for a VMM that runs `fd` itself (as with KVM's in-kernel irqchip);
+/// `None` when the last exit was something else. For an emulation failure
+/// (suberror 1) KVM puts the instruction bytes in the data.
+pub fn internal_error_of(fd: &mut VcpuFd) -> Option<(u32, Vec<u64>)> {
+    raw::internal_error(fd)
+}
+
 impl Drop for ApicVcpu {
     fn drop(&mut self) {
         // Before `fd` (and its kvm_run mapping) goes: no kicker may touch it after.

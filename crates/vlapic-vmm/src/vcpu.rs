@@ -207,7 +207,8 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
         }
         if let Some(mut o) = end {
             if let Outcome::GuestCrash(m) = &mut o {
-                *m = crash_context(vcpu, me, m);
+                let internal = vcpu.internal_error();
+                *m = crash_context(vcpu.fd(), me, m, internal);
             }
             sh.finish(o);
             break;
@@ -257,17 +258,16 @@ fn drive_lint0(sh: &Shared) {
 }
 
 /// "vcpuN at rip X: what (internal error data) [control registers]".
-fn crash_context(vcpu: &mut ApicVcpu, me: usize, what: &str) -> String {
-    let detail = vcpu
-        .internal_error()
+/// `internal` is the exit's KVM_EXIT_INTERNAL_ERROR suberror and data, if it was one.
+fn crash_context(fd: &VcpuFd, me: usize, what: &str, internal: Option<(u32, Vec<u64>)>) -> String {
+    let detail = internal
         .map(|(sub, data)| {
             let d: Vec<String> = data.iter().map(|x| format!("{x:#x}")).collect();
             format!(" (suberror {sub}, data [{}])", d.join(", "))
         })
         .unwrap_or_default();
-    let rip = vcpu.fd().get_regs().map(|r| r.rip).unwrap_or(0);
-    let cr = vcpu
-        .fd()
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    let cr = fd
         .get_sregs()
         .map(|s| format!(" [cr0={:#x} cr4={:#x} efer={:#x}]", s.cr0, s.cr4, s.efer))
         .unwrap_or_default();
@@ -500,7 +500,11 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
                         None => Ok(vlapic_kvm::softint::SoftIntOutcome::NotSoftInt),
                     };
                     soft_int(sh, r).map(|o| match o {
-                        Outcome::GuestCrash(m) => Outcome::GuestCrash(format!("vcpu{me}: {m}")),
+                        // Where it stopped and why, as on the userspace irqchip.
+                        Outcome::GuestCrash(m) => {
+                            let internal = vlapic_kvm::vcpu::internal_error_of(fd);
+                            Outcome::GuestCrash(crash_context(fd, me, &m, internal))
+                        }
                         other => other,
                     })
                 }
