@@ -632,6 +632,7 @@ mod tests {
             [
                 "apic",
                 "exits",
+                "extints",
                 "index",
                 "interrupts",
                 "nmis",
