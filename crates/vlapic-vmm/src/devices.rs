@@ -1,7 +1,7 @@
 //! Port-I/O platform devices: 16550 COM1, isa-debug-exit (0xF4), QEMU fw_cfg
 //! (0x510/0x511), port 0x80, QEMU's pc-testdev (I/O data register 0xE0, page
 //! flush 0xE4, IRQ lines 0x2000+N), a PCI host bridge with no devices
-//! (0xCF8/0xCFC), 8259 ports ignored.
+//! (0xCF8/0xCFC), ACPI sleep control/status (0x600/0x601), 8259 ports ignored.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
+use crate::acpi::{is_soft_off, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::console::ConsoleOut;
 use crate::lock;
 use crate::stats::Odd;
@@ -74,6 +75,19 @@ pub struct IoOutcome {
     pub irq: Option<(u32, bool)>,
     /// The guest asked to end the run with this isa-debug-exit value.
     pub exit: Option<u32>,
+    /// The guest entered ACPI S5 through the sleep control register.
+    pub power_off: bool,
+}
+
+impl IoOutcome {
+    /// How the access ends the run, if it does.
+    pub fn end(&self) -> Option<crate::outcome::Outcome> {
+        match (self.exit, self.power_off) {
+            (Some(n), _) => Some(crate::outcome::Outcome::DebugExit(n)),
+            (None, true) => Some(crate::outcome::Outcome::PoweredOff),
+            (None, false) => None,
+        }
+    }
 }
 
 /// Guest RAM as the page-flush port sees it: host address of guest-physical 0
@@ -252,6 +266,7 @@ impl IoBus {
             0x80 => data.fill(0),
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => data.fill(0),
             DEBUG_EXIT => data.fill(0),
+            SLEEP_CONTROL_PORT | SLEEP_STATUS_PORT => data.fill(0),
             p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {
                 let reg = self.testdev_data.load(Ordering::Relaxed).to_le_bytes();
                 let off = usize::from(p - TESTDEV_IOPORT);
@@ -291,8 +306,14 @@ impl IoBus {
             }
             DEBUG_EXIT => {
                 return IoOutcome {
-                    irq: None,
                     exit: Some(value),
+                    ..Default::default()
+                }
+            }
+            SLEEP_CONTROL_PORT => {
+                return IoOutcome {
+                    power_off: is_soft_off(v[0]),
+                    ..Default::default()
                 }
             }
             FW_CFG => {
@@ -301,12 +322,12 @@ impl IoBus {
                 f.pos = 0;
             }
             p if p == FW_CFG + 1 => {}
-            0x20 | 0x21 | 0xA0 | 0xA1 | 0x80 => {}
+            0x20 | 0x21 | 0xA0 | 0xA1 | 0x80 | SLEEP_STATUS_PORT => {}
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => {
                 let pin = u32::from(p - TESTDEV_IRQ);
                 return IoOutcome {
                     irq: Some((pin, value & 0xFF != 0)),
-                    exit: None,
+                    ..Default::default()
                 };
             }
             p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {

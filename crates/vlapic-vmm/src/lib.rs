@@ -3,10 +3,11 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, guest → console, snapshot, loader → devices → gate → shared → vcpu →
+// outcome, memory, acpi, guest → console, snapshot, loader, linux → devices → gate → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
+pub mod acpi;
 pub mod console;
 pub mod devices;
 pub mod files;
@@ -14,6 +15,7 @@ pub mod gate;
 pub mod guest;
 pub mod incoming;
 pub mod kernel_chip;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod migrate;

@@ -150,6 +150,8 @@ impl RunReport {
             Outcome::VmmError(_) => exit_code::VMM_ERROR,
             Outcome::Saved(_) => exit_code::SAVED,
             Outcome::Migrated(_) => exit_code::PASS,
+            // As QEMU: a guest that powers itself off ends with status 0.
+            Outcome::PoweredOff => exit_code::PASS,
             Outcome::DebugExit(_) | Outcome::AllStopped => {
                 // Success: nothing failed and something ran — scenarios, or (bench
                 // mode) benchmark figures.
@@ -175,6 +177,7 @@ impl RunReport {
             Outcome::DebugExit(n) => {
                 format!("guest exit {n} (status {})", (u64::from(*n) << 1) | 1)
             }
+            Outcome::PoweredOff => "powered off (ACPI S5)".into(),
             Outcome::AllStopped => {
                 "all vCPUs stopped (halted with IF=0 or waiting for SIPI)".into()
             }
@@ -303,6 +306,7 @@ impl RunReport {
         let (kind, code, message) = match &self.outcome {
             Outcome::DebugExit(n) => ("debug_exit", Some(*n), None),
             Outcome::AllStopped => ("all_stopped", None, None),
+            Outcome::PoweredOff => ("powered_off", None, None),
             Outcome::Timeout => ("timeout", None, None),
             Outcome::GuestCrash(m) => ("guest_crash", None, Some(m.as_str())),
             Outcome::VmmError(m) => ("vmm_error", None, Some(m.as_str())),

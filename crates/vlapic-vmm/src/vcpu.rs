@@ -85,7 +85,7 @@ fn serve(sh: &Shared, me: usize, exit: Exit<'_>) -> Option<Outcome> {
             if let Some((pin, level)) = o.irq {
                 sh.rt.set_irq_line(pin, level);
             }
-            o.exit.map(Outcome::DebugExit)
+            o.end()
         }
         Exit::MmioRead(addr, data) => {
             sh.wild_mmio.hit(addr);
@@ -269,7 +269,7 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
                 if let Some((pin, level)) = o.irq {
                     let _ = vm.set_irq_line(pin, level);
                 }
-                o.exit.map(Outcome::DebugExit)
+                o.end()
             }
             Ok(VcpuExit::MmioRead(_, data)) => {
                 data.fill(0xFF);
@@ -350,7 +350,7 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
                             .err()
                             .map(|e| Outcome::VmmError(format!("KVM_IRQ_LINE({pin}): {e}")))
                     });
-                    irq.or(o.exit.map(Outcome::DebugExit))
+                    irq.or(o.end())
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     why = ExitReason::MmioRead;

@@ -12,10 +12,12 @@ use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::{ApicMode, LapicConfig, TimerClock};
 use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
+use crate::acpi::AcpiConfig;
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
 use crate::incoming;
+use crate::linux::{self, LinuxBoot};
 use crate::loader::{self, Module, BOOT_MAGIC};
 use crate::memory::GuestRam;
 use crate::migrate;
@@ -32,8 +34,10 @@ use crate::{lock, snapshot, VmmError};
 /// Everything needed to boot one guest.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// The multiboot v1 kernel image.
+    /// The kernel image: multiboot v1, or Linux (bzImage, or vmlinux with a PVH note).
     pub kernel: Vec<u8>,
+    /// Linux initrd (empty: none); multiboot images take modules instead.
+    pub initrd: Vec<u8>,
     /// Kernel command line.
     pub cmdline: String,
     /// Boot modules.
@@ -90,6 +94,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         Self {
             kernel: Vec::new(),
+            initrd: Vec::new(),
             cmdline: String::new(),
             modules: Vec::new(),
             vcpus: 1,
@@ -151,8 +156,47 @@ fn create_vm(
     Ok(vm)
 }
 
-/// BSP: 32-bit protected mode, paging off, multiboot registers.
-fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
+/// How the loaded image is entered.
+enum Boot {
+    Multiboot(loader::BootInfo),
+    Linux(LinuxBoot),
+}
+
+/// Loads `cfg.kernel` (Linux or multiboot, [`linux::detect`]) into `ram` for `n` vCPUs.
+fn load_image(ram: &GuestRam, cfg: &VmConfig, n: usize) -> Result<Boot, VmmError> {
+    match linux::detect(&cfg.kernel) {
+        Some(kind) => {
+            if !cfg.modules.is_empty() {
+                return Err(VmmError::Load(
+                    "a Linux image takes --initrd, not --module".into(),
+                ));
+            }
+            let acpi = AcpiConfig {
+                apic_ids: (0..n as u32).collect(),
+                ioapic_id: n as u8,
+                ioapic_addr: setup::IOAPIC_BASE as u32,
+                lapic_addr: 0xFEE0_0000,
+            };
+            linux::load(ram, kind, &cfg.kernel, &cfg.cmdline, &cfg.initrd, &acpi)
+                .map(Boot::Linux)
+                .map_err(|e| VmmError::Load(e.0))
+        }
+        None if !cfg.initrd.is_empty() => Err(VmmError::Load(
+            "--initrd needs a Linux image (bzImage or vmlinux); multiboot images take --module"
+                .into(),
+        )),
+        None => loader::load(ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
+            .map(Boot::Multiboot)
+            .map_err(|e| VmmError::Load(e.0)),
+    }
+}
+
+/// BSP: 32-bit protected mode, paging off, multiboot or Linux registers.
+fn boot_bsp(bsp: &VcpuFd, boot: &Boot) -> Result<(), VmmError> {
+    let boot = match boot {
+        Boot::Multiboot(b) => b,
+        Boot::Linux(l) => return linux::enter(bsp, l).map_err(VmmError::Setup),
+    };
     let regs = kvm_regs {
         rip: u64::from(boot.entry),
         rax: u64::from(BOOT_MAGIC),
@@ -247,10 +291,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         None => GuestRam::new(memory_mib).map_err(VmmError::Setup)?,
     };
     let boot = match &restore {
-        None => Some(
-            loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
-                .map_err(|e| VmmError::Load(e.0))?,
-        ),
+        None => Some(load_image(&ram, cfg, n)?),
         Some(f) => {
             for (i, page) in f.memory.index.iter().zip(f.memory.data.chunks(PAGE)) {
                 ram.write(u64::from(*i) * PAGE as u64, page).map_err(bad)?;
@@ -287,7 +328,12 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         cfg.kernel_irqchip,
         cfg.migrate_to.is_some(),
     )?);
-    let base_cpuid = setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
+    let mut base_cpuid =
+        setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
+    if matches!(boot, Some(Boot::Linux(_))) {
+        // This host's emulator runs Linux's CPL0 code and lacks CMPXCHG16B and XRSTOR.
+        vlapic_kvm::cpuid::hide_unemulated(&mut base_cpuid);
+    }
     // The APICs (their clock is set once the guest TSC rate is known); CPUID is
     // derived from them.
     let mut fabric_cfg = FabricConfig::with_vcpus(n);

@@ -6,18 +6,20 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 21] = [
+const LAYERS: [&str; 23] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
+    "acpi",
     "guest",
     "stream",
     "console",
     "snapshot",
     "kernel_chip",
     "loader",
+    "linux",
     "devices",
     "gate",
     "shared",
