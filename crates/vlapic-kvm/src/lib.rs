@@ -124,6 +124,7 @@ pub mod runtime;
 #[cfg_attr(docsrs, doc(cfg(feature = "rust-vmm")))]
 pub mod rust_vmm;
 pub mod setup;
+pub mod softint;
 pub mod timer;
 pub mod vcpu;
 

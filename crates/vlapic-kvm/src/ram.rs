@@ -44,6 +44,12 @@ impl GuestRam {
             .map_err(|e| Error::Memory(format!("no host mapping: {e}")))
     }
 
+    /// The vm-memory mapping (a cheap clone keeps it alive), e.g. for
+    /// [`crate::ApicVcpu::enable_soft_interrupts`].
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Makes this RAM guest-physical 0.. of `vm` in memory slot `slot`. The RAM must
     /// outlive every use of `vm` (drop the `VmFd` first, or keep both to the end).
     pub fn register(&self, vm: &VmFd, slot: u32) -> Result<(), Error> {

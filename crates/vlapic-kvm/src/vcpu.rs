@@ -11,6 +11,7 @@ use vlapic::{is_apic_msr, EntryPlan, Events};
 
 use crate::kick::VcpuKick;
 use crate::raw::{self, RunSlot};
+use crate::softint::SoftIntOutcome;
 use crate::{reset, ApicRuntime, Error};
 
 /// What the VMM knows of a vCPU's run state that KVM does not hold without an
@@ -95,6 +96,9 @@ pub struct VcpuCounters {
     pub nmis: u64,
     /// SIPIs that started the vCPU.
     pub sipis: u64,
+    /// `int3` / `int n` delivered by [`ApicVcpu::deliver_soft_interrupt`] (including
+    /// those whose delivery raised a fault, which was injected instead).
+    pub soft_interrupts: u64,
 }
 
 /// One vCPU run by the adapter. Call [`ApicVcpu::run`] in a loop on one thread.
@@ -122,6 +126,8 @@ pub struct ApicVcpu {
     step_left: u32,
     held_seen: bool,
     stepping: bool,
+    /// Guest RAM for the software-interrupt workaround (`None`: off).
+    soft_int_ram: Option<vm_memory::GuestMemoryMmap>,
 }
 
 impl std::fmt::Debug for ApicVcpu {
@@ -189,6 +195,7 @@ impl ApicVcpu {
             step_left: 0,
             held_seen: false,
             stepping: false,
+            soft_int_ram: None,
         })
     }
 
@@ -670,6 +677,39 @@ fn decode<'a>(
 }
 
 impl ApicVcpu {
+    /// Turns the software-interrupt workaround on (KVM checklist item 15): with it,
+    /// [`ApicVcpu::deliver_soft_interrupt`] delivers an `int3` / `int n` that KVM's
+    /// emulator failed on, reading and writing the guest through `ram`.
+    pub fn enable_soft_interrupts(&mut self, ram: &crate::GuestRam) {
+        self.soft_int_ram = Some(ram.memory().clone());
+    }
+
+    /// Turns the software-interrupt workaround off (the default).
+    pub fn disable_soft_interrupts(&mut self) {
+        self.soft_int_ram = None;
+    }
+
+    /// Call after [`Exit::InternalError`]: when the workaround is on and KVM's
+    /// instruction emulator failed on `int3` / `int n` (hosts whose emulator performs
+    /// them only in real mode), delivers it as the CPU would ([`crate::softint`]) and
+    /// counts it; run the vCPU again unless the outcome is
+    /// [`SoftIntOutcome::NotSoftInt`] or [`SoftIntOutcome::Unsupported`].
+    pub fn deliver_soft_interrupt(&mut self) -> Result<SoftIntOutcome, Error> {
+        let Some(ram) = &self.soft_int_ram else {
+            return Ok(SoftIntOutcome::NotSoftInt);
+        };
+        let out = crate::softint::deliver_at_rip(&mut self.fd, ram)?;
+        if matches!(
+            out,
+            SoftIntOutcome::Delivered(_) | SoftIntOutcome::Faulted(..)
+        ) {
+            self.counters.soft_interrupts += 1;
+            // A delivered event: no single-step across it (see `step_for_tpr`).
+            self.event_pending = true;
+        }
+        Ok(out)
+    }
+
     /// Details of the last `KVM_EXIT_INTERNAL_ERROR` (suberror, data), for reports.
     pub fn internal_error(&mut self) -> Option<(u32, Vec<u64>)> {
         raw::internal_error(&mut self.fd)
