@@ -87,12 +87,6 @@ impl GuestRam {
             .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))
     }
 
-    /// The vm-memory mapping, for loaders written against `GuestMemoryBackend`
-    /// (rust-vmm's `linux-loader`).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
     /// Copies `data` to guest-physical `addr`; fails (never panics) when out of range.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Error> {
         self.check(addr, data.len())?;

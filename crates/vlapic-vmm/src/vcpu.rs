@@ -138,6 +138,7 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
         interrupts: v.counters[0],
         nmis: v.counters[1],
         sipis: v.counters[2],
+        ..VcpuCounters::default()
     });
     vcpu_loop(&mut vcpu, &sh);
     rep.counters = vcpu.counters();

@@ -617,7 +617,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             if let (Some(t), Some(p)) = (next_migration, migrate_every) {
                 if now >= t {
                     drop(g);
-                    match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
+                    match migrate::migrate(&sh, &kvm, &vm, &make_vm, &make_vcpu) {
                         Ok(Some(new_vm)) => vm = Arc::new(new_vm),
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),
