@@ -222,6 +222,31 @@ pub fn init() {
     }
 }
 
+/// Point gate `vector` at `handler` with IST index `ist` and attribute byte `attr`
+/// (P, DPL, type), selector 0x08; [`default_gate`] puts the usual one back.
+pub fn set_gate(vector: u8, handler: u64, ist: u8, attr: u8) {
+    let g = Gate {
+        off_lo: handler as u16,
+        sel: 0x08,
+        ist,
+        attr,
+        off_mid: (handler >> 16) as u16,
+        off_hi: (handler >> 32) as u32,
+        _r: 0,
+    };
+    unsafe { (IDT.0.get() as *mut Gate).add(vector as usize).write_volatile(g) };
+}
+
+/// The gate [`init`] installs for `vector`.
+pub fn default_gate(vector: u8) {
+    let base = unsafe { &isr_stubs as *const u8 as u64 };
+    let ist = match vector {
+        2 | 8 | 18 => 2,
+        _ => 1,
+    };
+    set_gate(vector, base + 16 * u64::from(vector), ist, 0x8E);
+}
+
 /// Load the IDT on the executing CPU.
 pub fn load() {
     #[repr(C, packed)]

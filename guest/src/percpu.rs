@@ -143,6 +143,12 @@ static IST: Racy<IstStacks> = Racy(UnsafeCell::new(IstStacks(
     [[0; IST_STACK_SIZE]; 2 * MAX_CPUS],
 )));
 
+/// Top of the executing CPU's IST1 stack (the TSS's IST1 pointer).
+pub fn ist1_top() -> u64 {
+    let tss = unsafe { (TSS.0.get() as *const Tss).add(index()) };
+    unsafe { core::ptr::addr_of!((*tss).ist[0]).read_unaligned() }
+}
+
 /// Per-CPU setup of the executing CPU: GS base, TSS/IST, GDT, IDT.
 pub fn init_this_cpu(index: usize) {
     assert!(index < MAX_CPUS);

@@ -576,6 +576,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         },
         migrate_every: None,
         kernel_irqchip: q.kernel_irqchip,
+        soft_interrupts: true,
         save: None,
         restore: None,
         incoming: None,

@@ -124,6 +124,12 @@ pub struct RunArgs {
         requires = "migrate_to"
     )]
     pub migrate_after: u64,
+    /// Do not deliver `int3` / `int n` that KVM's instruction emulator fails on (a
+    /// workaround for hosts whose emulator performs them only in real mode, such as
+    /// nested KVM running guest CPL0 code through it): such an instruction then ends
+    /// the run with the KVM internal error, as KVM reports it.
+    #[arg(long)]
+    pub no_soft_int: bool,
 }
 
 fn parse_addr(s: &str) -> Result<vlapic_vmm::stream::Addr, String> {
@@ -274,6 +280,7 @@ pub fn run(a: RunArgs) -> ExitCode {
             },
         }),
         kernel_irqchip: a.irqchip == IrqchipArg::Kernel,
+        soft_interrupts: !a.no_soft_int,
         console: if a.quiet {
             ConsoleSink::Quiet
         } else if a.json {

@@ -679,9 +679,10 @@ fn decode<'a>(
 impl ApicVcpu {
     /// Turns the software-interrupt workaround on (KVM checklist item 15): with it,
     /// [`ApicVcpu::deliver_soft_interrupt`] delivers an `int3` / `int n` that KVM's
-    /// emulator failed on, reading and writing the guest through `ram`.
-    pub fn enable_soft_interrupts(&mut self, ram: &crate::GuestRam) {
-        self.soft_int_ram = Some(ram.memory().clone());
+    /// emulator failed on, reading and writing the guest through `ram` (guest RAM
+    /// from guest-physical 0, e.g. [`crate::GuestRam::memory`]).
+    pub fn enable_soft_interrupts(&mut self, ram: &vm_memory::GuestMemoryMmap) {
+        self.soft_int_ram = Some(ram.clone());
     }
 
     /// Turns the software-interrupt workaround off (the default).
@@ -706,6 +707,12 @@ impl ApicVcpu {
             self.counters.soft_interrupts += 1;
             // A delivered event: no single-step across it (see `step_for_tpr`).
             self.event_pending = true;
+            // The exit's IF and readiness predate the delivery (an interrupt gate
+            // cleared IF; an injected fault must go first): no KVM_INTERRUPT at the
+            // next entry, a window request instead.
+            let r = self.fd.get_kvm_run();
+            r.ready_for_interrupt_injection = 0;
+            r.if_flag = 0;
         }
         Ok(out)
     }

@@ -43,6 +43,11 @@ impl GuestRam {
         self.ram.host_base().map_err(|e| e.to_string())
     }
 
+    /// The vm-memory mapping (for the software-interrupt workaround).
+    pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self.ram.memory()
+    }
+
     /// Makes this RAM guest-physical 0.. of `vm` (slot 0).
     pub fn register(&self, vm: &kvm_ioctls::VmFd) -> Result<(), String> {
         self.ram.register(vm, 0).map_err(|e| e.to_string())

@@ -35,6 +35,11 @@ pub struct Shared {
     pub wild_mmio: Odd,
     /// MSR accesses answered with #GP.
     pub msr_gp: Odd,
+    /// `int3` / `int n` delivered by the VMM (first: the vector), see
+    /// `vlapic_kvm::softint`.
+    pub soft_ints: Odd,
+    /// Guest RAM for that workaround; `None`: off (`--no-soft-int`).
+    pub soft_int_ram: Option<vm_memory::GuestMemoryMmap>,
     /// Exit counters.
     pub exits: Arc<ExitStats>,
     /// Live-migration rendezvous.

@@ -60,6 +60,10 @@ pub struct RunReport {
     pub wild_mmio: u64,
     /// RDMSR/WRMSR answered with #GP (non-APIC MSRs KVM refused, APIC #GP cases).
     pub msr_gp: u64,
+    /// `int3` / `int n` delivered by the VMM because KVM's emulator could not
+    /// (`vlapic_kvm::softint`; not carried across save/restore or migration into
+    /// another process).
+    pub soft_interrupts: u64,
     /// The first unknown port, wild MMIO address and #GP MSR seen.
     pub first_odd: [u64; 3],
     /// Wall-clock run time.
@@ -274,6 +278,13 @@ impl RunReport {
             "odd guest:    {} unknown-port, {} wild-MMIO, {} MSR #GP",
             self.unknown_ports, self.wild_mmio, self.msr_gp
         );
+        if self.soft_interrupts > 0 {
+            let _ = writeln!(
+                s,
+                "soft ints:    {} software interrupts delivered by the VMM (int3/int n KVM's emulator could not execute)",
+                self.soft_interrupts
+            );
+        }
         for ((n, what), first) in [
             (self.unknown_ports, "unknown port"),
             (self.wild_mmio, "wild MMIO address"),
@@ -406,6 +417,7 @@ impl RunReport {
             "unknown_ports": self.unknown_ports,
             "wild_mmio": self.wild_mmio,
             "msr_gp": self.msr_gp,
+            "soft_interrupts": self.soft_interrupts,
             "first_unknown_port": first(self.unknown_ports, self.first_odd[0]),
             "first_wild_mmio": first(self.wild_mmio, self.first_odd[1]),
             "first_gp_msr": first(self.msr_gp, self.first_odd[2]),
@@ -464,7 +476,7 @@ mod tests {
     use serde_json::{json, Value};
 
     /// Every top-level key of schema 1, in documentation order (docs/vmm.md).
-    const KEYS_V1: [&str; 28] = [
+    const KEYS_V1: [&str; 29] = [
         "schema",
         "outcome",
         "exit_code",
@@ -485,6 +497,7 @@ mod tests {
         "unknown_ports",
         "wild_mmio",
         "msr_gp",
+        "soft_interrupts",
         "first_unknown_port",
         "first_wild_mmio",
         "first_gp_msr",
@@ -539,6 +552,7 @@ mod tests {
             unknown_ports: 0,
             wild_mmio: 0,
             msr_gp: 0,
+            soft_interrupts: 0,
             first_odd: [0; 3],
             elapsed: Duration::from_millis(1500),
             tsc_hz: 2_000_000_000,

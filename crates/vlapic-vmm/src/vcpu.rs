@@ -132,6 +132,9 @@ pub fn run_vcpu(v: Vcpu, sh: Arc<Shared>) -> VcpuEnd {
             return rep;
         }
     };
+    if let Some(ram) = &sh.soft_int_ram {
+        vcpu.enable_soft_interrupts(ram);
+    }
     vcpu.set_state(v.start);
     vcpu.carry(v.carried);
     vcpu.set_counters(VcpuCounters {
@@ -170,6 +173,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             }
         }
         let end = match vcpu.run() {
+            Ok(Exit::InternalError(..)) => {
+                sh.exits.count(me, ExitReason::Other);
+                soft_int(sh, vcpu.deliver_soft_interrupt())
+            }
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
         };
@@ -180,6 +187,26 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
             sh.finish(o);
             break;
         }
+    }
+}
+
+/// What the software-interrupt workaround did with a `KVM_EXIT_INTERNAL_ERROR`:
+/// `None` (delivered, counted: run on) or the crash to report.
+fn soft_int(
+    sh: &Shared,
+    r: Result<vlapic_kvm::softint::SoftIntOutcome, vlapic_kvm::Error>,
+) -> Option<Outcome> {
+    use vlapic_kvm::softint::SoftIntOutcome as S;
+    match r {
+        Ok(S::Delivered(v) | S::Faulted(v, _)) => {
+            sh.soft_ints.hit(u64::from(v));
+            None
+        }
+        Ok(S::NotSoftInt) => Some(Outcome::GuestCrash("KVM internal error".into())),
+        Ok(S::Unsupported(v, why)) => Some(Outcome::GuestCrash(format!(
+            "KVM internal error: `int {v:#x}` not delivered by the VMM ({why})"
+        ))),
+        Err(e) => Some(Outcome::VmmError(format!("delivering a software interrupt: {e}"))),
     }
 }
 
@@ -380,7 +407,14 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
                     "vcpu{me}: triple fault (KVM_EXIT_SHUTDOWN)"
                 ))),
                 VcpuExit::InternalError => {
-                    Some(Outcome::GuestCrash(format!("vcpu{me}: KVM internal error")))
+                    let r = match &sh.soft_int_ram {
+                        Some(ram) => vlapic_kvm::softint::deliver_at_rip(fd, ram),
+                        None => Ok(vlapic_kvm::softint::SoftIntOutcome::NotSoftInt),
+                    };
+                    soft_int(sh, r).map(|o| match o {
+                        Outcome::GuestCrash(m) => Outcome::GuestCrash(format!("vcpu{me}: {m}")),
+                        other => other,
+                    })
                 }
                 other => Some(Outcome::GuestCrash(format!(
                     "vcpu{me}: unexpected VM exit {other:?}"

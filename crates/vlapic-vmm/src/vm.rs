@@ -68,6 +68,9 @@ pub struct VmConfig {
     pub incoming: Option<Addr>,
     /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
     pub migrate_to: Option<MigrateTo>,
+    /// Deliver `int3` / `int n` that KVM's instruction emulator fails on (hosts
+    /// whose emulator performs them only in real mode; `vlapic_kvm::softint`).
+    pub soft_interrupts: bool,
 }
 
 /// Where and when `--migrate-to` sends the VM.
@@ -109,6 +112,7 @@ impl Default for VmConfig {
             restore: None,
             incoming: None,
             migrate_to: None,
+            soft_interrupts: true,
         }
     }
 }
@@ -488,6 +492,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         done: Condvar::new(),
         wild_mmio: Odd::default(),
         msr_gp: Odd::default(),
+        soft_ints: Odd::default(),
+        soft_int_ram: cfg.soft_interrupts.then(|| ram.memory().clone()),
         exits,
         migration: MigrationGate::new(n),
         msr_list,
@@ -733,6 +739,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         unknown_ports: sh.io.unknown_ports.get().0,
         wild_mmio: sh.wild_mmio.get().0,
         msr_gp: sh.msr_gp.get().0,
+        soft_interrupts: sh.soft_ints.get().0,
         first_odd: [
             sh.io.unknown_ports.get().1,
             sh.wild_mmio.get().1,

@@ -26,6 +26,7 @@ use crate::{idt, ioapic, smp, time, BootInfo};
 mod io;
 mod ipi;
 mod priority;
+mod softint;
 mod state;
 mod timer;
 
@@ -91,6 +92,7 @@ pub const SCENARIOS: &[Scenario] = &[
     sc("ioapic-eoi-register", 1, Any, io::eoi_register),
     sc("sw-disable", 1, Any, state::sw_disable),
     sc("esr", 1, Any, state::esr),
+    sc("soft-int", 1, Any, softint::soft_int),
     // ---- x2APIC phase ----
     sc("x2apic-switch", 1, Any, state::x2apic_switch),
     sc("self-ipi-x2apic", 1, X2apic, ipi::self_ipi_x2apic),
