@@ -33,17 +33,13 @@ impl GuestRam {
         self.ram.size()
     }
 
-    /// The vm-memory mapping (for rust-vmm's `linux-loader`).
-    pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
-        self.ram.memory()
-    }
-
     /// Host address of guest-physical 0 (the mapping lives as long as `self`).
     pub fn host_base(&self) -> Result<*mut u8, String> {
         self.ram.host_base().map_err(|e| e.to_string())
     }
 
-    /// The vm-memory mapping (for the software-interrupt workaround).
+    /// The vm-memory mapping (for the software-interrupt workaround and rust-vmm's
+    /// `linux-loader`).
     pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
         self.ram.memory()
     }
