@@ -46,9 +46,8 @@ fn bzimage() -> Option<PathBuf> {
 /// 0x184C2102, then blocks of up to 8 MiB each led by its compressed size; the
 /// kernel's build appends the uncompressed size). `Err`: why not.
 fn vmlinux_from(bz: &[u8]) -> Result<Vec<u8>, String> {
-    let u32_at = |o: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(bz.get(o..o + 4)?.try_into().ok()?))
-    };
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(bz.get(o..o + 4)?.try_into().ok()?)) };
     let setup = (usize::from(*bz.get(0x1F1).ok_or("short bzImage")?) + 1) * 512;
     let off = u32_at(0x248).ok_or("no payload_offset")? as usize;
     let len = u32_at(0x24C).ok_or("no payload_length")? as usize;
@@ -88,7 +87,11 @@ fn cpio(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
     let pad = |out: &mut Vec<u8>| out.resize(out.len().div_ceil(4) * 4, 0);
     let all = entries.iter().copied().chain([("TRAILER!!!", 0, &[][..])]);
     for (ino, (name, mode, data)) in all.enumerate() {
-        let (maj, min) = if name == "dev/console" { (5, 1) } else { (0, 0) };
+        let (maj, min) = if name == "dev/console" {
+            (5, 1)
+        } else {
+            (0, 0)
+        };
         let fields = [
             ino as u32 + 1,
             mode,
@@ -133,7 +136,10 @@ fn inputs(tag: &str) -> Option<(PathBuf, PathBuf)> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("linux-{tag}"));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let vmlinux = dir.join("vmlinux");
-    match std::fs::read(&bz).map_err(|e| e.to_string()).and_then(|b| vmlinux_from(&b)) {
+    match std::fs::read(&bz)
+        .map_err(|e| e.to_string())
+        .and_then(|b| vmlinux_from(&b))
+    {
         Ok(v) => std::fs::write(&vmlinux, v).expect("write vmlinux"),
         Err(e) => {
             skip(&format!("{}: {e}", bz.display()));
@@ -152,7 +158,10 @@ fn inputs(tag: &str) -> Option<(PathBuf, PathBuf)> {
         Ok(o) => {
             skip(&format!(
                 "gcc -static failed (static libc missing?): {}",
-                String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
             ));
             return None;
         }
@@ -212,10 +221,16 @@ fn row(log: &str, name: &str) -> Option<Vec<u64>> {
 /// What every boot must show: init ran, the three IPI/timer rows with a count on
 /// each of the 2 CPUs, and the ACPI power-off ending the run with status 0.
 fn check(code: Option<i32>, log: &str) {
-    assert!(log.contains("VLAPIC-INIT: started"), "init never ran:\n{log}");
+    assert!(
+        log.contains("VLAPIC-INIT: started"),
+        "init never ran:\n{log}"
+    );
     let loc = row(log, "LOC:").unwrap_or_else(|| panic!("no LOC row:\n{log}"));
     assert_eq!(loc.len(), 2, "LOC {loc:?}");
-    assert!(loc.iter().all(|n| *n > 0), "local timer idle on a CPU: {loc:?}");
+    assert!(
+        loc.iter().all(|n| *n > 0),
+        "local timer idle on a CPU: {loc:?}"
+    );
     for name in ["CAL:", "RES:"] {
         let r = row(log, name).unwrap_or_else(|| panic!("no {name} row:\n{log}"));
         assert_eq!(r.len(), 2, "{name} {r:?}");
@@ -231,7 +246,68 @@ fn debian_cloud_kernel_boots_to_init_on_two_vcpus() {
         return;
     };
     let (code, log) = run(&k, &rd, &[]);
-    std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-plain.log"), &log)
-        .expect("log");
+    std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-plain.log"),
+        &log,
+    )
+    .expect("log");
     check(code, &log);
+}
+
+/// The number after `label` in the run summary ("migrations:   N ...").
+fn summary_number(log: &str, label: &str) -> Option<u64> {
+    log.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Issue 13 point 2: the whole boot with the VM live-migrated into a new KVM VM every
+/// 10 ms (vCPUs, APICs, IOAPIC, kvmclock, memory), to the same end.
+#[test]
+fn debian_cloud_kernel_boots_while_migrating_every_10ms() {
+    let Some((k, rd)) = inputs("migrate") else {
+        return;
+    };
+    let (code, log) = run(&k, &rd, &["--migrate-every", "10"]);
+    std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-migrate.log"),
+        &log,
+    )
+    .expect("log");
+    check(code, &log);
+    let m = summary_number(&log, "migrations:").unwrap_or(0);
+    assert!(m > 100, "only {m} migrations in a boot of minutes:\n{log}");
+}
+
+/// Issue 13 point 2: `--save` of a Linux VM in the middle of its boot, then a new
+/// process `--restore`s it and the boot runs on to init and the power-off.
+#[test]
+fn debian_cloud_kernel_saved_mid_boot_resumes_in_a_new_process() {
+    let Some((k, rd)) = inputs("save") else {
+        return;
+    };
+    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-save.vsav");
+    let _ = std::fs::remove_file(&file);
+    let after = std::env::var("VLAPIC_LINUX_SAVE_AFTER_MS").unwrap_or_else(|_| "60000".into());
+    let f = file.to_str().expect("utf-8 path");
+    let (code, log) = run(&k, &rd, &["--save", f, "--save-after", &after]);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("vlapic run: saved"), "{log}");
+    assert!(
+        !log.contains("VLAPIC-INIT: power off"),
+        "booted before the save:\n{log}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_vlapic"))
+        .args(["run", "--restore", f, "--timeout", &timeout()])
+        .output()
+        .expect("run vlapic --restore");
+    let log = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-restore.log"),
+        &log,
+    )
+    .expect("log");
+    check(o.status.code(), &log);
+    let _ = std::fs::remove_file(&file);
 }

@@ -206,7 +206,9 @@ fn soft_int(
         Ok(S::Unsupported(v, why)) => Some(Outcome::GuestCrash(format!(
             "KVM internal error: `int {v:#x}` not delivered by the VMM ({why})"
         ))),
-        Err(e) => Some(Outcome::VmmError(format!("delivering a software interrupt: {e}"))),
+        Err(e) => Some(Outcome::VmmError(format!(
+            "delivering a software interrupt: {e}"
+        ))),
     }
 }
 

@@ -332,6 +332,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         cfg.kernel_irqchip,
         cfg.migrate_to.is_some(),
     )?);
+    if let Some(f) = &restore {
+        // kvmclock (Linux's clocksource) resumes at the saved VM time, which tracks
+        // the source's kvmclock to within the gap between VM and vCPU creation.
+        migrate::set_kvmclock(&vm, f.header.vm_ns).map_err(bad)?;
+    }
     let mut base_cpuid =
         setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
     if matches!(boot, Some(Boot::Linux(_))) {
