@@ -210,7 +210,9 @@ fn bad_linux_images_are_one_line_errors() {
     let ram = GuestRam::new(32).unwrap();
     let a = acpi(1);
     let long = "x".repeat(3000);
-    let cases: Vec<(Kind, Vec<u8>, &str, Vec<u8>, &str)> = vec![
+    // (kind, image, command line, initrd, expected error text)
+    type Case<'a> = (Kind, Vec<u8>, &'a str, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
         // Needs 16 MiB + 64 MiB to decompress; RAM is 32 MiB.
         (
             Kind::BzImage,
