@@ -310,7 +310,8 @@ impl RunReport {
     }
 
     /// `outcome` as a JSON object: `kind` (`debug_exit`, `all_stopped`, `timeout`,
-    /// `guest_crash`, `vmm_error`, `saved`), `code` (the debug-exit value, else null),
+    /// `guest_crash`, `vmm_error`, `saved`, `migrated`, `powered_off`), `code` (the
+    /// debug-exit value, else null),
     /// `message` (crash, error or save detail, else null) and `text` (the summary's
     /// human-readable line).
     fn outcome_json(&self) -> serde_json::Value {
