@@ -101,7 +101,10 @@ const EBX7_AVX: u32 =
 /// AVX2, AVX-512, FMA, F16C, leaf 0xD), and `POPCNT` (Debian's 6.1 kernel stopped on
 /// it in `hweight64` here, KVM internal error with bytes `f3 48 0f b8 c7`). A guest
 /// such as Linux then uses `CMPXCHG8B` paths, FXSAVE/FXRSTOR and software popcount.
-/// Leaves absent from `cpuid` stay absent.
+/// Leaves absent from `cpuid` stay absent. Caveat, probed on `kvm_pvm`: that KVM shows
+/// the guest the hardware's CPUID.1:ECX POPCNT/XSAVE/OSXSAVE/AVX bits whatever
+/// `KVM_SET_CPUID2` says (CX16 it honours), so a Linux guest there also needs
+/// `noxsave clearcpuid=popcnt` on its command line.
 pub fn hide_unemulated(cpuid: &mut CpuId) {
     for e in cpuid.as_mut_slice() {
         match (e.function, e.index) {
