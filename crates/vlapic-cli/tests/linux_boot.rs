@@ -182,12 +182,13 @@ fn inputs(tag: &str) -> Option<(PathBuf, PathBuf)> {
     Some((vmlinux, rd))
 }
 
-/// The command line: serial console; no XSAVE and no POPCNT (this host's emulator
-/// lacks XRSTOR and POPCNT, and its KVM (`kvm_pvm`) shows the guest the hardware's
-/// CPUID.1:ECX bits whatever the VMM sets, so CPUID alone cannot hide them); no KASLR
+/// The command line: serial console; no XSAVE, POPCNT, SMAP or FSGSBASE (this host's
+/// emulator lacks XRSTOR, POPCNT, CLAC/STAC and RD/WRGSBASE, and its KVM (`kvm_pvm`)
+/// shows the guest the hardware's CPUID bits whatever the VMM sets, so CPUID alone
+/// cannot hide them); no KASLR
 /// (reproducible addresses for reports); no zeroing of every allocated page (boot time).
-const APPEND: &str = "console=ttyS0 earlyprintk=serial noxsave clearcpuid=popcnt nokaslr \
-                      init_on_alloc=0 panic=-1";
+const APPEND: &str = "console=ttyS0 earlyprintk=serial noxsave clearcpuid=popcnt,smap \
+                      nofsgsbase nokaslr init_on_alloc=0 panic=-1";
 
 fn timeout() -> String {
     std::env::var("VLAPIC_LINUX_TIMEOUT").unwrap_or_else(|_| "1800".into())
