@@ -434,6 +434,29 @@ mod tests {
         assert_eq!(b.unknown_ports.get().0, 0);
     }
 
+    /// ACPI 6.4 §4.8.3.7: SLP_TYPx (bits 4:2) = the DSDT's `\_S5` value (5) with
+    /// SLP_EN (bit 5) enters S5 and ends the run; anything else does nothing; both
+    /// sleep registers read 0 (§4.8.3.8: WAK_STS clear).
+    #[test]
+    fn acpi_sleep_control_powers_off_on_s5_only() {
+        let b = bus();
+        assert!(b.port_out(SLEEP_CONTROL_PORT, &[0x34]).power_off);
+        assert_eq!(
+            b.port_out(SLEEP_CONTROL_PORT, &[0x34]).end(),
+            Some(crate::outcome::Outcome::PoweredOff)
+        );
+        for v in [0x14u8, 0x20, 0x2C, 0x3C, 0] {
+            assert!(!b.port_out(SLEEP_CONTROL_PORT, &[v]).power_off, "{v:#x}");
+        }
+        assert!(!b.port_out(SLEEP_STATUS_PORT, &[0x34]).power_off);
+        for p in [SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT] {
+            let mut d = [0xFFu8];
+            b.port_in(p, &mut d);
+            assert_eq!(d, [0]);
+        }
+        assert_eq!(b.unknown_ports.get().0, 0);
+    }
+
     #[test]
     fn pci_host_bridge_latches_the_address_and_finds_no_device() {
         let b = bus();
