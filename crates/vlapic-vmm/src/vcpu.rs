@@ -175,7 +175,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
         let end = match vcpu.run() {
             Ok(Exit::InternalError(..)) => {
                 sh.exits.count(me, ExitReason::Other);
-                soft_int(sh, vcpu.deliver_soft_interrupt())
+                match vcpu.deliver_soft_interrupt() {
+                    Ok(vlapic_kvm::softint::SoftIntOutcome::NotSoftInt) => fill_in(vcpu),
+                    r => soft_int(sh, r),
+                }
             }
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
@@ -209,6 +212,17 @@ fn soft_int(
         Err(e) => Some(Outcome::VmmError(format!(
             "delivering a software interrupt: {e}"
         ))),
+    }
+}
+
+/// An emulation failure that is not `int3`/`int n`: completed by the VMM when it is an
+/// instruction [`crate::fill_in`] knows (`None`: run on), else the crash to report.
+fn fill_in(vcpu: &mut ApicVcpu) -> Option<Outcome> {
+    let data = vcpu.internal_error().map(|(_, d)| d).unwrap_or_default();
+    match crate::fill_in::complete(vcpu.fd(), &data) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Outcome::GuestCrash("KVM internal error".into())),
+        Err(e) => Some(Outcome::VmmError(format!("completing an instruction: {e}"))),
     }
 }
 

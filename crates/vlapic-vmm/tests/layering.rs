@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 23] = [
+const LAYERS: [&str; 24] = [
     "files",
     "stats",
     "wire",
@@ -20,6 +20,7 @@ const LAYERS: [&str; 23] = [
     "kernel_chip",
     "loader",
     "linux",
+    "fill_in",
     "devices",
     "gate",
     "shared",
