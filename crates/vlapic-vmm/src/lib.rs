@@ -3,7 +3,7 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, acpi, guest → console, snapshot, loader, linux, fill_in → devices → gate → shared → vcpu →
+// outcome, memory, kvmclock, acpi, guest → console, snapshot, loader, linux, fill_in → devices → gate → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
@@ -16,6 +16,7 @@ pub mod gate;
 pub mod guest;
 pub mod incoming;
 pub mod kernel_chip;
+pub mod kvmclock;
 pub mod linux;
 pub mod loader;
 pub mod memory;

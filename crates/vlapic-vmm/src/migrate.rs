@@ -13,24 +13,6 @@ use vlapic::Events;
 use crate::lock;
 use crate::shared::Shared;
 
-/// Carries KVM's paravirtual clock (kvmclock, which Linux guests use as their
-/// clocksource) from `from` to `to`, so guest time neither jumps back nor stops.
-pub fn carry_kvmclock(from: &VmFd, to: &VmFd) -> Result<(), String> {
-    let c = from
-        .get_clock()
-        .map_err(|e| format!("KVM_GET_CLOCK: {e}"))?;
-    set_kvmclock(to, c.clock)
-}
-
-/// Sets a VM's kvmclock to `ns` (`KVM_SET_CLOCK`).
-pub fn set_kvmclock(vm: &VmFd, ns: u64) -> Result<(), String> {
-    let d = kvm_bindings::kvm_clock_data {
-        clock: ns,
-        ..Default::default()
-    };
-    vm.set_clock(&d).map_err(|e| format!("KVM_SET_CLOCK: {e}"))
-}
-
 /// Main-thread side: one migration of the whole VM from `old`. Returns the new VM
 /// (the caller drops the old one) or a message. kvmclock moves with it
 /// (`KVM_GET_CLOCK` on `old`, `KVM_SET_CLOCK` on the new VM, while paused).
@@ -54,7 +36,7 @@ pub fn migrate(
         return Ok(None);
     }
     let paused_at = Instant::now();
-    carry_kvmclock(old_vm, &vm)?;
+    crate::kvmclock::carry(old_vm, &vm)?;
 
     // Every vCPU is out of KVM_RUN and parked: the APIC/IOAPIC state is quiescent.
     // Export it, through the library's binary encoding, into a fresh fabric.

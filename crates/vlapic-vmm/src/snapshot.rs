@@ -125,6 +125,11 @@ impl VcpuState {
         })
     }
 
+    /// The saved value of MSR `index`, if it was saved.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
+    }
+
     /// Loads this state into the fresh vCPU `fd`; IA32_TSC is written last, with the
     /// value `tsc()` returns at that moment, so the guest TSC does not step back by the
     /// time the other ioctls took (a step back makes guest-measured intervals that span

@@ -333,9 +333,17 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         cfg.migrate_to.is_some(),
     )?);
     if let Some(f) = &restore {
-        // kvmclock (Linux's clocksource) resumes at the saved VM time, which tracks
-        // the source's kvmclock to within the gap between VM and vCPU creation.
-        migrate::set_kvmclock(&vm, f.header.vm_ns).map_err(bad)?;
+        // kvmclock (Linux's clocksource) resumes where the guest last read it: its own
+        // pvclock page (saved RAM) read at the saved guest TSC.
+        let msr = f
+            .vcpus
+            .first()
+            .and_then(|v| v.kvm.msr(crate::kvmclock::MSR_KVM_SYSTEM_TIME_NEW));
+        if let Some(ns) =
+            msr.and_then(|m| crate::kvmclock::guest_reading(&ram, m, f.header.guest_tsc))
+        {
+            crate::kvmclock::set(&vm, ns).map_err(bad)?;
+        }
     }
     let mut base_cpuid =
         setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;

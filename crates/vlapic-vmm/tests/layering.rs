@@ -6,12 +6,13 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 24] = [
+const LAYERS: [&str; 25] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
+    "kvmclock",
     "acpi",
     "guest",
     "stream",
