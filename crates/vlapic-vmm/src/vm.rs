@@ -23,7 +23,9 @@ use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
 use crate::outgoing::{self, PreCopy, Sent};
-use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC, PAGE};
+use crate::savefile::{
+    self, SaveFile, FLAG_KVM_APIC, FLAG_LINUX_CPUID, FLAG_VERIFY, FLAG_X2APIC, PAGE,
+};
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
 use crate::stream::{Addr, LiveStats};
@@ -347,7 +349,11 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
     let mut base_cpuid =
         setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
-    if matches!(boot, Some(Boot::Linux(_))) {
+    let linux_cpuid = matches!(boot, Some(Boot::Linux(_)))
+        || restore
+            .as_ref()
+            .is_some_and(|f| f.header.flags & FLAG_LINUX_CPUID != 0);
+    if linux_cpuid {
         // This host's emulator runs Linux's CPL0 code and lacks CMPXCHG16B and XRSTOR.
         vlapic_kvm::cpuid::hide_unemulated(&mut base_cpuid);
     }
@@ -586,7 +592,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             memory_mib,
             flags: if x2apic { FLAG_X2APIC } else { 0 }
                 | if verify { FLAG_VERIFY } else { 0 }
-                | if kvm_model { FLAG_KVM_APIC } else { 0 },
+                | if kvm_model { FLAG_KVM_APIC } else { 0 }
+                | if linux_cpuid { FLAG_LINUX_CPUID } else { 0 },
             tsc_hz,
             migrate_every_us,
             elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos()).unwrap_or(u64::MAX),
