@@ -3,11 +3,12 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, kvmclock, acpi, guest → console, snapshot, loader, linux, fill_in → devices → gate → shared → vcpu →
+// outcome, memory, kvmclock, acpi, guest → console, snapshot, loader, linux, fill_in, boot → devices → gate → shared → vcpu →
 // migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
 pub mod acpi;
+pub mod boot;
 pub mod console;
 pub mod devices;
 pub mod files;

@@ -6,19 +6,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, Msrs};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::{ApicMode, LapicConfig, TimerClock};
 use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
-use crate::acpi::AcpiConfig;
+use crate::boot::{self, Boot};
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
 use crate::incoming;
-use crate::linux::{self, LinuxBoot};
-use crate::loader::{self, Module, BOOT_MAGIC};
+use crate::loader::Module;
 use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
@@ -162,56 +161,6 @@ fn create_vm(
     Ok(vm)
 }
 
-/// How the loaded image is entered.
-enum Boot {
-    Multiboot(loader::BootInfo),
-    Linux(LinuxBoot),
-}
-
-/// Loads `cfg.kernel` (Linux or multiboot, [`linux::detect`]) into `ram` for `n` vCPUs.
-fn load_image(ram: &GuestRam, cfg: &VmConfig, n: usize) -> Result<Boot, VmmError> {
-    match linux::detect(&cfg.kernel) {
-        Some(kind) => {
-            if !cfg.modules.is_empty() {
-                return Err(VmmError::Load(
-                    "a Linux image takes --initrd, not --module".into(),
-                ));
-            }
-            let acpi = AcpiConfig {
-                apic_ids: (0..n as u32).collect(),
-                ioapic_id: n as u8,
-                ioapic_addr: setup::IOAPIC_BASE as u32,
-                lapic_addr: 0xFEE0_0000,
-            };
-            linux::load(ram, kind, &cfg.kernel, &cfg.cmdline, &cfg.initrd, &acpi)
-                .map(Boot::Linux)
-                .map_err(|e| VmmError::Load(e.0))
-        }
-        None if !cfg.initrd.is_empty() => Err(VmmError::Load(
-            "--initrd needs a Linux image (bzImage or vmlinux); multiboot images take --module"
-                .into(),
-        )),
-        None => loader::load(ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
-            .map(Boot::Multiboot)
-            .map_err(|e| VmmError::Load(e.0)),
-    }
-}
-
-/// BSP: 32-bit protected mode, paging off, multiboot or Linux registers.
-fn boot_bsp(bsp: &VcpuFd, boot: &Boot) -> Result<(), VmmError> {
-    let boot = match boot {
-        Boot::Multiboot(b) => b,
-        Boot::Linux(l) => return linux::enter(bsp, l).map_err(VmmError::Setup),
-    };
-    let regs = kvm_regs {
-        rip: u64::from(boot.entry),
-        rax: u64::from(BOOT_MAGIC),
-        rbx: u64::from(boot.info),
-        ..Default::default()
-    };
-    setup::enter_protected_mode(bsp, &regs).map_err(|e| VmmError::Setup(e.to_string()))
-}
-
 /// Boots the guest described by `cfg` (or restores `cfg.restore`) and runs it to
 /// the end (or, with `cfg.save`, to the save).
 pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
@@ -297,7 +246,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         None => GuestRam::new(memory_mib).map_err(VmmError::Setup)?,
     };
     let boot = match &restore {
-        None => Some(load_image(&ram, cfg, n)?),
+        None => Some(boot::load_image(
+            &ram,
+            &cfg.kernel,
+            &cfg.cmdline,
+            &cfg.modules,
+            &cfg.initrd,
+            n,
+        )?),
         Some(f) => {
             for (i, page) in f.memory.index.iter().zip(f.memory.data.chunks(PAGE)) {
                 ram.write(u64::from(*i) * PAGE as u64, page).map_err(bad)?;
@@ -446,7 +402,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let clock = VmClock::new(host0, guest0, tsc_hz);
 
     if let Some(b) = &boot {
-        boot_bsp(bsp, b)?;
+        boot::boot_bsp(bsp, b)?;
     }
 
     let mut fabric_cfg = fabric_cfg.clone();

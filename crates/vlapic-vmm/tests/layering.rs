@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 25] = [
+const LAYERS: [&str; 26] = [
     "files",
     "stats",
     "wire",
@@ -22,6 +22,7 @@ const LAYERS: [&str; 25] = [
     "loader",
     "linux",
     "fill_in",
+    "boot",
     "devices",
     "gate",
     "shared",
