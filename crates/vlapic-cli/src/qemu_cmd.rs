@@ -566,6 +566,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
     }
     let cfg = VmConfig {
         kernel,
+        initrd: Vec::new(),
         cmdline: multiboot_cmdline(&q.kernel, &q.append),
         modules,
         vcpus: q.vcpus,
@@ -613,7 +614,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         }
     }
     match &rep.outcome {
-        Outcome::DebugExit(_) => {}
+        Outcome::DebugExit(_) | Outcome::PoweredOff => {}
         Outcome::AllStopped => {
             let _ = writeln!(
                 std::io::stderr(),

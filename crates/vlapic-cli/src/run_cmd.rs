@@ -32,12 +32,16 @@ Exit status:
 /// Arguments of `vlapic run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Multiboot v1 kernel (ELF32/ELF64 or a.out kludge); default: the built-in test guest.
+    /// Kernel: multiboot v1 (ELF32/ELF64 or a.out kludge), or Linux (a bzImage, or a
+    /// vmlinux with a PVH note); default: the built-in test guest.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, default_value = "")]
     pub append: String,
+    /// Initial ramdisk for a Linux --kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
     /// Boot module (repeatable); its command line is the file name.
     #[arg(long, value_name = "FILE")]
     pub module: Vec<PathBuf>,
@@ -232,9 +236,27 @@ pub fn run(a: RunArgs) -> ExitCode {
             Err(e) => return fail(exit_code::SETUP, format!("module {e}")),
         }
     }
+    let initrd = match &a.initrd {
+        Some(p) => {
+            let limit = a.memory.saturating_mul(1 << 20);
+            let why = format!("the --memory {} MiB of guest RAM it must fit in", a.memory);
+            match vlapic_vmm::files::read_bounded(p, limit, &why) {
+                Ok(data) => data,
+                Err(e) => return fail(exit_code::SETUP, format!("initrd {e}")),
+            }
+        }
+        None => Vec::new(),
+    };
+    // Linux takes --append alone (as QEMU passes it); multiboot gets "FILE APPEND".
+    let cmdline = if vlapic_vmm::linux::detect(&kernel).is_some() {
+        a.append.clone()
+    } else {
+        kernel_cmdline(&a.kernel, &a.append)
+    };
     let cfg = VmConfig {
         kernel,
-        cmdline: kernel_cmdline(&a.kernel, &a.append),
+        initrd,
+        cmdline,
         modules,
         vcpus: a.vcpus,
         memory_mib: a.memory,

@@ -1,7 +1,8 @@
 //! Port-I/O platform devices: 16550 COM1, isa-debug-exit (0xF4), QEMU fw_cfg
 //! (0x510/0x511), port 0x80, QEMU's pc-testdev (I/O data register 0xE0, page
 //! flush 0xE4, IRQ lines 0x2000+N), a PCI host bridge with no devices
-//! (0xCF8/0xCFC), the 8259A pair (`pic`; ports 0x20/0x21/0xA0/0xA1/0x4D0/0x4D1).
+//! (0xCF8/0xCFC), ACPI sleep control/status (0x600/0x601), the 8259A pair (`pic`;
+//! ports 0x20/0x21/0xA0/0xA1/0x4D0/0x4D1).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -9,6 +10,7 @@ use std::sync::Mutex;
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
+use crate::acpi::{is_soft_off, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::console::ConsoleOut;
 use crate::lock;
 use crate::pic::{self, PicDevice};
@@ -75,6 +77,19 @@ pub struct IoOutcome {
     pub irq: Option<(u32, bool)>,
     /// The guest asked to end the run with this isa-debug-exit value.
     pub exit: Option<u32>,
+    /// The guest entered ACPI S5 through the sleep control register.
+    pub power_off: bool,
+}
+
+impl IoOutcome {
+    /// How the access ends the run, if it does.
+    pub fn end(&self) -> Option<crate::outcome::Outcome> {
+        match (self.exit, self.power_off) {
+            (Some(n), _) => Some(crate::outcome::Outcome::DebugExit(n)),
+            (None, true) => Some(crate::outcome::Outcome::PoweredOff),
+            (None, false) => None,
+        }
+    }
 }
 
 /// Guest RAM as the page-flush port sees it: host address of guest-physical 0
@@ -263,6 +278,7 @@ impl IoBus {
             0x80 => data.fill(0),
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => data.fill(0),
             DEBUG_EXIT => data.fill(0),
+            SLEEP_CONTROL_PORT | SLEEP_STATUS_PORT => data.fill(0),
             p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {
                 let reg = self.testdev_data.load(Ordering::Relaxed).to_le_bytes();
                 let off = usize::from(p - TESTDEV_IOPORT);
@@ -302,8 +318,14 @@ impl IoBus {
             }
             DEBUG_EXIT => {
                 return IoOutcome {
-                    irq: None,
                     exit: Some(value),
+                    ..Default::default()
+                }
+            }
+            SLEEP_CONTROL_PORT => {
+                return IoOutcome {
+                    power_off: is_soft_off(v[0]),
+                    ..Default::default()
                 }
             }
             FW_CFG => {
@@ -313,7 +335,7 @@ impl IoBus {
             }
             p if p == FW_CFG + 1 => {}
             p if pic::owns(p) => self.pic.write(p, v[0]),
-            0x80 => {}
+            0x80 | SLEEP_STATUS_PORT => {}
             p if (TESTDEV_IRQ..TESTDEV_IRQ + TESTDEV_LINES).contains(&p) => {
                 let pin = u32::from(p - TESTDEV_IRQ);
                 // ISA lines 0-15 reach the 8259s as well as the IOAPIC (as KVM's
@@ -323,7 +345,7 @@ impl IoBus {
                 }
                 return IoOutcome {
                     irq: Some((pin, value & 0xFF != 0)),
-                    exit: None,
+                    ..Default::default()
                 };
             }
             p if (TESTDEV_IOPORT..TESTDEV_IOPORT + 4).contains(&p) => {
@@ -427,6 +449,29 @@ mod tests {
         b.port_out(0xE3, &0xFFFF_FF01u32.to_le_bytes());
         assert_eq!(inl(&b, 0xE0), 0x01EF_AA44);
         assert_eq!(inl(&b, 0xE2), 0x0000_01EF);
+        assert_eq!(b.unknown_ports.get().0, 0);
+    }
+
+    /// ACPI 6.4 §4.8.3.7: SLP_TYPx (bits 4:2) = the DSDT's `\_S5` value (5) with
+    /// SLP_EN (bit 5) enters S5 and ends the run; anything else does nothing; both
+    /// sleep registers read 0 (§4.8.3.8: WAK_STS clear).
+    #[test]
+    fn acpi_sleep_control_powers_off_on_s5_only() {
+        let b = bus();
+        assert!(b.port_out(SLEEP_CONTROL_PORT, &[0x34]).power_off);
+        assert_eq!(
+            b.port_out(SLEEP_CONTROL_PORT, &[0x34]).end(),
+            Some(crate::outcome::Outcome::PoweredOff)
+        );
+        for v in [0x14u8, 0x20, 0x2C, 0x3C, 0] {
+            assert!(!b.port_out(SLEEP_CONTROL_PORT, &[v]).power_off, "{v:#x}");
+        }
+        assert!(!b.port_out(SLEEP_STATUS_PORT, &[0x34]).power_off);
+        for p in [SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT] {
+            let mut d = [0xFFu8];
+            b.port_in(p, &mut d);
+            assert_eq!(d, [0]);
+        }
         assert_eq!(b.unknown_ports.get().0, 0);
     }
 

@@ -3,21 +3,26 @@
 //! migration, save files and the run report.
 
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
-// outcome, memory, guest, hpet, rtc → console, snapshot, loader → devices, clocks →
-// gate → trace, trace_json (feature `trace`) → shared → vcpu →
-// migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
+// outcome, memory, kvmclock, acpi, guest, hpet, rtc → console, snapshot, loader, linux,
+// fill_in, boot → devices, clocks → gate → trace, trace_json (feature `trace`) → shared →
+// vcpu → migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
 // wire protocol, sits after guest). Nothing imports savefile or summary but vm and
 // the live-migration modules.
+pub mod acpi;
+pub mod boot;
 pub mod clocks;
 pub mod console;
 pub mod devices;
 pub mod files;
+pub mod fill_in;
 pub mod gate;
 pub mod guest;
 pub mod hpet;
 pub mod incoming;
 pub mod kernel_chip;
 pub mod kernel_timer;
+pub mod kvmclock;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod migrate;

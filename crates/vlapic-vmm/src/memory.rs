@@ -38,7 +38,8 @@ impl GuestRam {
         self.ram.host_base().map_err(|e| e.to_string())
     }
 
-    /// The vm-memory mapping (for the software-interrupt workaround).
+    /// The vm-memory mapping (for the software-interrupt workaround and rust-vmm's
+    /// `linux-loader`).
     pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
         self.ram.memory()
     }

@@ -13,11 +13,13 @@ use vlapic::Events;
 use crate::lock;
 use crate::shared::Shared;
 
-/// Main-thread side: one migration of the whole VM. Returns the new VM (the caller
-/// drops the old one) or a message.
+/// Main-thread side: one migration of the whole VM from `old`. Returns the new VM
+/// (the caller drops the old one) or a message. kvmclock moves with it
+/// (`KVM_GET_CLOCK` on `old`, `KVM_SET_CLOCK` on the new VM, while paused).
 pub fn migrate(
     sh: &Shared,
     kvm: &Kvm,
+    old_vm: &VmFd,
     make_vm: &dyn Fn(&Kvm) -> Result<VmFd, String>,
     make_vcpu: &dyn Fn(&VmFd, usize) -> Result<VcpuFd, String>,
 ) -> Result<Option<VmFd>, String> {
@@ -34,6 +36,7 @@ pub fn migrate(
         return Ok(None);
     }
     let paused_at = Instant::now();
+    crate::kvmclock::carry(old_vm, &vm)?;
 
     // Every vCPU is out of KVM_RUN and parked, and the HPET/RTC are held still (no
     // line moves until the new fabric is in place): the interrupt state is quiescent.

@@ -5,6 +5,8 @@
 pub enum Outcome {
     /// The guest wrote this value to the isa-debug-exit port (status `(n << 1) | 1`).
     DebugExit(u32),
+    /// The guest entered ACPI S5 (soft off) through the FADT's sleep control register.
+    PoweredOff,
     /// Every vCPU halted with interrupts off or waits for SIPI: nothing can ever run.
     AllStopped,
     /// The wall-clock limit passed.

@@ -45,7 +45,11 @@ pub const FLAG_VERIFY: u32 = 2;
 /// EOI), as a VM started with `--irqchip kernel` has; set by a source on KVM's
 /// in-kernel irqchip, and required by a destination on it.
 pub const FLAG_KVM_APIC: u32 = 4;
-const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC;
+/// Header flag: a Linux guest whose CPUID hides what the host's emulator cannot run
+/// (`vlapic_kvm::cpuid::hide_unemulated`); the destination must hide the same, as Linux
+/// reads CPUID again after early boot.
+pub const FLAG_LINUX_CPUID: u32 = 8;
+const KNOWN_FLAGS: u32 = FLAG_X2APIC | FLAG_VERIFY | FLAG_KVM_APIC | FLAG_LINUX_CPUID;
 /// Bytes before the first section: magic, version, reserved, file length.
 const PREFIX: usize = 24;
 

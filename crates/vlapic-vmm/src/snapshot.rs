@@ -31,11 +31,16 @@ fn get<T: FromBytes>(r: &mut Reader<'_>, name: &str) -> Result<T, String> {
 /// IA32_TSC: rewritten at restore so the guest TSC runs on without a jump.
 pub const MSR_IA32_TSC: u32 = 0x10;
 
-/// MSRs not moved through KVM: the APIC's (the VMM owns them) and KVM's
-/// paravirtual ones (kvmclock, PV EOI, ...: not offered in our CPUID).
+/// MSR_KVM_WALL_CLOCK_NEW and MSR_KVM_SYSTEM_TIME_NEW: kvmclock, which CPUID offers
+/// (KVM_FEATURE_CLOCKSOURCE2) and KVM implements without its in-kernel APIC.
+pub const KVMCLOCK_MSRS: [u32; 2] = [0x4b56_4d00, 0x4b56_4d01];
+
+/// MSRs not moved through KVM: the APIC's (the VMM owns them) and KVM's other
+/// paravirtual ones (PV EOI, async PF, steal time, ...: not offered in our CPUID),
+/// and the old kvmclock pair 0x11/0x12 (CPUID offers the new one).
 fn not_saved(msr: u32) -> bool {
     vlapic::is_apic_msr(msr)
-        || (0x4b56_4d00..=0x4b56_4dff).contains(&msr)
+        || ((0x4b56_4d00..=0x4b56_4dff).contains(&msr) && !KVMCLOCK_MSRS.contains(&msr))
         || msr == 0x11
         || msr == 0x12
 }
@@ -118,6 +123,11 @@ impl VcpuState {
             debugregs: fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
             msrs: get_msrs(fd, msr_indices)?,
         })
+    }
+
+    /// The saved value of MSR `index`, if it was saved.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
     }
 
     /// Loads this state into the fresh vCPU `fd`; IA32_TSC is written last, with the

@@ -160,6 +160,8 @@ impl RunReport {
             Outcome::VmmError(_) => exit_code::VMM_ERROR,
             Outcome::Saved(_) => exit_code::SAVED,
             Outcome::Migrated(_) => exit_code::PASS,
+            // As QEMU: a guest that powers itself off ends with status 0.
+            Outcome::PoweredOff => exit_code::PASS,
             Outcome::DebugExit(_) | Outcome::AllStopped => {
                 // Success: nothing failed and something ran — scenarios, or (bench
                 // mode) benchmark figures.
@@ -185,6 +187,7 @@ impl RunReport {
             Outcome::DebugExit(n) => {
                 format!("guest exit {n} (status {})", (u64::from(*n) << 1) | 1)
             }
+            Outcome::PoweredOff => "powered off (ACPI S5)".into(),
             Outcome::AllStopped => {
                 "all vCPUs stopped (halted with IF=0 or waiting for SIPI)".into()
             }
@@ -321,13 +324,15 @@ impl RunReport {
     }
 
     /// `outcome` as a JSON object: `kind` (`debug_exit`, `all_stopped`, `timeout`,
-    /// `guest_crash`, `vmm_error`, `saved`), `code` (the debug-exit value, else null),
+    /// `guest_crash`, `vmm_error`, `saved`, `migrated`, `powered_off`), `code` (the
+    /// debug-exit value, else null),
     /// `message` (crash, error or save detail, else null) and `text` (the summary's
     /// human-readable line).
     fn outcome_json(&self) -> serde_json::Value {
         let (kind, code, message) = match &self.outcome {
             Outcome::DebugExit(n) => ("debug_exit", Some(*n), None),
             Outcome::AllStopped => ("all_stopped", None, None),
+            Outcome::PoweredOff => ("powered_off", None, None),
             Outcome::Timeout => ("timeout", None, None),
             Outcome::GuestCrash(m) => ("guest_crash", None, Some(m.as_str())),
             Outcome::VmmError(m) => ("vmm_error", None, Some(m.as_str())),

@@ -90,7 +90,7 @@ fn serve(sh: &Shared, me: usize, exit: Exit<'_>) -> Option<Outcome> {
             if let Some((pin, level)) = o.irq {
                 sh.rt.set_irq_line(pin, level);
             }
-            o.exit.map(Outcome::DebugExit)
+            o.end()
         }
         Exit::MmioRead(addr, data) => {
             if !sh.clocks.mmio_read(addr, data) {
@@ -196,7 +196,10 @@ fn vcpu_loop(vcpu: &mut ApicVcpu, sh: &Shared) {
         let end = match vcpu.run() {
             Ok(Exit::InternalError(..)) => {
                 sh.exits.count(me, ExitReason::Other);
-                soft_int(sh, vcpu.deliver_soft_interrupt())
+                match vcpu.deliver_soft_interrupt() {
+                    Ok(vlapic_kvm::softint::SoftIntOutcome::NotSoftInt) => fill_in(vcpu),
+                    r => soft_int(sh, r),
+                }
             }
             Ok(exit) => serve(sh, me, exit),
             Err(e) => Some(Outcome::VmmError(format!("vcpu{me}: {e}"))),
@@ -254,6 +257,17 @@ fn drive_lint0(sh: &Shared) {
         let rt = &sh.rt;
         let w = rt.fabric().set_lint(0, 0, level, rt.now_ns());
         rt.wake(&w);
+    }
+}
+
+/// An emulation failure that is not `int3`/`int n`: completed by the VMM when it is an
+/// instruction [`crate::fill_in`] knows (`None`: run on), else the crash to report.
+fn fill_in(vcpu: &mut ApicVcpu) -> Option<Outcome> {
+    let data = vcpu.internal_error().map(|(_, d)| d).unwrap_or_default();
+    match crate::fill_in::complete(vcpu.fd(), &data) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some(Outcome::GuestCrash("KVM internal error".into())),
+        Err(e) => Some(Outcome::VmmError(format!("completing an instruction: {e}"))),
     }
 }
 
@@ -348,7 +362,7 @@ fn kernel_pause(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) -> Result<bo
                     if let Some((pin, level)) = o.irq {
                         let _ = vm.set_irq_line(pin, level);
                     }
-                    o.exit.map(Outcome::DebugExit)
+                    o.end()
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -461,7 +475,7 @@ fn kernel_loop(fd: &mut VcpuFd, me: usize, sh: &Shared, vm: &VmFd) {
                                 .err()
                                 .map(|e| Outcome::VmmError(format!("KVM_IRQ_LINE({pin}): {e}")))
                         });
-                        irq.or(o.exit.map(Outcome::DebugExit))
+                        irq.or(o.end())
                     }
                 }
                 VcpuExit::MmioRead(addr, data) => {

@@ -6,23 +6,26 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, Msrs};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vlapic::fabric::{FabricConfig, SharedFabric};
 use vlapic::{ApicMode, LapicConfig, TimerClock};
 use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
+use crate::boot::{self, Boot};
 use crate::clocks::{ClockDevices, Clocks, IrqSink};
 use crate::console::{ConsoleOut, ConsoleSink};
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
 use crate::incoming;
-use crate::loader::{self, Module, BOOT_MAGIC};
+use crate::loader::Module;
 use crate::memory::GuestRam;
 use crate::migrate;
 use crate::outcome::Outcome;
 use crate::outgoing::{self, PreCopy, Sent};
-use crate::savefile::{self, SaveFile, FLAG_KVM_APIC, FLAG_VERIFY, FLAG_X2APIC, PAGE};
+use crate::savefile::{
+    self, SaveFile, FLAG_KVM_APIC, FLAG_LINUX_CPUID, FLAG_VERIFY, FLAG_X2APIC, PAGE,
+};
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
 use crate::stream::{Addr, LiveStats};
@@ -33,8 +36,10 @@ use crate::{lock, snapshot, VmmError};
 /// Everything needed to boot one guest.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// The multiboot v1 kernel image.
+    /// The kernel image: multiboot v1, or Linux (bzImage, or vmlinux with a PVH note).
     pub kernel: Vec<u8>,
+    /// Linux initrd (empty: none); multiboot images take modules instead.
+    pub initrd: Vec<u8>,
     /// Kernel command line.
     pub cmdline: String,
     /// Boot modules.
@@ -99,6 +104,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         Self {
             kernel: Vec::new(),
+            initrd: Vec::new(),
             cmdline: String::new(),
             modules: Vec::new(),
             vcpus: 1,
@@ -161,17 +167,6 @@ fn create_vm(
     ram.register_logged(&vm, dirty_log)
         .map_err(VmmError::Setup)?;
     Ok(vm)
-}
-
-/// BSP: 32-bit protected mode, paging off, multiboot registers.
-fn boot_bsp(bsp: &VcpuFd, boot: &loader::BootInfo) -> Result<(), VmmError> {
-    let regs = kvm_regs {
-        rip: u64::from(boot.entry),
-        rax: u64::from(BOOT_MAGIC),
-        rbx: u64::from(boot.info),
-        ..Default::default()
-    };
-    setup::enter_protected_mode(bsp, &regs).map_err(|e| VmmError::Setup(e.to_string()))
 }
 
 /// Boots the guest described by `cfg` (or restores `cfg.restore`) and runs it to
@@ -269,10 +264,14 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         None => GuestRam::new(memory_mib).map_err(VmmError::Setup)?,
     };
     let boot = match &restore {
-        None => Some(
-            loader::load(&ram, &cfg.kernel, &cfg.cmdline, &cfg.modules)
-                .map_err(|e| VmmError::Load(e.0))?,
-        ),
+        None => Some(boot::load_image(
+            &ram,
+            &cfg.kernel,
+            &cfg.cmdline,
+            &cfg.modules,
+            &cfg.initrd,
+            n,
+        )?),
         Some(f) => {
             for (i, page) in f.memory.index.iter().zip(f.memory.data.chunks(PAGE)) {
                 ram.write(u64::from(*i) * PAGE as u64, page).map_err(bad)?;
@@ -309,7 +308,29 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         cfg.kernel_irqchip,
         cfg.migrate_to.is_some(),
     )?);
-    let base_cpuid = setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
+    if let Some(f) = &restore {
+        // kvmclock (Linux's clocksource) resumes where the guest last read it: its own
+        // pvclock page (saved RAM) read at the saved guest TSC.
+        let msr = f
+            .vcpus
+            .first()
+            .and_then(|v| v.kvm.msr(crate::kvmclock::MSR_KVM_SYSTEM_TIME_NEW));
+        if let Some(ns) =
+            msr.and_then(|m| crate::kvmclock::guest_reading(&ram, m, f.header.guest_tsc))
+        {
+            crate::kvmclock::set(&vm, ns).map_err(bad)?;
+        }
+    }
+    let mut base_cpuid =
+        setup::supported_cpuid(&kvm).map_err(|e| VmmError::Setup(e.to_string()))?;
+    let linux_cpuid = matches!(boot, Some(Boot::Linux(_)))
+        || restore
+            .as_ref()
+            .is_some_and(|f| f.header.flags & FLAG_LINUX_CPUID != 0);
+    if linux_cpuid {
+        // This host's emulator runs Linux's CPL0 code and lacks CMPXCHG16B and XRSTOR.
+        vlapic_kvm::cpuid::hide_unemulated(&mut base_cpuid);
+    }
     // The APICs (their clock is set once the guest TSC rate is known); CPUID is
     // derived from them.
     let mut fabric_cfg = FabricConfig::with_vcpus(n);
@@ -399,7 +420,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let clock = VmClock::new(host0, guest0, tsc_hz);
 
     if let Some(b) = &boot {
-        boot_bsp(bsp, b)?;
+        boot::boot_bsp(bsp, b)?;
     }
 
     let mut fabric_cfg = fabric_cfg.clone();
@@ -614,7 +635,8 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             memory_mib,
             flags: if x2apic { FLAG_X2APIC } else { 0 }
                 | if verify { FLAG_VERIFY } else { 0 }
-                | if kvm_model { FLAG_KVM_APIC } else { 0 },
+                | if kvm_model { FLAG_KVM_APIC } else { 0 }
+                | if linux_cpuid { FLAG_LINUX_CPUID } else { 0 },
             tsc_hz,
             migrate_every_us,
             elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos()).unwrap_or(u64::MAX),
@@ -678,7 +700,7 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             if let (Some(t), Some(p)) = (next_migration, migrate_every) {
                 if now >= t {
                     drop(g);
-                    match migrate::migrate(&sh, &kvm, &make_vm, &make_vcpu) {
+                    match migrate::migrate(&sh, &kvm, &vm, &make_vm, &make_vcpu) {
                         Ok(Some(new_vm)) => vm = Arc::new(new_vm),
                         Ok(None) => {}
                         Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),

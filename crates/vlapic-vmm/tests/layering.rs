@@ -6,12 +6,14 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 28] = [
+const LAYERS: [&str; 33] = [
     "files",
     "stats",
     "wire",
     "outcome",
     "memory",
+    "kvmclock",
+    "acpi",
     "guest",
     "hpet",
     "rtc",
@@ -22,6 +24,9 @@ const LAYERS: [&str; 28] = [
     "kernel_chip",
     "kernel_timer",
     "loader",
+    "linux",
+    "fill_in",
+    "boot",
     "devices",
     "clocks",
     "gate",

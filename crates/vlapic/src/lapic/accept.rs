@@ -178,7 +178,12 @@ impl LocalApic {
         };
         #[cfg(feature = "verify")]
         self.verifier.on_eoi_at(at, &self.isr);
-        trace_event!(self, crate::trace::TraceKind::Eoi { vector: slot_vector(at) });
+        trace_event!(
+            self,
+            crate::trace::TraceKind::Eoi {
+                vector: slot_vector(at)
+            }
+        );
         if !self.tmr.contains_slot(at) {
             return None;
         }
