@@ -38,8 +38,8 @@ pub fn insn_bytes(data: &[u64]) -> Vec<u8> {
 
 /// `FWAIT` (SDM Vol. 2A "WAIT/FWAIT"): #NM when CR0.MP and CR0.TS are both set, else
 /// #MF when an unmasked x87 exception is pending (FSW.ES) and CR0.NE is set, else a
-/// no-op. `None` when `insn` is not `FWAIT`. The caller applies the result with
-/// [`apply`].
+/// no-op. `None` when `insn` is not `FWAIT`. [`complete`] applies the result to a
+/// vCPU.
 pub fn decide(insn: &[u8], cr0: u64, fsw: u16) -> Option<FillIn> {
     if insn.first() != Some(&0x9B) {
         return None;
