@@ -145,11 +145,13 @@ pub fn init_fpu(fd: &VcpuFd) -> Result<(), Error> {
         .map_err(|e| Error::kvm("KVM_SET_XCRS", e))
 }
 
-fn flat_segment(code: bool) -> kvm_segment {
+/// A flat 4 GiB ring-0 32-bit segment with `selector`: code (execute/read, accessed)
+/// or data (read/write, accessed), as protected-mode boot entries expect.
+pub fn flat_segment(selector: u16, code: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xFFFF_FFFF,
-        selector: if code { 0x08 } else { 0x10 },
+        selector,
         type_: if code { 0xB } else { 0x3 },
         present: 1,
         dpl: 0,
@@ -169,7 +171,7 @@ fn flat_segment(code: bool) -> kvm_segment {
 /// segment register.
 pub fn enter_protected_mode(fd: &VcpuFd, regs: &kvm_regs) -> Result<(), Error> {
     let mut sregs = fd.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
-    sregs.cs = flat_segment(true);
+    sregs.cs = flat_segment(0x08, true);
     for s in [
         &mut sregs.ds,
         &mut sregs.es,
@@ -177,7 +179,7 @@ pub fn enter_protected_mode(fd: &VcpuFd, regs: &kvm_regs) -> Result<(), Error> {
         &mut sregs.gs,
         &mut sregs.ss,
     ] {
-        *s = flat_segment(false);
+        *s = flat_segment(0x10, false);
     }
     sregs.cr0 = 0x11;
     sregs.cr4 = 0;

@@ -3,7 +3,7 @@
 
 use std::io::Cursor;
 
-use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::VcpuFd;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::PvhBootCapability;
@@ -297,32 +297,14 @@ fn load_pvh(
     })
 }
 
-fn flat(selector: u16, code: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xFFFF_FFFF,
-        selector,
-        type_: if code { 0xB } else { 0x3 },
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
 /// Enters `boot` on the BSP: 32-bit protected mode, paging off, interrupts off, the
 /// boot GDT loaded, CS `__BOOT_CS` and the data segments `__BOOT_DS` (what both the
 /// 32-bit boot protocol and the PVH ABI ask for), ESI/EBX as `boot` says.
 pub fn enter(fd: &VcpuFd, boot: &LinuxBoot) -> Result<(), String> {
     let mut s = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-    s.cs = flat(BOOT_CS, true);
+    s.cs = vlapic_kvm::setup::flat_segment(BOOT_CS, true);
     for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
-        *d = flat(BOOT_DS, false);
+        *d = vlapic_kvm::setup::flat_segment(BOOT_DS, false);
     }
     s.gdt.base = GDT_ADDR;
     s.gdt.limit = 31;
