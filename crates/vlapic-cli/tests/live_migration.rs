@@ -49,12 +49,39 @@ fn free_tcp_port() -> u16 {
         .expect("a free port")
 }
 
+/// A run's output for an assertion message: first one line naming its outcome and
+/// the scenarios that did not pass (CI logs cut long messages), then everything.
 fn text(o: &Output) -> String {
     format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        "exit {:?} {}\n--- stdout\n{}\n--- stderr\n{}",
         o.status.code(),
+        digest(o),
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// "outcome: ...; not passed: name (status: detail), ..." from a run's JSON summary,
+/// or "" when stdout holds none.
+fn digest(o: &Output) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(String::from_utf8_lossy(&o.stdout).trim()) else {
+        return String::new();
+    };
+    let bad: Vec<String> = v["scenarios"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|s| s["status"] != "PASS")
+                .map(|s| format!("{} ({}: {})", s["name"], s["status"], s["detail"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "outcome: {}; passed {} failed {}; not passed: [{}]",
+        v["outcome"]["text"],
+        v["passed"],
+        v["failed"],
+        bad.join(", ")
     )
 }
 

@@ -113,7 +113,13 @@ impl Clocks {
         let Some(off) = addr.checked_sub(hpet::BASE).filter(|o| *o < hpet::SIZE) else {
             return false;
         };
-        lock(&self.dev).hpet.read(off, data, self.clock.now_ns());
+        let mut d = lock(&self.dev);
+        let lines = d.hpet.read(off, data, self.clock.now_ns());
+        self.apply_hpet(&lines);
+        drop(d);
+        if !lines.is_empty() {
+            self.cv.notify_all();
+        }
         true
     }
 

@@ -5,7 +5,8 @@
 //! comparators, each periodic- and 64-bit-capable, legacy-replacement capable
 //! (timer 0 → IOAPIC pin 2, timer 1 → pin 8), routable to the pins in
 //! [`ROUTE_CAP`]; no FSB (MSI) delivery. The counter is derived from VM time while
-//! enabled, so nothing ticks on the host: work happens only at a register access or
+//! enabled, so nothing ticks on the host: work happens only at a register access (which
+//! first handles the expiries due by then, so reads never show a stale comparator) or
 //! at an expiry. Catch-up when expiries are handled late (the host was busy, the VM
 //! was paused for migration): one interrupt, however many periods were missed (an
 //! edge-triggered line cannot carry more), and a periodic comparator moves to the
@@ -312,12 +313,16 @@ impl Hpet {
 
     /// A guest read of `data.len()` bytes at `offset` in the register block:
     /// 4-byte accesses at 4-byte alignment and 8-byte ones at 8; anything else
-    /// (and unknown registers) reads 0.
-    pub fn read(&self, offset: u64, data: &mut [u8], now: u64) {
+    /// (and unknown registers) reads 0. Expiries due by `now` are handled first (a
+    /// periodic comparator reads as already advanced, a level status bit as set, as
+    /// on hardware, however late the caller's own expiry handling runs); returns the
+    /// line changes they cause.
+    pub fn read(&mut self, offset: u64, data: &mut [u8], now: u64) -> Vec<Line> {
+        let out = self.tick(now);
         data.fill(0);
         let size = data.len();
         if !matches!(size, 4 | 8) || offset % size as u64 != 0 {
-            return;
+            return out;
         }
         let reg = offset & !7;
         let v = self.reg64(reg, now);
@@ -326,6 +331,7 @@ impl Hpet {
         for (d, s) in data.iter_mut().zip(bytes) {
             *d = s;
         }
+        out
     }
 
     fn reg64(&self, reg: u64, now: u64) -> u64 {
@@ -361,10 +367,10 @@ impl Hpet {
         }
     }
 
-    /// A guest write (same access rules as [`Hpet::read`]; others are ignored);
-    /// returns the line changes it causes.
+    /// A guest write (same access rules as [`Hpet::read`]; others are ignored),
+    /// after the expiries due by `now`; returns the line changes both cause.
     pub fn write(&mut self, offset: u64, data: &[u8], now: u64) -> Vec<Line> {
-        let mut out = Vec::new();
+        let mut out = self.tick(now);
         let size = data.len();
         if !matches!(size, 4 | 8) || offset % size as u64 != 0 {
             return out;
