@@ -162,12 +162,23 @@ pub fn ticks_to_tsc(ticks: u64) -> u64 {
     (ticks * tsc_per_tick_q16()) >> 16
 }
 
-/// Sample (TSC midpoint, current count).
+/// Sample (TSC midpoint, current count): of a few reads of the current count,
+/// the one whose exit took the least TSC time. The count is taken somewhere
+/// inside [a, b], so the midpoint is off by at most (b - a) / 2; a host that
+/// deschedules the vCPU thread during one read (milliseconds under load) would
+/// otherwise skew a 30 ms calibration by several per cent.
 fn sample() -> (u64, u32) {
-    let a = cpu::rdtsc();
-    let c = apic::read(apic::TIMER_CCR);
-    let b = cpu::rdtsc();
-    (a / 2 + b / 2, c)
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..8 {
+        let a = cpu::rdtsc();
+        let c = apic::read(apic::TIMER_CCR);
+        let b = cpu::rdtsc();
+        let spread = b.wrapping_sub(a);
+        if spread < best.0 {
+            best = (spread, a / 2 + b / 2, c);
+        }
+    }
+    (best.1, best.2)
 }
 
 /// Measure the APIC timer rate against the TSC over ~30 ms (masked
