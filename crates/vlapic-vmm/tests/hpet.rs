@@ -157,7 +157,6 @@ fn periodic_timer_accumulates_and_catches_up_on_its_grid() {
     assert!(h.tick(8_999_999).is_empty());
 }
 
-
 #[test]
 fn a_register_access_sees_every_expiry_due_by_then() {
     // §2.3.9.2.2: the comparator advances when the counter matches it, not when the
