@@ -5,12 +5,14 @@
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
 // outcome, memory, kvmclock, acpi, guest, hpet, rtc → console, snapshot, loader, linux,
 // fill_in, boot → devices, clocks → gate → trace, trace_json (feature `trace`) → shared →
-// vcpu → migrate → savefile → incoming, outgoing → summary → vm (stream, the migration
-// wire protocol, sits after guest). Nothing imports savefile or summary but vm and
-// the live-migration modules.
+// vcpu → migrate → savefile → incoming, outgoing → config → supervisor (the main thread
+// while the guest runs) → summary → run_end (joins and reports) → vm (setup and start)
+// (stream, the migration wire protocol, sits after guest). Nothing imports savefile or
+// summary but the run's own modules and the live-migration modules.
 pub mod acpi;
 pub mod boot;
 pub mod clocks;
+pub mod config;
 pub mod console;
 pub mod devices;
 pub mod files;
@@ -30,12 +32,14 @@ pub mod outcome;
 pub mod outgoing;
 pub mod pic;
 pub mod rtc;
+pub mod run_end;
 pub mod savefile;
 pub mod shared;
 pub mod snapshot;
 pub mod stats;
 pub mod stream;
 pub mod summary;
+pub mod supervisor;
 #[cfg(feature = "trace")]
 pub mod trace;
 #[cfg(feature = "trace")]

@@ -1,7 +1,6 @@
 //! KVM VM setup without an in-kernel irqchip (user-space MSR exits, MSR filter for
-//! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and the run from start to report.
+//! APIC_BASE and TSC_DEADLINE, CPUID, boot registers) and a run from boot or restore to its vCPU threads.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -14,117 +13,25 @@ use vlapic_kvm::{setup, ApicRuntime, RunState, VmClock};
 
 use crate::boot::{self, Boot};
 use crate::clocks::{ClockDevices, Clocks, IrqSink};
-use crate::console::{ConsoleOut, ConsoleSink};
+use crate::console::ConsoleOut;
 use crate::devices::IoBus;
 use crate::gate::MigrationGate;
 use crate::incoming;
-use crate::loader::Module;
 use crate::memory::GuestRam;
-use crate::migrate;
 use crate::outcome::Outcome;
-use crate::outgoing::{self, PreCopy, Sent};
+use crate::run_end::{finish_run, RunEnd};
 use crate::savefile::{
     self, SaveFile, FLAG_KVM_APIC, FLAG_LINUX_CPUID, FLAG_VERIFY, FLAG_X2APIC, PAGE,
 };
 use crate::shared::{Shared, MAX_VCPUS};
 use crate::stats::{ExitStats, Odd};
-use crate::stream::{Addr, LiveStats};
-use crate::summary::{RunReport, VcpuReport};
+use crate::stream::LiveStats;
+use crate::summary::RunReport;
+use crate::supervisor::Supervisor;
 use crate::vcpu::{run_vcpu, Vcpu};
-use crate::{lock, snapshot, VmmError};
+use crate::{snapshot, VmmError};
 
-/// Everything needed to boot one guest.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    /// The kernel image: multiboot v1, or Linux (bzImage, or vmlinux with a PVH note).
-    pub kernel: Vec<u8>,
-    /// Linux initrd (empty: none); multiboot images take modules instead.
-    pub initrd: Vec<u8>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Boot modules.
-    pub modules: Vec<Module>,
-    /// Number of vCPUs (1–64).
-    pub vcpus: usize,
-    /// RAM in MiB.
-    pub memory_mib: u64,
-    /// Start every APIC in x2APIC mode.
-    pub x2apic: bool,
-    /// Run the APIC nesting verifier.
-    pub verify: bool,
-    /// Wall-clock limit.
-    pub timeout: Option<Duration>,
-    /// Where guest console output goes.
-    pub console: ConsoleSink,
-    /// Live-migrate the whole VM into a new KVM VM this often.
-    pub migrate_every: Option<Duration>,
-    /// Use KVM's in-kernel LAPICs/IOAPIC instead of vlapic (for comparison).
-    pub kernel_irqchip: bool,
-    /// Pause the VM after a while, write it to a save file and end the run.
-    pub save: Option<SaveTo>,
-    /// Start from this save file instead of booting `kernel` (vCPUs, memory,
-    /// x2APIC and verifier settings come from the file; `migrate_every: None`
-    /// then means the saved run's period).
-    pub restore: Option<PathBuf>,
-    /// `--incoming ADDR`: wait for a VM from another process instead of booting.
-    pub incoming: Option<Addr>,
-    /// `--incoming-timeout`: how long `--incoming` waits for a source to connect
-    /// (`None`: for ever).
-    pub incoming_timeout: Option<Duration>,
-    /// `--migrate-to ADDR`: after a while, live-migrate the VM to another process.
-    pub migrate_to: Option<MigrateTo>,
-    /// Deliver `int3` / `int n` that KVM's instruction emulator fails on (hosts
-    /// whose emulator performs them only in real mode; `vlapic_kvm::softint`).
-    pub soft_interrupts: bool,
-    /// `--trace FILE`: record the interrupts (feature `trace`) as Chrome trace JSON.
-    pub trace: Option<PathBuf>,
-}
-
-/// Where and when `--migrate-to` sends the VM.
-#[derive(Clone, Debug)]
-pub struct MigrateTo {
-    /// The destination (`vlapic run --incoming ADDR` there).
-    pub addr: Addr,
-    /// Wall time after this process's VM started running (booted or resumed).
-    pub after: Duration,
-    /// How the pre-copy proceeds.
-    pub precopy: PreCopy,
-}
-
-/// Where and when `--save` writes the VM.
-#[derive(Clone, Debug)]
-pub struct SaveTo {
-    /// The save file.
-    pub path: PathBuf,
-    /// Wall time after the start (of this process's run) at which to save.
-    pub after: Duration,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        Self {
-            kernel: Vec::new(),
-            initrd: Vec::new(),
-            cmdline: String::new(),
-            modules: Vec::new(),
-            vcpus: 1,
-            memory_mib: 128,
-            x2apic: false,
-            verify: true,
-            timeout: Some(Duration::from_secs(60)),
-            console: ConsoleSink::Stdout,
-            migrate_every: None,
-            kernel_irqchip: false,
-            save: None,
-            restore: None,
-            incoming: None,
-            incoming_timeout: None,
-            migrate_to: None,
-            soft_interrupts: true,
-            trace: None,
-        }
-    }
-}
+pub use crate::config::{MigrateTo, SaveTo, VmConfig};
 
 const IA32_TSC: u32 = 0x10;
 
@@ -579,7 +486,6 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         live_in = Some(inc.stats.clone());
     }
     drop(incoming);
-    let mut live_out: Option<LiveStats> = None;
 
     let clocks_thread = {
         let c = clocks.clone();
@@ -619,18 +525,15 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
 
     // Wait for the end or the deadline, migrating on the way if asked.
-    let mut vm = vm;
-    {
-        let deadline = cfg.timeout.map(|t| start + t);
-        let mut next_migration = migrate_every.map(|p| Instant::now() + p);
-        let mut next_save = cfg.save.as_ref().map(|s| (start + s.after, s.path.clone()));
-        let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false, false).map_err(|e| e.to_string());
-        let mut next_send = cfg
-            .migrate_to
-            .as_ref()
-            .map(|m| (start + m.after, m.clone()));
-        // The save-file header of this VM now (for --save and --migrate-to).
-        let header_now = |migrate_every_us: u64| savefile::Header {
+    let make_vm = |kvm: &Kvm| create_vm(kvm, &ram, false, false).map_err(|e| e.to_string());
+    let supervisor = Supervisor {
+        sh: &sh,
+        kvm: &kvm,
+        ram: &ram,
+        console: &console,
+        make_vm: &make_vm,
+        make_vcpu: &make_vcpu,
+        header: savefile::Header {
             vcpus: n as u32,
             memory_mib,
             flags: if x2apic { FLAG_X2APIC } else { 0 }
@@ -638,246 +541,33 @@ pub fn run_vm(cfg: &VmConfig) -> Result<RunReport, VmmError> {
                 | if kvm_model { FLAG_KVM_APIC } else { 0 }
                 | if linux_cpuid { FLAG_LINUX_CPUID } else { 0 },
             tsc_hz,
-            migrate_every_us,
-            elapsed_ns: u64::try_from((prior + start.elapsed()).as_nanos()).unwrap_or(u64::MAX),
             ..Default::default()
-        };
-        let mut g = lock(&sh.outcome);
-        while g.is_none() {
-            let now = Instant::now();
-            if let Some((t, path)) = next_save.clone() {
-                if now >= t {
-                    drop(g);
-                    next_save = None;
-                    let header = header_now(
-                        migrate_every
-                            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-                    );
-                    let _t0 = (sh.rt.now_ns(), Instant::now());
-                    match save_now(&sh, &ram, &console, header, &path, start) {
-                        Ok(Some(line)) => {
-                            #[cfg(feature = "trace")]
-                            if let Some(t) = &sh.trace {
-                                let down = u64::try_from(_t0.1.elapsed().as_micros()).unwrap_or(0);
-                                t.pause_from("save", (_t0.0, sh.rt.now_ns()), down, &sh.chip());
-                            }
-                            sh.finish(Outcome::Saved(line))
-                        }
-                        Ok(None) => {}
-                        Err(e) => sh.finish(Outcome::VmmError(format!("save: {e}"))),
-                    }
-                    g = lock(&sh.outcome);
-                    continue;
-                }
-            }
-            if let Some((t, to)) = next_send.clone() {
-                if now >= t {
-                    drop(g);
-                    next_send = None;
-                    let header = header_now(0);
-                    match outgoing::send(&sh, &ram, &vm, &console, header, &to.addr, &to.precopy) {
-                        Ok(Sent::Moved(st)) => {
-                            #[cfg(feature = "trace")]
-                            if let Some(t) = &sh.trace {
-                                let d = st.downtime_us.unwrap_or(0);
-                                let now = sh.rt.now_ns();
-                                t.pause_from("migrate-to", (now, now), d, &sh.chip());
-                            }
-                            live_out = Some(st);
-                            sh.finish(Outcome::Migrated(to.addr.to_string()));
-                        }
-                        Ok(Sent::Stayed(st)) => {
-                            eprintln!("vlapic run: live migration to {}: {}", to.addr, st.result);
-                            live_out = Some(st);
-                        }
-                        Ok(Sent::Ended) => {}
-                        Err(e) => sh.finish(Outcome::VmmError(format!("live migration: {e}"))),
-                    }
-                    g = lock(&sh.outcome);
-                    continue;
-                }
-            }
-            if let (Some(t), Some(p)) = (next_migration, migrate_every) {
-                if now >= t {
-                    drop(g);
-                    match migrate::migrate(&sh, &kvm, &vm, &make_vm, &make_vcpu) {
-                        Ok(Some(new_vm)) => vm = Arc::new(new_vm),
-                        Ok(None) => {}
-                        Err(e) => sh.finish(Outcome::VmmError(format!("migration: {e}"))),
-                    }
-                    next_migration = Some(Instant::now() + p);
-                    g = lock(&sh.outcome);
-                    continue;
-                }
-            }
-            let mut wait = match deadline {
-                Some(d) => match d.checked_duration_since(now) {
-                    Some(w) if !w.is_zero() => w,
-                    _ => break,
-                },
-                None => Duration::from_secs(1),
-            };
-            if let Some((t, _)) = &next_save {
-                wait = wait.min(
-                    t.saturating_duration_since(now)
-                        .max(Duration::from_micros(100)),
-                );
-            }
-            if let Some((t, _)) = &next_send {
-                wait = wait.min(
-                    t.saturating_duration_since(now)
-                        .max(Duration::from_micros(100)),
-                );
-            }
-            if let Some(t) = next_migration {
-                wait = wait.min(
-                    t.saturating_duration_since(now)
-                        .max(Duration::from_micros(100)),
-                );
-            }
-            g = match sh.done.wait_timeout(g, wait) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-        }
-    }
-    sh.finish(Outcome::Timeout);
-
-    let mut reports: Vec<VcpuReport> = Vec::new();
-    for (i, h) in handles.into_iter().enumerate() {
-        match h.join() {
-            Ok(end) => reports.push(VcpuReport {
-                index: end.index,
-                state: end.state,
-                rip: end.rip,
-                exits: sh.exits.vcpu(end.index),
-                interrupts: end.counters.interrupts,
-                nmis: end.counters.nmis,
-                sipis: end.counters.sipis,
-                extints: end.counters.extints,
-                ..VcpuReport::default()
-            }),
-            Err(_) => reports.push(VcpuReport {
-                index: i,
-                state: "thread panicked".into(),
-                ..VcpuReport::default()
-            }),
-        }
-    }
-    sh.rt.stop();
-    sh.clocks.stop();
-    let _ = clocks_thread.join();
-    let elapsed = prior + start.elapsed();
-    drop(vm);
-
-    let now = clock.now_ns();
-    let (mut max_nesting, mut violations) = *lock(&sh.verifier_carry);
-    let chip = sh.chip();
-    for r in reports.iter_mut() {
-        if let Some((depth, viol, line)) = chip.read_apic(r.index, |a| {
-            let v = a.verifier();
-            let line = format!(
-                "{:?} TPR={:#04x} PPR={:#04x} IRR^={} ISR^={} pending={} timer={}",
-                a.mode(),
-                a.tpr(),
-                a.ppr(),
-                a.irr()
-                    .highest()
-                    .map_or("-".into(), |x| format!("{x:#04x}")),
-                a.isr()
-                    .highest()
-                    .map_or("-".into(), |x| format!("{x:#04x}")),
-                a.pending_vector()
-                    .map_or("-".into(), |x| format!("{x:#04x}")),
-                a.next_timer_deadline().map_or("off".into(), |d| format!(
-                    "+{}ns",
-                    d.saturating_sub(now) as i64
-                )),
-            );
-            (v.max_depth(), v.violations(), line)
-        }) {
-            if cfg.kernel_irqchip {
-                r.apic = "in-kernel (KVM's LAPIC)".into();
-                continue;
-            }
-            max_nesting = max_nesting.max(depth);
-            violations = violations.saturating_add(viol);
-            r.apic = line;
-        }
-    }
-    let outcome = lock(&sh.outcome).clone().unwrap_or(Outcome::Timeout);
-    #[cfg(feature = "trace")]
-    if let Some(t) = tracer {
-        let meta = crate::trace_json::TraceMeta {
-            vcpus: n,
-            migrations: sh.migration.done.load(Ordering::Relaxed),
-            max_nesting,
-            violations,
-            outcome: format!("{outcome:?}"),
-            ..Default::default()
-        };
-        if let Err(e) = t.finish(&chip, meta) {
-            eprintln!("vlapic run: {e}");
-        }
-    }
-    Ok(RunReport {
-        outcome,
-        console: console.log(),
-        vcpus: reports,
-        max_nesting,
-        violations,
-        migrations: sh.migration.done.load(Ordering::Relaxed),
-        max_downtime_us: sh.migration.max_downtime_us.load(Ordering::Relaxed),
-        nested_migrations: sh.migration.nested_migrations.load(Ordering::Relaxed),
-        max_in_service_migrated: sh.migration.max_in_service.load(Ordering::Relaxed),
-        unknown_ports: sh.io.unknown_ports.get().0,
-        wild_mmio: sh.wild_mmio.get().0,
-        msr_gp: sh.msr_gp.get().0,
-        soft_interrupts: sh.soft_ints.get().0,
-        first_odd: [
-            sh.io.unknown_ports.get().1,
-            sh.wild_mmio.get().1,
-            sh.msr_gp.get().1,
-        ],
-        nmi_masked: sh.clocks.nmi_masked(),
-        hpet_coalesced: sh.clocks.hpet_missed(),
-        elapsed,
-        tsc_hz,
-        live_in,
-        live_out,
-    })
-}
-
-/// `--save`: pauses the VM, writes the file, and returns the line saying what was
-/// saved (`None` if the run ended before every vCPU paused).
-fn save_now(
-    sh: &Shared,
-    ram: &GuestRam,
-    console: &ConsoleOut,
-    header: savefile::Header,
-    path: &std::path::Path,
-    start: Instant,
-) -> Result<Option<String>, String> {
-    let at = start.elapsed();
-    let Some(file) = savefile::capture(sh, ram, console, header)? else {
-        return Ok(None);
+        },
+        prior,
+        start,
+        timeout: cfg.timeout,
+        migrate_every,
+        save: cfg.save.clone(),
+        migrate_to: cfg.migrate_to.clone(),
     };
-    let bytes = file.encode();
-    savefile::write_file(path, &bytes)?;
-    let scen = &file.console.scenarios;
-    let count = |st: &str| scen.iter().filter(|s| s.status == st).count();
-    Ok(Some(format!(
-        "{}: {} bytes, {} vCPUs, {} MiB RAM ({} non-zero pages), {} scenario results so far \
-         ({} passed, {} failed, {} skipped), after {} ms",
-        path.display(),
-        bytes.len(),
-        file.vcpus.len(),
-        file.header.memory_mib,
-        file.memory.index.len(),
-        scen.len(),
-        count("PASS"),
-        count("FAIL"),
-        count("SKIP"),
-        at.as_millis()
-    )))
+    let (vm, live_out) = supervisor.watch(vm);
+
+    Ok(finish_run(
+        &sh,
+        RunEnd {
+            handles,
+            clocks_thread,
+            vm,
+            clock,
+            kernel_irqchip: cfg.kernel_irqchip,
+            prior,
+            start,
+            tsc_hz,
+            console,
+            live_in,
+            live_out,
+            #[cfg(feature = "trace")]
+            tracer,
+        },
+    ))
 }

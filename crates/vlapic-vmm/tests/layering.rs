@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 33] = [
+const LAYERS: [&str; 36] = [
     "files",
     "stats",
     "wire",
@@ -38,7 +38,10 @@ const LAYERS: [&str; 33] = [
     "savefile",
     "incoming",
     "outgoing",
+    "config",
+    "supervisor",
     "summary",
+    "run_end",
     "vm",
 ];
 
