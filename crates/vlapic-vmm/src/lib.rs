@@ -5,12 +5,14 @@
 // Dependency order, bottom-up (tests/layering.rs enforces it): files, stats, wire,
 // outcome, memory, kvmclock, acpi, guest, hpet, rtc → console, snapshot, loader, linux,
 // fill_in, boot → devices, clocks → gate → trace, trace_json (feature `trace`) → shared →
-// vcpu → migrate → savefile → incoming, outgoing → config → supervisor (the main thread
-// while the guest runs) → summary → run_end (joins and reports) → vm (setup and start)
-// (stream, the migration wire protocol, sits after guest). Nothing imports savefile or
-// summary but the run's own modules and the live-migration modules.
+// vcpu → migrate → savefile → capture (a paused VM into a save file) → incoming,
+// outgoing → config → supervisor (the main thread while the guest runs) → summary →
+// run_end (joins and reports) → vm (setup and start). stream, the migration wire
+// protocol, sits after guest. Nothing imports savefile or summary but the run's own
+// modules and the live-migration modules.
 pub mod acpi;
 pub mod boot;
+pub mod capture;
 pub mod clocks;
 pub mod config;
 pub mod console;

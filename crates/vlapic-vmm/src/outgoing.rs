@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use vlapic::Events;
 
+use crate::capture;
 use crate::console::ConsoleOut;
 use crate::memory::GuestRam;
-use crate::savefile::{self, Header};
+use crate::savefile::Header;
 use crate::shared::Shared;
 use crate::stream::{self, tag, Addr, Conn, Hello, LiveStats, RecvError, PAGE};
 
@@ -265,7 +266,7 @@ pub fn send(
         Err(e) => return Ok(resume_here(st, &mut conn, e)),
     };
     let isr = in_service(sh);
-    let mut file = match savefile::gather(sh, None, console, header) {
+    let mut file = match capture::gather(sh, None, console, header) {
         Ok(f) => f,
         Err(e) => return Ok(resume_here(st, &mut conn, e)),
     };

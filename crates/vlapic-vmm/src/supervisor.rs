@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use crate::capture;
 use crate::config::{MigrateTo, SaveTo};
 use crate::console::ConsoleOut;
 use crate::lock;
@@ -208,7 +209,7 @@ fn save_now(
     start: Instant,
 ) -> Result<Option<String>, String> {
     let at = start.elapsed();
-    let Some(file) = savefile::capture(sh, ram, console, header)? else {
+    let Some(file) = capture::capture(sh, ram, console, header)? else {
         return Ok(None);
     };
     let bytes = file.encode();

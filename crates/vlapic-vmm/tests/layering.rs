@@ -6,7 +6,7 @@
 use std::path::Path;
 
 /// The modules, bottom-up.
-const LAYERS: [&str; 36] = [
+const LAYERS: [&str; 37] = [
     "files",
     "stats",
     "wire",
@@ -36,6 +36,7 @@ const LAYERS: [&str; 36] = [
     "vcpu",
     "migrate",
     "savefile",
+    "capture",
     "incoming",
     "outgoing",
     "config",
