@@ -140,6 +140,7 @@
 
 pub mod clock;
 pub mod cpuid;
+pub mod exit;
 pub mod kick;
 pub mod ram;
 mod raw;
