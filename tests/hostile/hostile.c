@@ -79,7 +79,28 @@ struct cpu {
 };
 
 static struct cpu cpus[MAX_CPUS];
-static volatile u32 g_gp, g_irqs, g_spurious, g_nmis, g_eoi, g_tf_leaks;
+static volatile u32 g_gp, g_irqs, g_spurious, g_nmis, g_eoi, g_tf_leaks, g_nmi_at_hlt;
+
+/* Halts until *flag is non-zero: `cli; check; sti; hlt`, looping. `cli` does not hold
+   off an NMI, so an NMI whose handler sets the flag after the check and before the
+   `hlt` would have its wake-up slept through; the NMI handler sends such an NMI's
+   return address back to the check (wait_flag_check..wait_flag_hlt is the window). */
+__asm__(".text\n"
+        ".globl wait_flag, wait_flag_check, wait_flag_checked, wait_flag_hlt\n"
+        "wait_flag:\n"
+        "wait_flag_check:\n"
+        "\tcli\n"
+        "\tcmpl $0, (%rdi)\n"
+        "wait_flag_checked:\n"
+        "\tjne 1f\n"
+        "\tsti\n"
+        "wait_flag_hlt:\n"
+        "\thlt\n"
+        "\tjmp wait_flag_check\n"
+        "1:\tsti\n"
+        "\tret\n");
+extern void wait_flag(volatile u32 *flag);
+extern const char wait_flag_check[], wait_flag_checked[], wait_flag_hlt[];
 static volatile u32 ap_ready, ap_done, halt_woken;
 static volatile u32 print_lock;
 static u32 ncpus = 1;
@@ -214,6 +235,11 @@ void isr(struct frame *f) {
         c->nmis++;
         atomic_inc(&g_nmis);
         if (my_index() == 0) halt_woken = 1;
+        if (f->rip >= (u64)wait_flag_check && f->rip <= (u64)wait_flag_hlt) {
+            /* Counted when the flag was already read: the wake-up this saves. */
+            if (f->rip >= (u64)wait_flag_checked) atomic_inc(&g_nmi_at_hlt);
+            f->rip = (u64)wait_flag_check;          /* the wake-up is not slept through */
+        }
         return;
     }
     if (v == 13 && has_err) {
@@ -665,12 +691,7 @@ static void halt_once(const char *name) {
     halt_woken = 0;
     cpus[1].alarm = 1;
     send_ipi(1, V_ALARM);
-    for (;;) {
-        cli();
-        if (halt_woken) break;
-        __asm__ volatile("sti; hlt" ::: "memory");
-    }
-    sti();
+    wait_flag(&halt_woken);
     lock(); puts_raw("HALT-END "); puts_raw(name); puts_raw("\n"); unlock();
 }
 
@@ -805,6 +826,7 @@ void kmain(u32 mbi) {
     puts_raw(" spurious="); putu_raw(g_spurious);
     puts_raw(" nmis="); putu_raw(g_nmis);
     puts_raw(" tf_leaks="); putu_raw(g_tf_leaks);
+    puts_raw(" nmi_at_hlt="); putu_raw(g_nmi_at_hlt);
     puts_raw(" cpus="); putu_raw(ncpus);
     puts_raw(" rounds="); putu_raw(rounds);
     puts_raw("\n");
