@@ -134,15 +134,7 @@ fn kernel_round_trip(t1: &str, t2: &str, append: &str, memory: &str) -> (Value, 
     assert_eq!(v["passed"], total, "{all}");
     assert_eq!(v["failed"], 0, "{all}");
     assert_eq!(v["migrations"], 2, "{all}");
-    let mut names: Vec<&str> = v["scenarios"]
-        .as_array()
-        .expect("scenarios")
-        .iter()
-        .map(|s| s["name"].as_str().unwrap_or(""))
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    assert_eq!(names.len(), total, "each scenario once: {all}");
+    assert_eq!(distinct_scenarios(&v), total, "each scenario once: {all}");
     (json(&first), m, v)
 }
 

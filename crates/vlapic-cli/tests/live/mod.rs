@@ -103,6 +103,15 @@ pub fn check_whole_run(v: &Value, o: &Output) {
     assert_eq!(v["passed"], total, "{all}");
     assert_eq!(v["failed"], 0, "{all}");
     assert_eq!(v["violations"], 0, "{all}");
+    assert_eq!(
+        distinct_scenarios(v),
+        total,
+        "a scenario counted twice: {all}"
+    );
+}
+
+/// How many different scenario names a run's JSON summary lists.
+pub fn distinct_scenarios(v: &Value) -> usize {
     let mut names: Vec<&str> = v["scenarios"]
         .as_array()
         .expect("scenarios")
@@ -111,7 +120,7 @@ pub fn check_whole_run(v: &Value, o: &Output) {
         .collect();
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), total, "a scenario counted twice: {all}");
+    names.len()
 }
 
 pub fn source(addr: &str, after_ms: u64, vcpus: &str) -> Child {
