@@ -109,12 +109,20 @@ impl SharedFabric {
     }
 
     /// The published map, rebuilt first if a view changed.
+    ///
+    /// `dirty` is cleared only after the rebuilt map is published, both under the
+    /// views lock (which every view change also holds): a thread that reads `dirty`
+    /// false therefore finds a map holding every change made before its read.
+    /// Clearing it first (as this once did) let a second sender route over the stale
+    /// map in between and lose its interrupt (fabric_stress.rs,
+    /// `routing_change_seen_by_racing_senders`).
     fn map(&self) -> Arc<RouteMap> {
         if self.dirty.load(Ordering::Acquire) {
             let views = lock(&self.views);
-            if self.dirty.swap(false, Ordering::AcqRel) {
+            if self.dirty.load(Ordering::Acquire) {
                 let fresh = Arc::new(RouteMap::build(&views));
                 *self.map.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                self.dirty.store(false, Ordering::Release);
             }
         }
         self.map
