@@ -2,9 +2,16 @@
 # Build the hostile guest: head.S + hostile.c -> OUT (multiboot ELF32 container
 # around x86-64 code, loaded at 1 MiB). Needs gcc (x86-64), as, ld, objcopy.
 # No SSE (-mgeneral-regs-only): this project's nested-KVM host cannot run it.
+# Exits 77 (automake's "skip") with one line on stderr when that toolchain is
+# missing; any other failure is a real build failure (the tests fail on it).
 set -e
 OUT=${1:?usage: build.sh OUT.elf}
 DIR=$(dirname "$0")
+for tool in gcc ld objcopy; do
+  command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 77; }
+done
+echo 'int x;' | gcc -m64 -x c -c -o /dev/null - 2>/dev/null ||
+  { echo "gcc cannot generate x86-64 code" >&2; exit 77; }
 TMP=${OUT%.elf}
 CFLAGS="-m64 -O2 -ffreestanding -fno-pic -fno-pie -mno-red-zone -mgeneral-regs-only \
   -fno-stack-protector -fno-asynchronous-unwind-tables -fno-builtin -fcf-protection=none \

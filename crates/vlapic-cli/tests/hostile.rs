@@ -54,10 +54,18 @@ fn hostile() -> Option<PathBuf> {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("hostile-{}.elf", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/hostile/build.sh");
-        match Command::new("sh").arg(script).arg(&out).output() {
-            Ok(o) if o.status.success() => Ok(out),
-            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
-            Err(e) => Err(e.to_string()),
+        // The script exits 77 when the toolchain is missing (a skip); any other
+        // failure is a broken build, which fails the tests instead of skipping them.
+        let o = Command::new("sh")
+            .arg(script)
+            .arg(&out)
+            .output()
+            .expect("running sh tests/hostile/build.sh");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        match o.status.code() {
+            Some(0) => Ok(out),
+            Some(77) => Err(err),
+            _ => panic!("tests/hostile/build.sh failed: {err}"),
         }
     });
     match img {

@@ -142,7 +142,8 @@ fn bad_image_is_exit_2_with_one_line() {
 }
 
 /// The tiny multiboot kernels of tests/multiboot (scripts/build-mb-kernels.sh,
-/// gcc -m32); `None` after one SKIPPED line where the toolchain is missing.
+/// gcc -m32), built once per test process; `None` after one SKIPPED line where the
+/// toolchain is missing (the script exits 77). Any other build failure fails.
 fn mb_kernels() -> Option<PathBuf> {
     static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
@@ -150,24 +151,23 @@ fn mb_kernels() -> Option<PathBuf> {
             .join(format!("run-cli-mb-{}", std::process::id()));
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-mb-kernels.sh");
-        match Command::new("bash").arg(script).arg(&out).output() {
-            Ok(o) if o.status.success() => Some(out),
-            Ok(o) => {
-                let err = String::from_utf8_lossy(&o.stderr);
+        let o = Command::new("bash")
+            .arg(script)
+            .arg(&out)
+            .output()
+            .expect("running bash scripts/build-mb-kernels.sh");
+        let err = String::from_utf8_lossy(&o.stderr);
+        match o.status.code() {
+            Some(0) => Some(out),
+            Some(77) => {
                 let _ = writeln!(
                     std::io::stderr(),
                     "SKIPPED: cannot build the multiboot test kernels: {}",
-                    err.lines().next().unwrap_or("build-mb-kernels.sh failed")
+                    err.trim()
                 );
                 None
             }
-            Err(e) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: cannot build the multiboot test kernels: {e}"
-                );
-                None
-            }
+            _ => panic!("scripts/build-mb-kernels.sh failed: {err}"),
         }
     })
     .clone()

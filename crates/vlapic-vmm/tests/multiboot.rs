@@ -14,34 +14,34 @@ use std::time::Duration;
 use common::kvm_ok;
 use vlapic_vmm::{run_vm, ConsoleSink, Module, Outcome, VmConfig};
 
-/// Builds the kernels; `None` (after one SKIPPED line) where the toolchain
-/// (gcc with -m32, binutils) is missing.
+/// Builds the kernels once per test process (the tests run in parallel and share
+/// the directory); `None` (after one SKIPPED line) where the toolchain (gcc with
+/// -m32, binutils) is missing: the script exits 77. Any other build failure fails.
 fn kernels() -> Option<std::path::PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mb-{}", std::process::id()));
-    match Command::new("bash")
-        .arg(root.join("scripts/build-mb-kernels.sh"))
-        .arg(&out)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(out),
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: cannot build the multiboot test kernels: {}",
-                err.lines().next().unwrap_or("build-mb-kernels.sh failed")
-            );
-            None
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mb-{}", std::process::id()));
+        let o = Command::new("bash")
+            .arg(root.join("scripts/build-mb-kernels.sh"))
+            .arg(&out)
+            .output()
+            .expect("running bash scripts/build-mb-kernels.sh");
+        let err = String::from_utf8_lossy(&o.stderr);
+        match o.status.code() {
+            Some(0) => Some(out),
+            Some(77) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: cannot build the multiboot test kernels: {}",
+                    err.trim()
+                );
+                None
+            }
+            _ => panic!("scripts/build-mb-kernels.sh failed: {err}"),
         }
-        Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: cannot build the multiboot test kernels: {e}"
-            );
-            None
-        }
-    }
+    })
+    .clone()
 }
 
 #[test]
