@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
+#[path = "../../../tests/support/kernel_build.rs"]
+mod kernel_build;
+
 fn vlapic(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlapic"))
         .args(args)
@@ -49,36 +52,10 @@ fn hostile() -> Option<PathBuf> {
         );
         return None;
     }
-    static IMG: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    let img = IMG.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("hostile-{}.elf", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/hostile/build.sh");
-        // The script exits 77 when the toolchain is missing (a skip); any other
-        // failure is a broken build, which fails the tests instead of skipping them.
-        let o = Command::new("sh")
-            .arg(script)
-            .arg(&out)
-            .output()
-            .expect("running sh tests/hostile/build.sh");
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        match o.status.code() {
-            Some(0) => Ok(out),
-            Some(77) => Err(err),
-            _ => panic!("tests/hostile/build.sh failed: {err}"),
-        }
-    });
-    match img {
-        Ok(p) => Some(p.clone()),
-        Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: cannot build the hostile kernel (gcc/binutils): {}",
-                e.lines().next().unwrap_or("")
-            );
-            None
-        }
-    }
+    static IMG: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let out =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-{}.elf", std::process::id()));
+    kernel_build::build_once(&IMG, "tests/hostile/build.sh", out)
 }
 
 /// `key=value` from the guest's DONE line.

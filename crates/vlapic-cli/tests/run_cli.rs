@@ -9,6 +9,9 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../../tests/support/kernel_build.rs"]
+mod kernel_build;
+
 fn vlapic(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vlapic"))
         .args(args)
@@ -143,34 +146,12 @@ fn bad_image_is_exit_2_with_one_line() {
 
 /// The tiny multiboot kernels of tests/multiboot (scripts/build-mb-kernels.sh,
 /// gcc -m32), built once per test process; `None` after one SKIPPED line where the
-/// toolchain is missing (the script exits 77). Any other build failure fails.
+/// toolchain is missing.
 fn mb_kernels() -> Option<PathBuf> {
     static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("run-cli-mb-{}", std::process::id()));
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-mb-kernels.sh");
-        let o = Command::new("bash")
-            .arg(script)
-            .arg(&out)
-            .output()
-            .expect("running bash scripts/build-mb-kernels.sh");
-        let err = String::from_utf8_lossy(&o.stderr);
-        match o.status.code() {
-            Some(0) => Some(out),
-            Some(77) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: cannot build the multiboot test kernels: {}",
-                    err.trim()
-                );
-                None
-            }
-            _ => panic!("scripts/build-mb-kernels.sh failed: {err}"),
-        }
-    })
-    .clone()
+    let out =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-cli-mb-{}", std::process::id()));
+    kernel_build::build_once(&DIR, "scripts/build-mb-kernels.sh", out)
 }
 
 #[test]

@@ -2,46 +2,22 @@
 //! scripts/build-mb-kernels.sh): ELF32 and a.out kludge, command line, modules,
 //! memory information and map, as the kernel itself reports them on COM1.
 
-// SKIPPED lines go straight to stderr: the test harness captures print!/eprint!.
-use std::io::Write as _;
-
 mod common;
+#[path = "../../../tests/support/kernel_build.rs"]
+mod kernel_build;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::kvm_ok;
 use vlapic_vmm::{run_vm, ConsoleSink, Module, Outcome, VmConfig};
 
-/// Builds the kernels once per test process (the tests run in parallel and share
-/// the directory); `None` (after one SKIPPED line) where the toolchain (gcc with
-/// -m32, binutils) is missing: the script exits 77. Any other build failure fails.
+/// The kernels, built once per test process by scripts/build-mb-kernels.sh; `None`
+/// (after one SKIPPED line) where gcc -m32 or binutils is missing.
 fn kernels() -> Option<std::path::PathBuf> {
     static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mb-{}", std::process::id()));
-        let o = Command::new("bash")
-            .arg(root.join("scripts/build-mb-kernels.sh"))
-            .arg(&out)
-            .output()
-            .expect("running bash scripts/build-mb-kernels.sh");
-        let err = String::from_utf8_lossy(&o.stderr);
-        match o.status.code() {
-            Some(0) => Some(out),
-            Some(77) => {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: cannot build the multiboot test kernels: {}",
-                    err.trim()
-                );
-                None
-            }
-            _ => panic!("scripts/build-mb-kernels.sh failed: {err}"),
-        }
-    })
-    .clone()
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mb-{}", std::process::id()));
+    kernel_build::build_once(&DIR, "scripts/build-mb-kernels.sh", out)
 }
 
 #[test]
