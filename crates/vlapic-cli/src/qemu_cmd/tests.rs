@@ -1,4 +1,4 @@
-//! Unit tests of `qemu_cmd.rs`.
+//! Unit tests of `qemu_cmd`: the accepted set, the mapping onto the VMM, the probes.
 
 use super::*;
 
