@@ -336,11 +336,13 @@ fn hostile_timer_halt_costs_no_host_cpu_x2apic() {
     halted_cpu(true);
 }
 
-/// The guest never sets RFLAGS.TF, yet with its TPR games it gets single-step #DB
-/// traps with TF in the interrupted RFLAGS: the VMM's TPR single-stepping
-/// (`KVM_GUESTDBG_SINGLESTEP` in vlapic-kvm's run loop) leaks into the guest when an
-/// exception (the #GP of a refused RDMSR) is injected while stepping. The hostile
-/// guest survives it and counts `tf_leaks`; this test asserts there are none.
+/// The guest never sets RFLAGS.TF, so a single-step #DB with TF in the interrupted
+/// RFLAGS is the VMM's TPR single-stepping (`KVM_GUESTDBG_SINGLESTEP` in vlapic-kvm's
+/// run loop) leaking in through an event delivered while stepping (the #GP of a
+/// refused RDMSR; tests/hostile/README.md, "Bugs it found" 1). The hostile guest
+/// survives it and counts `tf_leaks`; this test asserts there are none. The
+/// deterministic test of the last path found is vlapic-kvm's
+/// `single_step_never_delivers_an_event_kvm_holds`.
 #[test]
 fn no_single_step_trap_leaks_into_the_guest() {
     let Some(k) = hostile() else { return };
@@ -356,12 +358,13 @@ fn no_single_step_trap_leaks_into_the_guest() {
 
 /// TPR 0xF0 written by the guest (MMIO or MSR 0x808) must hold back the pending
 /// timer vector however many migrations happen while the vCPU is halted (SDM Vol. 3A
-/// §11.8.3.1; docs/vmm.md "Live migration": the APIC state moves whole). Fails today:
-/// after the first migration the parked vCPU's new fd has `kvm_run.cr8 = 0`; the
-/// next migration's `finish_instruction` enters KVM with it, KVM loads CR8 = 0, and
-/// the fold of `kvm_run.cr8` into TPR (KVM checklist item 4) sets TPR to 0. The guest
-/// reports `FAIL hostile_halt: TPR 0xF0 let N timer interrupts in ...; TPR after the
-/// halt 0x0, CR8 0x0`.
+/// §11.8.3.1; docs/vmm.md "Live migration": the APIC state moves whole). It failed
+/// before `finish_instruction` wrote CR8 into `kvm_run`: after the first migration the
+/// parked vCPU's new fd had `kvm_run.cr8 = 0`, the next migration's
+/// `finish_instruction` entered KVM with it, KVM loaded CR8 = 0, and the fold of
+/// `kvm_run.cr8` into TPR (KVM checklist item 4) set TPR to 0. The guest reported
+/// `FAIL hostile_halt: TPR 0xF0 let N timer interrupts in ...; TPR after the halt 0x0,
+/// CR8 0x0`.
 #[test]
 fn tpr_survives_migrations_while_halted() {
     let Some(k) = hostile() else { return };

@@ -75,7 +75,18 @@
 //!    then takes it right after the `mov cr8`), then has it kicked every
 //!    [`PollConfig::tpr_poll_ns`]. Single-stepping is slow on nested hosts (~0.1 M
 //!    cycles a step here), so both stop for good once KVM reports a CR8 lowering
-//!    (`KVM_EXIT_SET_TPR`): such a host needs neither.
+//!    (`KVM_EXIT_SET_TPR`): such a host needs neither. KVM's single-step sets the
+//!    guest's RFLAGS.TF, so an event delivered in a stepped entry carries that TF
+//!    into the guest's frame, and once stepping stops its IRET gives the guest a #DB
+//!    it never asked for. The adapter therefore never steps an entry that delivers
+//!    anything: not after an MSR #GP, an NMI or an ExtINT it gave, and not while KVM
+//!    still holds an interrupt, exception or NMI (`KVM_GET_VCPU_EVENTS` before each
+//!    stepped entry: a kick can end an entry after KVM queued an event and before it
+//!    delivered it). What it cannot see is a fault the stepped instruction itself
+//!    raises inside the guest (a #PF, say), taken with TF in its frame: a guest whose
+//!    handler for it makes more APIC accesses than the step budget before its IRET
+//!    would still see the #DB; `PollConfig::with_tpr_step_instructions(0)` turns
+//!    stepping off (the poll alone remains).
 //! 6. **Interrupt-window exits can arrive late.** `KVM_INTERRUPT` only when
 //!    `ready_for_interrupt_injection && if_flag`, otherwise `request_interrupt_window`;
 //!    while a vector waits for the window the adapter also polls every

@@ -109,3 +109,36 @@ fn ioapic_interrupts_are_injected() {
     );
     assert!(r.failed.is_empty(), "{:?}", r.failed);
 }
+
+/// Checklist 5 (the single-step's limit): an exception KVM still holds is never
+/// delivered in a single-stepped entry. The mini guest's refused RDMSR (#GP) is followed
+/// by a vector held back by TPR (so stepping starts) and an immediate exit (so KVM
+/// queues the #GP and returns before delivering it); stepping the next entry would push
+/// KVM's TF into the #GP frame and, once the handler's APIC reads had used up the step
+/// budget, its IRETQ would give the guest a single-step #DB it never asked for (the
+/// hostile guest's `tf_leaks`). SDM Vol. 3A §6.12.1.2 (TF saved in the frame, cleared
+/// in the handler), §17.3.1.4 (single-step trap).
+#[test]
+fn single_step_never_delivers_an_event_kvm_holds() {
+    if skip("single_step_never_delivers_an_event_kvm_holds") {
+        return;
+    }
+    let r = boot_mini(1, ApicMode::XApic);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let h = &r.handled[0];
+    let at = h
+        .iter()
+        .position(|x| *x == Handled::MsrFault(0x802))
+        .expect("the guest's refused RDMSR 0x802");
+    assert_eq!(
+        h.get(at + 1),
+        Some(&Handled::Kick),
+        "the entry after the fault returned before running the guest"
+    );
+    assert!(
+        r.passed("no_tf_leak_after_kick"),
+        "{:?} {:?}",
+        r.passed,
+        r.failed
+    );
+}

@@ -5,7 +5,8 @@
  * Tests: ROUNDS self-IPIs (xAPIC ICR or x2APIC SELF_IPI MSR, whichever mode
  * the APIC is in), one APIC timer one-shot taken from HLT, then with more
  * than one CPU (fw_cfg key 5): INIT/SIPI start-up of every AP through a
- * real-mode trampoline at 0x8000, and one fixed IPI to each AP by APIC ID. */
+ * real-mode trampoline at 0x8000, and one fixed IPI to each AP by APIC ID; in
+ * xAPIC mode, last, no_tf_leak_after_kick (with the harness's help, see there). */
     .set APIC, 0xFEE00000
     .set ROUNDS, 1000
     .text
@@ -48,7 +49,10 @@ long_start:
 34: cmp $0x44, %ecx; jne 37f; lea ioapic_level_handler(%rip), %rax
 37: cmp $0x45, %ecx; jne 38f; lea nest_handler(%rip), %rax
 38: cmp $0x55, %ecx; jne 39f; lea nest_handler(%rip), %rax
-39: cmp $0x65, %ecx; jne 4f; lea nest_handler(%rip), %rax
+39: cmp $0x65, %ecx; jne 40f; lea nest_handler(%rip), %rax
+40: cmp $0x0D, %ecx; jne 41f; lea gp_handler(%rip), %rax
+41: cmp $0x01, %ecx; jne 42f; lea db_handler(%rip), %rax
+42: cmp $0x46, %ecx; jne 4f; lea tf_irq_handler(%rip), %rax
 4:  mov %ax, (%rdi)
     movw $0x08, 2(%rdi)
     movw $0x8E00, 4(%rdi)
@@ -242,6 +246,26 @@ long_start:
     jmp 90f
 92: lea msg_apipi_fail(%rip), %rsi; call puts
 90:
+    /* no_tf_leak_after_kick (xAPIC only: RDMSR 0x802 must #GP): with TPR 0xF0 the
+       refused RDMSR's exit makes the harness send vector 0x46 (held back by TPR) and
+       set immediate_exit, so KVM queues the #GP but returns before delivering it.
+       The adapter must not single-step the entry that delivers it: the #GP handler's
+       40 APIC reads would use up the step budget, stepping would stop with KVM's TF
+       in the #GP frame, and IRETQ would turn it on (a #DB the guest never asked for).
+       Only where the harness takes part: port 0x513 reads 0x5A (elsewhere 0xFF). */
+    cmpl $0, x2(%rip); jne 95f
+    mov $0x513, %dx; in %dx, %al; cmp $0x5A, %al; jne 95f
+    mov $0xF0, %eax; mov $0x80, %edi; call apic_write
+    mov $0x802, %ecx; rdmsr
+    xor %eax, %eax; mov $0x80, %edi; call apic_write
+    mov $1, %ebx; lea tf_irq_count(%rip), %rdi; call wait_count
+    test %eax, %eax; jnz 94f
+    cmpl $1, gp_count(%rip); jne 94f
+    cmpl $0, db_count(%rip); jne 94f
+    lea msg_tf(%rip), %rsi; call puts
+    jmp 95f
+94: lea msg_tf_fail(%rip), %rsi; call puts
+95:
     lea msg_done(%rip), %rsi; call puts
     xor %eax, %eax
     out %eax, $0xF4
@@ -369,6 +393,27 @@ timer_handler:
     incl timer_count(%rip)
     call eoi
     iretq
+/* #GP (no_tf_leak_after_kick): 40 APIC reads, then skip the 2-byte RDMSR */
+gp_handler:
+    push %rax; push %rcx; push %r8
+    mov $APIC, %r8d
+    mov $40, %ecx
+1:  mov 0x20(%r8), %eax
+    dec %ecx; jnz 1b
+    incl gp_count(%rip)
+    addq $2, 32(%rsp)
+    pop %r8; pop %rcx; pop %rax
+    add $8, %rsp
+    iretq
+/* #DB: only a single-step trap from a TF this guest never sets; count it, clear TF */
+db_handler:
+    incl db_count(%rip)
+    andq $~0x100, 16(%rsp)
+    iretq
+tf_irq_handler:
+    incl tf_irq_count(%rip)
+    call eoi
+    iretq
 default_handler:
     lea msg_unexp(%rip), %rsi; call puts
     mov $3, %eax
@@ -469,6 +514,11 @@ ioapic_edge_count: .long 0
 ioapic_level_count: .long 0
 msg_ioapic: .asciz "PASS ioapic_edge_and_level\n"
 msg_ioapic_fail: .asciz "FAIL ioapic_edge_and_level: interrupt not delivered\n"
+gp_count: .long 0
+db_count: .long 0
+tf_irq_count: .long 0
+msg_tf: .asciz "PASS no_tf_leak_after_kick\n"
+msg_tf_fail: .asciz "FAIL no_tf_leak_after_kick: #GP, #DB or vector 0x46 count wrong\n"
 msg_done: .asciz "DONE mini\n"
 msg_unexp: .asciz "FAIL unexpected: exception or stray vector\n"
     .bss

@@ -15,6 +15,8 @@ use crate::raw::{self, RunSlot};
 use crate::softint::SoftIntOutcome;
 use crate::{reset, ApicRuntime, Error};
 
+mod tpr_step;
+
 pub use crate::exit::{Exit, Handled};
 
 /// What the VMM knows of a vCPU's run state that KVM does not hold without an
@@ -331,6 +333,8 @@ impl ApicVcpu {
                         self.counters.interrupts += 1;
                         self.counters.extints += 1;
                         self.state = RunState::Running;
+                        // Delivered at this entry: no single-step across it.
+                        self.event_pending = true;
                     }
                 }
                 // Not injectable now: keep it for the next entry.
@@ -339,56 +343,6 @@ impl ApicVcpu {
             }
         }
         Ok(true)
-    }
-
-    /// Single-steps a few instructions after a vector became held back by TPR alone
-    /// (KVM checklist item 5): the guest usually lowers CR8 right away, without an exit.
-    ///
-    /// Never across an event: KVM's single-step sets RFLAGS.TF, and an exception or NMI
-    /// delivered meanwhile would push that TF into the guest's frame (the guest then
-    /// takes a #DB it never asked for). So no step when the last exit injects a #GP
-    /// (an MSR fault), when an NMI was given this entry or is still held by KVM.
-    fn step_for_tpr(&mut self, plan: &EntryPlan) -> Result<(), Error> {
-        // A host that exits on CR8 lowering needs no stepping (checklist item 5).
-        let budget = if self.rt.cr8_exits_seen() {
-            0
-        } else {
-            self.rt.poll().tpr_step_instructions
-        };
-        let event = std::mem::take(&mut self.event_pending) || self.nmi_outstanding;
-        if event {
-            self.step_left = 0;
-        }
-        if plan.held_by_tpr && plan.inject.is_none() && self.state == RunState::Running {
-            if !self.held_seen {
-                self.held_seen = true;
-                self.step_left = budget;
-            }
-        } else {
-            self.held_seen = false;
-            self.step_left = 0;
-        }
-        let step = self.step_left > 0 && !event;
-        self.set_stepping(step)
-    }
-
-    /// Turns KVM's single-step on or off (off also drops the TF KVM set for it).
-    fn set_stepping(&mut self, step: bool) -> Result<(), Error> {
-        if step != self.stepping {
-            let dbg = kvm_bindings::kvm_guest_debug {
-                control: if step {
-                    kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
-                } else {
-                    0
-                },
-                ..Default::default()
-            };
-            self.fd
-                .set_guest_debug(&dbg)
-                .map_err(|e| Error::kvm("KVM_SET_GUEST_DEBUG", e))?;
-            self.stepping = step;
-        }
-        Ok(())
     }
 
     /// Whether KVM still holds an NMI we gave it (queued or being injected); asked of
