@@ -113,18 +113,37 @@ pub fn delay(cycles: u64) {
 }
 
 /// Poll `cond` until true or `cycles` elapsed (IF unchanged).
+///
+/// `cycles` counts time this vCPU ran: a gap of more than [`PAUSE_GAP_MS`] between
+/// two polls is a pause (a save restored in a new process, a migration, the host
+/// descheduling the vCPU) and does not count. On hosts whose KVM ignores a restored
+/// IA32_TSC (kvm_pvm) the TSC runs on between `--save` and `--restore`, and a wait
+/// caught by the save would otherwise time out in the restored guest although
+/// nothing was late. Discounting pauses only ever lengthens a wait.
 pub fn wait_until(cycles: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let start = cpu::rdtsc();
+    let pause_gap = ms(PAUSE_GAP_MS);
+    let mut last = cpu::rdtsc();
+    let mut ran = 0u64;
     loop {
         if cond() {
             return true;
         }
-        if cpu::rdtsc().wrapping_sub(start) > cycles {
+        let now = cpu::rdtsc();
+        let d = now.wrapping_sub(last);
+        last = now;
+        if d <= pause_gap {
+            ran = ran.saturating_add(d);
+        }
+        if ran > cycles {
             return cond();
         }
         cpu::pause();
     }
 }
+
+/// A gap between two polls of [`wait_until`] longer than this (in ms) is a pause of
+/// the vCPU, not time spent waiting.
+pub const PAUSE_GAP_MS: u64 = 50;
 
 /// Like [`wait_until`] but with interrupts enabled while waiting.
 pub fn wait_irq(cycles: u64, cond: impl FnMut() -> bool) -> bool {
